@@ -1,0 +1,123 @@
+"""
+Interpretability metrics for a trained positional encoding, and scoring a run on external puzzles.
+
+    python analyze.py RUN_DIR --puzzles FILE.csv    # score RUN_DIR/ckpt.pt on human-style LST items
+
+The metric functions are plain numpy/torch and are also what train.py logs during training.
+"""
+import argparse
+import json
+import os
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+import pe as pe_lib
+import tasks
+from model import ModelConfig, Transformer
+
+
+# ----------------------------------------------------------------------------- metrics
+def cosine_matrix(P):
+    """Token x token cosine similarity of the rows of P (N, d); zero rows give similarity 0."""
+    P = torch.as_tensor(P, dtype=torch.float64)
+    P = P / P.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return (P @ P.T).numpy()
+
+
+def upper(M):
+    """The strict upper triangle of a square matrix, flattened."""
+    return M[np.triu_indices(len(M), 1)]
+
+
+def rank(x):
+    """Ranks 0..n-1 with ties given their average rank (as Spearman needs)."""
+    _, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    return (first + (counts - 1) / 2)[inv]
+
+
+def pearson(a, b):
+    a, b = a - a.mean(), b - b.mean()
+    denom = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / denom) if denom > 0 else float("nan")
+
+
+def spearman(a, b):
+    return pearson(rank(a), rank(b))
+
+
+def rsa(P, C):
+    """Spearman correlation between the PE's pairwise cosine similarities and the negative true
+    distances (upper triangles): 1 when nearer tokens always have more similar encodings."""
+    dist = torch.cdist(torch.as_tensor(C, dtype=torch.float64), torch.as_tensor(C, dtype=torch.float64)).numpy()
+    return spearman(upper(cosine_matrix(P)), -upper(dist))
+
+
+def pe_tables(model):
+    """The additive PE tables (T, N, d) of a model as numpy, or None for a PE without a table."""
+    return model.pe.weight.detach().float().cpu().numpy() if isinstance(model.pe, pe_lib.AdditivePE) else None
+
+
+def identifiability(model, coords):
+    """pe_rsa per table and their mean, and the mean PE row norm against the token embedding's."""
+    tok_norm = model.token_embedding_rows().detach().float().norm(dim=1).mean().item()
+    tables = pe_tables(model)
+    if tables is None:
+        return {"pe_rsa": None, "pe_rsa_tables": None, "pe_norm": 0.0 if model.pe is None else None, "tok_norm": tok_norm}
+    per_table = [rsa(t, coords) for t in tables]
+    return {"pe_rsa": float(np.mean(per_table)), "pe_rsa_tables": per_table,
+            "pe_norm": float(np.linalg.norm(tables, axis=2).mean()), "tok_norm": tok_norm}
+
+
+# ----------------------------------------------------------------------------- runs
+def load_run(run_dir):
+    """(model in eval mode, task without data, the run's training args) from RUN_DIR/ckpt.pt."""
+    path = os.path.join(run_dir, "ckpt.pt")
+    if not os.path.exists(path):
+        raise ValueError(f"no checkpoint at {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    args = SimpleNamespace(**ckpt["args"])
+    task = tasks.get_task(args.task, args, with_data=False)
+    model = Transformer(ModelConfig(**ckpt["model_config"]), task.coords)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), task, args
+
+
+@torch.no_grad()
+def score_puzzles(model, grids, answers, conditions, n):
+    """Accuracy on LST items, overall and per condition."""
+    x, query = tasks.encode_lst(grids, n)
+    correct = (model(x, query).argmax(1) + 1 == torch.as_tensor(answers)).numpy()
+    by = {c: float(correct[[k == c for k in conditions]].mean()) for c in sorted(set(conditions))}
+    return {"n": int(len(correct)), "acc": float(correct.mean()), "by_condition": by}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", help="a train.py output directory holding ckpt.pt")
+    p.add_argument("--puzzles", required=True, help="CSV of LST items: columns puzzles, solutions[, condition]")
+    a = p.parse_args(argv)
+    try:
+        model, task, args = load_run(a.run_dir)
+        if task.name != "grid2d":
+            raise ValueError(f"--puzzles needs a grid2d run, {a.run_dir} is {task.name}")
+        result = score_puzzles(model, *tasks.load_puzzle_csv(a.puzzles, args.grid_n), args.grid_n)
+    except ValueError as e:
+        print(f"analyze.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    line = json.dumps(result)
+    stem = os.path.splitext(os.path.basename(a.puzzles))[0]
+    tasks.atomic_save(line + "\n", os.path.join(a.run_dir, f"puzzles-{stem}.json"), save=write_text)
+    print(line)
+
+
+def write_text(text, path):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""
+The transformer encoder: one config dataclass, fused QKV attention through
+F.scaled_dot_product_attention, post- or pre-LayerNorm blocks, and a PE from pe.py.
+
+Every layer keeps PyTorch's default initialisation; there is deliberately no global
+`apply(_init_weights)`, because it would silently re-draw the PE table whose init is under study.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import pe as pe_lib
+
+
+@dataclass
+class ModelConfig:
+    n_tokens: int = 16
+    in_dim: int = 5  # continuous tokens: features per token, embedded by a linear map
+    vocab_size: int = 0  # > 0: discrete tokens (integer ids) through an embedding table instead
+    n_out: int = 4  # classes (head="cls") or regression targets per token (head="token")
+    head: str = "cls"  # cls: classify from the readout token; token: per-token regression
+    n_layer: int = 4
+    n_head: int = 1
+    n_embd: int = 160
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    norm: str = "post"  # post: LayerNorm after each residual add (the paper); pre: before
+    pe: str = "learned"
+    pe_layers: str = "input"  # input: one table added before block 0; all: each block its own table
+    init: str = "normal"
+    init_std: float = 0.02
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, rotary=None, bias=None):
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)
+        if rotary is not None:
+            q, k = rotary(q), rotary(k)
+        bias = None if bias is None else bias.to(q.dtype)  # SDPA wants the mask in the query's dtype
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, N, D))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.pre = cfg.norm == "pre"
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.n_embd), nn.LayerNorm(cfg.n_embd)
+        self.attn = Attention(cfg)
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.n_embd, cfg.mlp_ratio * cfg.n_embd), nn.GELU(),
+            nn.Linear(cfg.mlp_ratio * cfg.n_embd, cfg.n_embd), nn.Dropout(cfg.dropout),
+        )
+
+    def forward(self, x, rotary=None, bias=None):
+        if self.pre:
+            x = x + self.attn(self.ln1(x), rotary, bias)
+            return x + self.mlp(self.ln2(x))
+        x = self.ln1(x + self.attn(x, rotary, bias))
+        return self.ln2(x + self.mlp(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg, coords=None):
+        super().__init__()
+        if cfg.norm not in ("post", "pre"):
+            raise ValueError(f"norm must be 'post' or 'pre', got {cfg.norm!r}")
+        if cfg.pe_layers not in ("input", "all"):
+            raise ValueError(f"pe_layers must be 'input' or 'all', got {cfg.pe_layers!r}")
+        self.cfg = cfg
+        n_tables = cfg.n_layer if cfg.pe_layers == "all" else 1
+        self.pe = pe_lib.build(cfg.pe, cfg.n_tokens, coords, cfg.n_embd, cfg.n_head, n_tables, cfg.init, cfg.init_std)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd) if cfg.vocab_size else nn.Linear(cfg.in_dim, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd) if cfg.norm == "pre" else nn.Identity()
+        self.head = nn.Linear(cfg.n_embd, cfg.n_out)
+
+    def token_embedding_rows(self):
+        """(V, d): the vector each input symbol adds to the residual stream (one-hot rows for a linear map)."""
+        return self.embed.weight if self.cfg.vocab_size else self.embed.weight.T
+
+    def forward(self, x, readout=None):
+        """x: (B, N, in_dim) floats or (B, N) ids. readout: (B,) token index per sample for head='cls'.
+        Returns (B, n_out) logits for 'cls', (B, N, n_out) for 'token'."""
+        h = self.embed(x)
+        additive = isinstance(self.pe, pe_lib.AdditivePE)
+        rotary = self.pe if isinstance(self.pe, pe_lib.Rotary) else None
+        bias = self.pe() if isinstance(self.pe, (pe_lib.RelativeBias, pe_lib.ALiBi)) else None
+        for i, block in enumerate(self.blocks):
+            if additive and i < self.pe.weight.shape[0]:
+                h = h + self.pe(i)
+            h = block(h, rotary, bias)
+        h = self.ln_f(h)
+        if self.cfg.head == "cls":
+            h = h[torch.arange(h.shape[0], device=h.device), readout]
+        return self.head(h)
+
+    def param_groups(self, weight_decay, pe_weight_decay):
+        """AdamW groups with the PE's decay explicit: decay shrinks the very norm under study."""
+        pe_params = [p for n, p in self.named_parameters() if n.startswith("pe.")]
+        decay = [p for n, p in self.named_parameters() if not n.startswith("pe.") and p.dim() >= 2]
+        no_decay = [p for n, p in self.named_parameters() if not n.startswith("pe.") and p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return groups + ([{"params": pe_params, "weight_decay": pe_weight_decay}] if pe_params else [])

@@ -1,0 +1,273 @@
+"""
+The datasets, each with the true coordinates of its tokens. Stands alone: numpy + torch only.
+
+grid2d, the Latin Square Task (LST): an n x n grid (n = 4 by default), 16 tokens in row-major order.
+Each cell is blank (0), one of n shapes (1..n) or the single query cell (n + 1). The puzzle is part of
+a Latin square (each shape exactly once per row and per column, no box rule) and the answer is the
+shape at the query cell, unique over every completion of the grid. Complexity classes, by the
+simplest deduction that decides the query:
+  binary     - the query's row alone or its column alone leaves one shape;
+  ternary    - only the row and the column together leave one shape;
+  quaternary - row + column leave several shapes; cells elsewhere decide it.
+Splits: train and iid test (90/10, stratified by class) from one generator; ood holds the puzzles
+whose (query position, class) combination never occurs in training (position (r, c) is held out for
+class (r + c) mod n when that is < 3): the rule must transfer to a new place on the grid; noise is
+the iid test set with Gaussian noise added to its one-hot inputs.
+"""
+import csv
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+GRID_CLASSES = ("binary", "ternary", "quaternary")
+TASKS = ("grid2d",)
+
+
+@dataclass
+class Task:
+    name: str
+    coords: torch.Tensor  # (N, k) true token coordinates
+    in_dim: int  # features per token
+    n_out: int  # classes or regression targets per token
+    head: str  # "cls" or "token"
+    classes: tuple = ()  # names of the puzzle classes, for per-class accuracy
+    splits: dict = field(default_factory=dict)  # name -> {"x", "y", "readout", "cls"}
+
+
+def grid_coords(n_rows, n_cols=None):
+    """(row, col) of each cell of an n_rows x n_cols grid in row-major order, shape (N, 2)."""
+    r, c = torch.meshgrid(torch.arange(n_rows), torch.arange(n_cols or n_rows), indexing="ij")
+    return torch.stack([r.flatten(), c.flatten()], 1).float()
+
+
+# ----------------------------------------------------------------------------- Latin squares
+def random_latin_square(n, rng):
+    """A random n x n Latin square with symbols 1..n, filled cell by cell with random backtracking."""
+    sq = np.zeros((n, n), dtype=np.int64)
+
+    def fill(c):
+        if c == n * n:
+            return True
+        r, k = divmod(c, n)
+        for v in rng.permutation(n) + 1:
+            if v not in sq[r, :k] and v not in sq[:r, k]:
+                sq[r, k] = v
+                if fill(c + 1):
+                    return True
+        sq[r, k] = 0
+        return False
+
+    fill(0)
+    return sq
+
+
+def completable(cells, n):
+    """Can the partial grid (list of n*n ints, 0 = blank) be completed to a Latin square?
+    Depth-first search on bitmasks, always branching on the cell with the fewest candidates."""
+    rows, cols, empty = [0] * n, [0] * n, []
+    for i, v in enumerate(cells):
+        r, c = divmod(i, n)
+        if not v:
+            empty.append((r, c))
+        elif (rows[r] | cols[c]) >> v & 1:
+            return False
+        else:
+            rows[r] |= 1 << v
+            cols[c] |= 1 << v
+    full = (1 << (n + 1)) - 2
+
+    def dfs(todo):
+        if not todo:
+            return True
+        best, best_cand, best_n = None, 0, n + 1
+        for j, (r, c) in enumerate(todo):
+            cand = full & ~(rows[r] | cols[c])
+            k = bin(cand).count("1")
+            if k == 0:
+                return False
+            if k < best_n:
+                best, best_cand, best_n = j, cand, k
+        r, c = todo[best]
+        rest = todo[:best] + todo[best + 1:]
+        for v in range(1, n + 1):
+            if best_cand >> v & 1:
+                rows[r] |= 1 << v
+                cols[c] |= 1 << v
+                ok = dfs(rest)
+                rows[r] ^= 1 << v
+                cols[c] ^= 1 << v
+                if ok:
+                    return True
+        return False
+
+    return dfs(empty)
+
+
+def query_candidates(grid, n):
+    """Shapes left at the query by its row alone, its column alone, and both together."""
+    q = int(np.flatnonzero(grid == n + 1)[0])
+    r, c = divmod(q, n)
+    g = grid.reshape(n, n)
+    shapes = set(range(1, n + 1))
+    row, col = shapes - set(g[r].tolist()), shapes - set(g[:, c].tolist())
+    return q, row, col, row & col
+
+
+def classify(grid, n):
+    """(class index, answer) of a puzzle by the simplest deduction that decides it, or None when the
+    query's answer is not unique over all completions."""
+    q, row, col, both = query_candidates(grid, n)
+    if len(row) == 1 or len(col) == 1:
+        return 0, min(row) if len(row) == 1 else min(col)
+    if len(both) == 1:
+        return 1, min(both)
+    cells = [0 if v == n + 1 else int(v) for v in grid]
+    possible = []
+    for v in sorted(both):
+        cells[q] = v
+        if completable(cells, n):
+            possible.append(v)
+            if len(possible) > 1:
+                return None
+    return (2, possible[0]) if possible else None
+
+
+def propose(sq, q, target, rng):
+    """A random puzzle over square sq with its query at q, revealing cells so that `target` is the
+    likely class: binary shows all of the row (or column); ternary parts of both that together
+    cover all but the answer; quaternary fewer, plus many cells elsewhere to make it unique."""
+    n = len(sq)
+    r, c = divmod(q, n)
+    lines = [[(r, j) for j in range(n) if j != c], [(i, c) for i in range(n) if i != r]]
+    rng.shuffle(lines)
+    show = rng.random((n, n)) < rng.uniform(*((0.0, 0.5) if target < 2 else (0.4, 1.0)))
+    show[r, :] = False
+    show[:, c] = False
+    for j, cells in enumerate(lines):
+        k = n - 1 if target == 0 and j == 0 else rng.integers(0, n - 1)  # binary: one line complete
+        for cell in rng.permutation(len(cells))[:k]:
+            show[cells[cell]] = True
+    grid = np.where(show, sq, 0).reshape(-1)
+    grid[q] = n + 1
+    return grid
+
+
+def generate_lst(n, n_per_class, seed):
+    """n_per_class puzzles of each class, query positions cycling over the grid, answers balanced
+    exactly (for n_per_class a multiple of n) (a random relabelling of the shapes maps each answer to its turn)."""
+    rng = np.random.default_rng(seed)
+    grids, answers, classes = [], [], []
+    for target in range(3):
+        i = 0
+        while i < n_per_class:
+            sq = random_latin_square(n, rng)
+            grid = propose(sq, (i // n) % (n * n), target, rng)
+            label = classify(grid, n)
+            if label is None or label[0] != target:
+                continue
+            want = i % n + 1  # answer cycles faster than position: every pair occurs
+            perm = np.concatenate([[0], rng.permutation(n) + 1, [n + 1]])
+            j = int(np.flatnonzero(perm == want)[0])
+            perm[[label[1], j]] = perm[[j, label[1]]]  # now perm[answer] == want
+            grids.append(perm[grid])
+            answers.append(want)
+            classes.append(target)
+            i += 1
+    return np.array(grids, dtype=np.int8), np.array(answers, dtype=np.int64), np.array(classes, dtype=np.int64)
+
+
+def encode_lst(grids, n):
+    """One-hot inputs (M, n*n, n+1) (blank = zero vector, channel n = query) and query indices."""
+    grids = torch.as_tensor(np.asarray(grids, dtype=np.int64))
+    x = torch.nn.functional.one_hot(grids, n + 2)[..., 1:].float()
+    return x, (grids == n + 1).float().argmax(1)
+
+
+def ood_mask(queries, classes, n):
+    """True for puzzles whose (query position, class) combination is held out of training."""
+    r, c = queries // n, queries % n
+    return (r + c) % n == classes
+
+
+def atomic_save(obj, path, save=torch.save):
+    """Write via a temporary file and rename, so a crash never leaves a half-written file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def cached(params, make, data_dir):
+    """make() once per distinct params, kept in data_dir under a hash of them."""
+    key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    path = os.path.join(data_dir, f"{params['task']}-{key}.pt")
+    if os.path.exists(path):
+        return torch.load(path, weights_only=False)
+    data = make()
+    atomic_save(data, path)
+    return data
+
+
+def grid2d(n=4, n_per_class=4000, data_seed=0, noise_std=0.5, data_dir="data", with_data=True):
+    """The Latin Square Task; with_data=False gives the shapes and coordinates without generating."""
+    task = Task("grid2d", grid_coords(n), n + 1, n, "cls", GRID_CLASSES)
+    if not with_data:
+        return task
+    params = {"task": "grid2d", "n": n, "n_per_class": n_per_class, "seed": data_seed, "version": 1}
+    grids, answers, classes = cached(params, lambda: generate_lst(n, n_per_class, data_seed), data_dir)
+    grids, first = np.unique(grids, axis=0, return_index=True)  # distinct puzzles only
+    answers, classes = answers[first], classes[first]
+    x, query = encode_lst(grids, n)
+    y, cls = torch.as_tensor(answers) - 1, torch.as_tensor(classes)
+    ood = ood_mask(query, cls, n)
+    rng = np.random.default_rng(data_seed)
+    is_test = torch.zeros(len(y), dtype=torch.bool)
+    for k in range(3):  # stratified 90/10 split of the in-distribution puzzles
+        idx = rng.permutation(torch.nonzero((cls == k) & ~ood).flatten().numpy())
+        is_test[idx[: len(idx) // 10]] = True
+    split = lambda m: {"x": x[m], "y": y[m], "readout": query[m], "cls": cls[m]}  # noqa: E731
+    task.splits = {"train": split(~ood & ~is_test), "test": split(is_test), "ood": split(ood)}
+    noise = torch.randn(task.splits["test"]["x"].shape, generator=torch.Generator().manual_seed(data_seed))
+    task.splits["noise"] = dict(task.splits["test"], x=task.splits["test"]["x"] + noise_std * noise)
+    return task
+
+
+def load_puzzle_csv(path, n):
+    """Human-style LST items from a CSV: `puzzles` (n*n digits, row-major, 0 blank, 1..n shapes, n+1
+    query), `solutions` (1..n), optional `condition`. Raises ValueError naming the first bad row."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise ValueError(f"cannot read puzzle file {path}: {e.strerror}") from None
+    if not rows or not {"puzzles", "solutions"} <= set(rows[0]):
+        raise ValueError(f"{path}: needs a header with columns 'puzzles' and 'solutions'")
+    grids, answers, conditions = [], [], []
+    for i, row in enumerate(rows, start=2):  # line 1 is the header
+        p, s = (row["puzzles"] or "").strip(), (row["solutions"] or "").strip()
+        where = f"{path} line {i}: "
+        if len(p) != n * n or not p.isdigit() or any(int(ch) > n + 1 for ch in p):
+            raise ValueError(where + f"puzzle {p!r} must be {n * n} digits 0..{n + 1}")
+        if p.count(str(n + 1)) != 1:
+            raise ValueError(where + f"puzzle {p!r} must hold exactly one query ({n + 1}), has {p.count(str(n + 1))}")
+        if not s.isdigit() or not 1 <= int(s) <= n:
+            raise ValueError(where + f"solution {s!r} must be an integer in 1..{n}")
+        grids.append([int(ch) for ch in p])
+        answers.append(int(s))
+        conditions.append((row.get("condition") or "all").strip())
+    return np.array(grids), np.array(answers), conditions
+
+
+def get_task(name, args, with_data=True):
+    """The task `name` configured from an argparse namespace (or anything with the same attributes)."""
+    if name != "grid2d":
+        raise ValueError(f"unknown task {name!r}; choose from {TASKS}")
+    return grid2d(args.grid_n, args.n_per_class, args.data_seed, args.noise_std, args.data_dir, with_data)

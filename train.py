@@ -1,0 +1,256 @@
+"""
+Train one transformer with one positional encoding on one task, and measure what its PE learned.
+
+    python train.py --task grid2d --pe learned --init-std 0.02
+
+Writes OUT_DIR/ckpt.pt (atomically, at every eval), metrics.jsonl (a line per eval) and summary.json
+(at the end). --resume continues an interrupted run to the same result; finished runs are skipped.
+On CUDA: torch.compile + bf16 autocast by default; on CPU: plain fp32.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import analyze
+import pe as pe_lib
+import tasks
+from model import ModelConfig, Transformer
+
+# The paper's reference recipe: PE in every block, lr 1e-4 constant, batch 128, 4,000 epochs of 8,100.
+PRESETS = {"paper": dict(n_layer=4, n_head=1, n_embd=160, norm="post", pe_layers="all", lr=1e-4, min_lr_ratio=1.0,
+                         weight_decay=0.0, batch_size=128, max_iters=253_000, eval_interval=2_000)}
+RUNTIME_ARGS = ("resume", "force", "device", "compile", "dtype", "threads", "out_dir", "data_dir")
+
+
+def die(msg):
+    print(f"train.py: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.error = die  # one line and exit status 2 for every bad flag
+    g = p.add_argument_group("task")
+    g.add_argument("--task", default="grid2d", choices=tasks.TASKS, help="dataset")
+    g.add_argument("--grid-n", type=int, default=4, help="grid2d: side of the Latin square (4, 5, 6)")
+    g.add_argument("--n-per-class", type=int, default=4000, help="grid2d: puzzles generated per complexity class")
+    g.add_argument("--noise-std", type=float, default=0.5, help="grid2d: std of the Gaussian noise on the noise test's one-hot inputs")
+    g.add_argument("--data-seed", type=int, default=0, help="seed of the generated dataset and its splits")
+    g.add_argument("--data-dir", default="data", help="cache of generated datasets")
+    g = p.add_argument_group("positional encoding")
+    g.add_argument("--pe", default="learned", choices=pe_lib.KINDS, help="positional encoding")
+    g.add_argument("--init", default="normal", choices=pe_lib.INITS, help="learned/random: distribution of the table's entries")
+    g.add_argument("--init-std", type=float, default=0.02, help="learned/random: std sigma of each entry (0 = zeros)")
+    g.add_argument("--pe-layers", default="input", choices=("input", "all"), help="additive PEs: added once at the input, or at every block with its own table (the paper)")
+    g.add_argument("--pe-weight-decay", type=float, default=0.0, help="AdamW decay of the PE table (decay shrinks the norm under study)")
+    g = p.add_argument_group("model")
+    g.add_argument("--n-layer", type=int, default=4)
+    g.add_argument("--n-head", type=int, default=1)
+    g.add_argument("--n-embd", type=int, default=160)
+    g.add_argument("--norm", default="post", choices=("post", "pre"), help="LayerNorm after (paper) or before each sublayer")
+    g.add_argument("--dropout", type=float, default=0.0)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=3e-4, help="AdamW peak learning rate")
+    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay over --max-iters to lr * this (1 = constant)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decay of the other weight matrices")
+    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--max-iters", type=int, default=2500, help="training steps (the cap when --stop-train-acc is set)")
+    g.add_argument("--stop-train-acc", type=float, default=None, help="stop at the first eval whose training accuracy reaches this (e.g. 0.999)")
+    g.add_argument("--eval-interval", type=int, default=250, help="steps between evals and checkpoints")
+    g.add_argument("--seed", type=int, default=0, help="seed of the model's init and the data order")
+    g = p.add_argument_group("run")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="a named recipe; flags given explicitly still override it")
+    g.add_argument("--out-dir", default=None, help="run directory (default out/TASK-PE[-INIT_STD]-sSEED)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out-dir (start it if absent, skip it if finished)")
+    g.add_argument("--force", action="store_true", help="overwrite a run already in --out-dir")
+    g.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), or a torch device")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on for CUDA)")
+    g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="autocast dtype (auto: bf16 on CUDA, fp32 elsewhere)")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default; use 1 per process in sweeps)")
+    args = p.parse_args(argv)
+    if args.preset:  # preset values become the defaults, so explicit flags still win
+        p.set_defaults(**PRESETS[args.preset])
+        args = p.parse_args(argv)
+    for name in ("init_std", "lr", "weight_decay", "pe_weight_decay", "noise_std", "dropout"):
+        if getattr(args, name) < 0:
+            die(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ("max_iters", "eval_interval", "batch_size", "n_layer", "n_head", "n_embd", "n_per_class"):
+        if getattr(args, name) <= 0:
+            die(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.task == "grid2d" and args.grid_n < 3:
+        die(f"--grid-n must be >= 3, got {args.grid_n}")
+    if args.out_dir is None:
+        sigma = f"-{args.init_std:g}" if args.pe in ("learned", "random") else ""
+        args.out_dir = os.path.join("out", f"{args.task}-{args.pe}{sigma}-s{args.seed}")
+    return args
+
+
+def lr_at(it, args):
+    """Cosine decay from lr to lr * min_lr_ratio over max_iters, no warm-up."""
+    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * it / args.max_iters)))
+
+
+def batch_indices(it, n, args):
+    """Indices of step `it`'s batch: epochs are fresh permutations drawn from (seed, epoch), so the
+    data order is a pure function of the step and a resumed run sees exactly the same batches."""
+    per_epoch = n // args.batch_size
+    epoch, j = divmod(it, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed * 1_000_003 + epoch))
+    return perm[j * args.batch_size:(j + 1) * args.batch_size]
+
+
+@torch.no_grad()
+def evaluate(model, task, device, batch_size=1024):
+    """Loss and accuracy on every split, with accuracy per class."""
+    model.eval()
+    out = {}
+    for name, s in task.splits.items():
+        logits = torch.cat([model(s["x"][i:i + batch_size].to(device), s["readout"][i:i + batch_size].to(device)).float()
+                            for i in range(0, len(s["y"]), batch_size)]).cpu()
+        correct = (logits.argmax(1) == s["y"]).float()
+        out[f"{name}_loss"] = F.cross_entropy(logits, s["y"]).item()
+        out[f"{name}_acc"] = correct.mean().item()
+        for k, cls in enumerate(task.classes):
+            out[f"{name}_acc_{cls}"] = correct[s["cls"] == k].mean().item()
+    model.train()
+    return out
+
+
+def prepare_out_dir(args):
+    """Refuse to overwrite another run; returns the checkpoint to resume from, or None."""
+    files = [os.path.join(args.out_dir, f) for f in ("ckpt.pt", "metrics.jsonl", "summary.json")]
+    if args.resume and os.path.exists(files[0]):
+        ckpt = torch.load(files[0], map_location="cpu", weights_only=False)
+        diff = {k: (v, vars(args).get(k)) for k, v in ckpt["args"].items() if k not in RUNTIME_ARGS and vars(args).get(k) != v}
+        if diff:
+            die(f"--resume: {args.out_dir} holds a run with other settings (saved, given): {diff}")
+        return ckpt
+    if any(os.path.exists(f) for f in files) and not args.force:
+        die(f"{args.out_dir} already holds a run; pass --resume to continue it or --force to overwrite it")
+    return None
+
+
+def main(argv=None):
+    args = get_args(argv)
+    torch.set_flush_denormal(True)  # tiny (small-sigma) PE values would otherwise become slow denormals
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device if args.device != "auto" else (
+        "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+    dev_type = torch.device(device).type
+    use_compile = args.compile if args.compile is not None else dev_type == "cuda"
+    dtype = {"auto": torch.bfloat16 if dev_type == "cuda" else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    ctx = torch.autocast(dev_type, dtype=dtype, enabled=dtype != torch.float32)
+
+    # validate everything before a single file is written
+    task = tasks.get_task(args.task, args, with_data=False)
+    cfg = ModelConfig(n_tokens=len(task.coords), in_dim=task.in_dim, n_out=task.n_out, head=task.head,
+                      n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, norm=args.norm,
+                      pe=args.pe, pe_layers=args.pe_layers, init=args.init, init_std=args.init_std)
+    torch.manual_seed(args.seed)
+    try:
+        model = Transformer(cfg, task.coords)
+    except ValueError as e:
+        die(str(e))
+    ckpt = prepare_out_dir(args)
+    summary_path = os.path.join(args.out_dir, "summary.json")
+    if ckpt is not None and os.path.exists(summary_path):
+        print(f"{args.out_dir} is finished; nothing to do")
+        return json.load(open(summary_path))
+
+    task = tasks.get_task(args.task, args)
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.param_groups(args.weight_decay, args.pe_weight_decay), lr=args.lr, betas=(0.9, 0.999))
+    ident0 = analyze.identifiability(model, task.coords)
+    state = {"iter": 0, "elapsed": 0.0, "pe_rsa_init": ident0["pe_rsa"], "fit_iter": None}
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"])
+        state = ckpt["state"]
+        print(f"resuming {args.out_dir} at step {state['iter']}")
+    os.makedirs(args.out_dir, exist_ok=True)
+    metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
+    kept = [l for l in open(metrics_path)] if ckpt is not None and os.path.exists(metrics_path) else []
+    kept = [l for l in kept if json.loads(l)["iter"] <= state["iter"]]  # drop evals made after the checkpoint
+    tasks.atomic_save("".join(kept), metrics_path, save=analyze.write_text)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    sizes = ", ".join(f"{k} {len(v['y'])}" for k, v in task.splits.items())
+    print(f"{args.task}: {len(task.coords)} tokens; {sizes}")
+    print(f"model: {n_params / 1e6:.2f} M parameters, pe={args.pe} ({args.pe_layers}), device={device}, dtype={dtype}, compile={use_compile}")
+    pe_norm = "n/a" if ident0["pe_norm"] is None else f"{ident0['pe_norm']:.3f}"
+    print(f"PE row norm {pe_norm} vs token-embedding row norm {ident0['tok_norm']:.3f} (at init)")
+    fwd = torch.compile(model) if use_compile else model
+    train = task.splits["train"]
+    fit_acc = args.stop_train_acc if args.stop_train_acc is not None else 0.999
+
+    def save_checkpoint():
+        tasks.atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_config": asdict(cfg),
+                           "args": vars(args), "state": state, "rng": torch.get_rng_state()},
+                          os.path.join(args.out_dir, "ckpt.pt"))
+
+    def run_eval():
+        with ctx:
+            m = evaluate(fwd, task, device)
+        m.update({"iter": state["iter"], "lr": lr_at(state["iter"], args), "elapsed": state["elapsed"]},
+                 **analyze.identifiability(model, task.coords))
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(m) + "\n")
+        if state["fit_iter"] is None and m["train_acc"] >= fit_acc:
+            state["fit_iter"] = state["iter"]
+        return m
+
+    bar = tqdm(total=args.max_iters, initial=state["iter"], desc=os.path.basename(args.out_dir), dynamic_ncols=True)
+    t0 = time.time() - state["elapsed"]
+    m = run_eval() if state["iter"] == 0 else None
+    while state["iter"] < args.max_iters:
+        idx = batch_indices(state["iter"], len(train["y"]), args)
+        x, y, r = train["x"][idx].to(device), train["y"][idx].to(device), train["readout"][idx].to(device)
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(state["iter"], args)
+        with ctx:
+            logits = fwd(x, r)
+            loss = F.cross_entropy(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        state["iter"] += 1
+        bar.update(1)
+        if state["iter"] % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}", acc=f"{(logits.argmax(1) == y).float().mean().item():.3f}")
+        if state["iter"] % args.eval_interval == 0 or state["iter"] == args.max_iters:
+            state["elapsed"] = time.time() - t0
+            m = run_eval()
+            tqdm.write(f"step {state['iter']}: train {m['train_acc']:.4f} test {m['test_acc']:.4f} ood {m['ood_acc']:.4f} "
+                       f"noise {m['noise_acc']:.4f} pe_rsa {m['pe_rsa'] if m['pe_rsa'] is None else round(m['pe_rsa'], 3)}")
+            save_checkpoint()
+            if args.stop_train_acc is not None and m["train_acc"] >= args.stop_train_acc:
+                break
+    bar.close()
+    m = m or run_eval()  # a run interrupted after its last step but before its summary
+    state["elapsed"] = time.time() - t0
+    summary = {"task": args.task, "pe": args.pe, "init": args.init, "init_std": args.init_std, "pe_layers": args.pe_layers,
+               "seed": args.seed, "data_seed": args.data_seed, "iters": state["iter"], "wall_s": round(state["elapsed"], 1),
+               "fitted": m["train_acc"] >= fit_acc, "fit_iter": state["fit_iter"], "n_params": n_params,
+               **{k: v for k, v in m.items() if k.endswith("_acc") or "_acc_" in k},
+               "pe_rsa": m["pe_rsa"], "pe_rsa_init": state["pe_rsa_init"],
+               "pe_rsa_delta": None if m["pe_rsa"] is None else m["pe_rsa"] - state["pe_rsa_init"],
+               "pe_rsa_tables": m["pe_rsa_tables"], "pe_norm": m["pe_norm"], "tok_norm": m["tok_norm"], "out_dir": args.out_dir}
+    save_checkpoint()
+    tasks.atomic_save(json.dumps(summary, indent=1) + "\n", summary_path, save=analyze.write_text)
+    print(json.dumps({k: v for k, v in summary.items() if k.endswith("acc") or k.startswith("pe_rsa") or k in ("iters", "wall_s", "fitted")}))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
