@@ -1,0 +1,438 @@
+"""The test suite: python -m pytest -q test_all.py (CPU, a few minutes at most)."""
+import itertools
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+import analyze
+import pe as pe_lib
+import tasks
+import train
+from model import ModelConfig, Transformer
+
+torch.set_num_threads(1)
+
+
+def tiny_model(kind, coords, pe_layers="input", head="token", seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(n_tokens=len(coords), in_dim=3, n_out=2, head=head, n_layer=2, n_head=2, n_embd=24,
+                      pe=kind, pe_layers=pe_layers, init_std=kw.pop("init_std", 0.5), **kw)
+    model = Transformer(cfg, coords).eval()
+    if isinstance(model.pe, pe_lib.RelativeBias):  # zero at init: give it something to get wrong
+        torch.nn.init.normal_(model.pe.weight)
+    return model
+
+
+# ----------------------------------------------------------------------------- encodings: formulas
+def test_sin1d_matches_vaswani_formula():
+    n, d = 7, 12
+    table = pe_lib.AdditivePE("sin1d", tasks.grid_coords(7, 1), d, 1).weight[0]
+    for p in range(n):
+        for i in range(d // 2):
+            w = p / 10000 ** (2 * i / d)
+            assert table[p, 2 * i].item() == pytest.approx(math.sin(w), abs=1e-6)
+            assert table[p, 2 * i + 1].item() == pytest.approx(math.cos(w), abs=1e-6)
+
+
+def test_sinnd_keeps_rows_and_columns_straight_on_3x5_grid():
+    d = 16
+    coords = tasks.grid_coords(3, 5)
+    table = pe_lib.AdditivePE("sinnd", coords, d, 1).weight[0].view(3, 5, d)
+    row_part, col_part = table[..., : d // 2], table[..., d // 2:]
+    assert torch.allclose(row_part, row_part[:, :1].expand_as(row_part))  # row channels constant along a row
+    assert torch.allclose(col_part, col_part[:1].expand_as(col_part))  # column channels constant down a column
+    assert torch.allclose(row_part[:, 0], pe_lib.sinusoid(torch.arange(3.0)[:, None], d // 2))
+    assert torch.allclose(col_part[0], pe_lib.sinusoid(torch.arange(5.0)[:, None], d // 2))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        pe_lib.sinusoid(coords, 18)
+    with pytest.raises(ValueError, match="divisible by 6"):
+        pe_lib.sinusoid(torch.zeros(4, 3), 16)
+
+
+@pytest.mark.parametrize("init", pe_lib.INITS)
+@pytest.mark.parametrize("std", [0.02, 1.0])
+def test_learned_init_std_survives_model_construction(init, std):
+    model = tiny_model("learned", tasks.grid_coords(8), init=init, init_std=std)
+    w = model.pe.weight.detach()
+    assert w.std().item() == pytest.approx(std, rel=0.05)
+    assert abs(w.mean().item()) < 0.05 * std
+    if init == "uniform":
+        assert w.abs().max().item() <= std * math.sqrt(3) + 1e-6
+    assert model.pe.weight.requires_grad
+
+
+def test_zero_std_gives_zeros_and_negative_std_is_rejected():
+    assert torch.count_nonzero(pe_lib.init_table((4, 5), "normal", 0.0)) == 0
+    with pytest.raises(ValueError):
+        pe_lib.init_table((4, 5), "normal", -0.1)
+
+
+def test_random_pe_is_fixed_and_survives_save_load(tmp_path):
+    a = tiny_model("random", tasks.grid_coords(4), seed=1)
+    assert "pe.weight" in a.state_dict() and not any(n.startswith("pe.") for n, _ in a.named_parameters())
+    torch.save(a.state_dict(), tmp_path / "m.pt")
+    b = tiny_model("random", tasks.grid_coords(4), seed=2)
+    assert not torch.equal(a.pe.weight, b.pe.weight)
+    b.load_state_dict(torch.load(tmp_path / "m.pt"))
+    assert torch.equal(a.pe.weight, b.pe.weight)
+
+
+def test_pe_layers_all_gives_each_block_its_own_table():
+    model = tiny_model("learned", tasks.grid_coords(4), pe_layers="all")
+    assert model.pe.weight.shape == (2, 16, 24)
+    assert not torch.equal(model.pe.weight[0], model.pe.weight[1])
+    assert tiny_model("learned", tasks.grid_coords(4)).pe.weight.shape == (1, 16, 24)
+
+
+def test_pe_group_has_its_own_weight_decay():
+    model = tiny_model("learned", tasks.grid_coords(4))
+    groups = model.param_groups(0.1, 0.0)
+    pe_group = [g for g in groups if any(p is model.pe.weight for p in g["params"])]
+    assert len(pe_group) == 1 and pe_group[0]["weight_decay"] == 0.0 and len(pe_group[0]["params"]) == 1
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def rotary_scores(rot, hd, seed=0):
+    """q_i . k_j for the same q and k placed at every token, after rotation."""
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(hd, generator=g), torch.randn(hd, generator=g)
+    n = rot.cos.shape[0]
+    return rot(q.expand(1, 1, n, hd))[0, 0] @ rot(k.expand(1, 1, n, hd))[0, 0].T
+
+
+def assert_depends_only_on_offset(scores, coords):
+    """Every pair of token pairs with the same coordinate offset has the same score."""
+    idx, n_off = pe_lib.offset_index(coords)
+    for o in range(n_off):
+        vals = scores[idx == o]
+        assert torch.allclose(vals, vals[0].expand_as(vals), atol=1e-4), f"offset {o}: {vals}"
+    return n_off
+
+
+def test_rope_matches_complex_rotation_and_is_shift_invariant():
+    n, hd = 9, 8
+    rot = pe_lib.Rotary(pe_lib.flat_coords(n), hd)
+    x = torch.randn(2, 1, n, hd)
+    xc = torch.complex(x[..., : hd // 2], x[..., hd // 2:])
+    theta = torch.arange(n)[:, None] * 10000 ** (-torch.arange(hd // 2) / (hd // 2))
+    ref = xc * torch.polar(torch.ones_like(theta), theta)
+    assert torch.allclose(rot(x), torch.cat([ref.real, ref.imag], -1).float(), atol=1e-5)
+    assert torch.allclose(rot(x).norm(dim=-1), x.norm(dim=-1), atol=1e-5)
+    scores = rotary_scores(rot, hd)
+    assert assert_depends_only_on_offset(scores, pe_lib.flat_coords(n)) == 2 * n - 1
+    assert not torch.allclose(scores[0, 1], scores[0, 2])  # and it does depend on the offset
+
+
+def test_ropend_scores_depend_only_on_coordinate_differences_3x5():
+    coords = tasks.grid_coords(3, 5)
+    rot = pe_lib.Rotary(coords, 8)
+    scores = rotary_scores(rot, 8)
+    assert assert_depends_only_on_offset(scores, coords) == 5 * 9
+    # axes kept apart: the first half of the pairs turns with the row, the second with the column
+    assert torch.allclose(rot.cos[:, :2].view(3, 5, 2), rot.cos[:, :2].view(3, 5, 2)[:, :1].expand(3, 5, 2))
+    assert torch.allclose(rot.cos[:, 2:].view(3, 5, 2), rot.cos[:, 2:].view(3, 5, 2)[:1].expand(3, 5, 2))
+    with pytest.raises(ValueError, match="divisible by 6"):
+        pe_lib.Rotary(torch.zeros(4, 3), 8)
+
+
+def test_relative_bias_is_shift_invariant_and_has_one_entry_per_offset():
+    coords = tasks.grid_coords(3, 4)
+    rel = pe_lib.RelativeBias(coords, 2)
+    assert rel.weight.shape == (5 * 7, 2) and torch.count_nonzero(rel.weight) == 0
+    torch.nn.init.normal_(rel.weight)
+    for h in range(2):
+        assert assert_depends_only_on_offset(rel()[h], coords) == 35
+    assert not torch.allclose(rel()[0, 0, 1], rel()[0, 1, 0])  # bidirectional: (0,1) and (0,-1) differ
+
+
+def test_alibi_is_minus_slope_times_euclidean_distance():
+    coords = tasks.grid_coords(3, 4) * 2.5  # any unit: distances count in nearest-neighbour steps
+    bias = pe_lib.ALiBi(coords, 2)()
+    slopes = torch.tensor([2 ** -1, 2 ** -2])  # the first two of the 8-head schedule 2^(-8h/8)
+    dist = torch.cdist(coords, coords) / 2.5
+    assert torch.allclose(bias, -slopes[:, None, None] * dist, atol=1e-6)
+
+
+def test_pe_needing_coordinates_is_refused_without_them():
+    for kind in pe_lib.NEEDS_COORDS:
+        with pytest.raises(ValueError, match="needs token coordinates"):
+            pe_lib.build(kind, 16, None, 24, 2, 1)
+    assert pe_lib.build("sin1d", 16, None, 24, 2, 1).weight.shape == (1, 16, 24)
+
+
+# ----------------------------------------------------------------------------- encodings: in the model
+ALL_PE = [(k, "input") for k in pe_lib.KINDS] + [(k, "all") for k in ("sinnd", "learned", "random")]
+
+
+@pytest.mark.parametrize("kind,pe_layers", ALL_PE)
+def test_no_sample_depends_on_another_in_the_batch(kind, pe_layers):
+    coords = tasks.grid_coords(3, 4)
+    model = tiny_model(kind, coords, pe_layers, head="cls")
+    x, readout = torch.randn(5, 12, 3), torch.randint(0, 12, (5,))
+    out = model(x, readout)
+    x2 = x.clone()
+    x2[1:] = torch.randn(4, 12, 3)
+    out2 = model(x2, readout)
+    assert torch.allclose(out[0], out2[0], atol=1e-5)
+    assert torch.allclose(out[0], model(x[:1], readout[:1])[0], atol=1e-5)
+    assert not torch.allclose(out[1], out2[1])
+
+
+@pytest.mark.parametrize("norm", ["post", "pre"])
+def test_no_pe_is_permutation_equivariant_and_every_pe_breaks_it(norm):
+    coords = tasks.grid_coords(3, 4)
+    x, perm = torch.randn(2, 12, 3), torch.randperm(12)
+    for kind in pe_lib.KINDS:
+        model = tiny_model(kind, coords, norm=norm)
+        same = torch.allclose(model(x)[:, perm], model(x[:, perm]), atol=1e-5)
+        assert same == (kind == "none"), kind
+
+
+def test_discrete_tokens_and_classification_readout():
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_tokens=6, vocab_size=7, n_out=3, head="cls", n_layer=1, n_head=1, n_embd=8)
+    model = Transformer(cfg, tasks.grid_coords(2, 3))
+    ids = torch.randint(0, 7, (4, 6))
+    readout = torch.tensor([0, 5, 2, 3])
+    out = model(ids, readout)
+    assert out.shape == (4, 3)
+    cfg.head = "token"
+    full = Transformer(cfg, tasks.grid_coords(2, 3))
+    full.load_state_dict(model.state_dict())
+    assert torch.allclose(full(ids)[torch.arange(4), readout], out, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the Latin Square Task
+def latin_squares(n):
+    rows = list(itertools.permutations(range(1, n + 1)))
+    out = []
+    for sq in itertools.product(rows, repeat=n):
+        if all(len(set(col)) == n for col in zip(*sq)):
+            out.append(np.array(sq).reshape(-1))
+    return np.array(out)
+
+
+def brute_force_label(grid, n, squares):
+    """(class, answer) by enumeration, independent of tasks.classify."""
+    q = int(np.flatnonzero(grid == n + 1)[0])
+    r, c = divmod(q, n)
+    givens = np.where(grid == n + 1, 0, grid)
+
+    def line_values(cells):  # values the query takes over permutations of one line matching its givens
+        vals = set()
+        for p in itertools.permutations(range(1, n + 1)):
+            if all(givens[i] in (0, v) for i, v in zip(cells, p)):
+                vals.add(p[cells.index(q)])
+        return vals
+
+    row, col = line_values([r * n + j for j in range(n)]), line_values([i * n + c for i in range(n)])
+    full = {int(s[q]) for s in squares if np.all((givens == 0) | (s == givens))}
+    assert len(full) == 1, f"not unique: {grid}"
+    if len(row) == 1 or len(col) == 1:
+        return 0, full.pop()
+    return (1 if len(row & col) == 1 else 2), full.pop()
+
+
+@pytest.fixture(scope="module")
+def lst4():
+    return tasks.generate_lst(4, 64, seed=3)
+
+
+def test_generated_puzzles_are_valid_and_labelled_like_a_brute_force_solver(lst4):
+    grids, answers, classes = lst4
+    squares = latin_squares(4)
+    assert len(squares) == 576
+    for g, a, c in zip(grids, answers, classes):
+        assert (g == 5).sum() == 1
+        assert brute_force_label(g, 4, squares) == (c, a)
+
+
+def test_classes_answers_and_positions_are_balanced(lst4):
+    grids, answers, classes = lst4
+    assert np.bincount(classes).tolist() == [64] * 3
+    for k in range(3):
+        assert np.bincount(answers[classes == k], minlength=5)[1:].tolist() == [16] * 4
+        assert np.bincount(np.argmax(grids[classes == k] == 5, 1), minlength=16).tolist() == [4] * 16
+
+
+@pytest.mark.parametrize("n", [5, 6])
+def test_larger_grids_generate_consistent_unique_puzzles(n):
+    grids, answers, classes = tasks.generate_lst(n, 2 * n, seed=0)
+    assert np.bincount(classes).tolist() == [2 * n] * 3
+    for g, a, c in zip(grids, answers, classes):
+        assert tasks.classify(g, n) == (c, a)
+        cells = [0 if v == n + 1 else int(v) for v in g]
+        q = int(np.flatnonzero(g == n + 1)[0])
+        for v in range(1, n + 1):  # exactly one value at the query admits a completion
+            cells[q] = v
+            assert tasks.completable(cells, n) == (v == a)
+
+
+def test_generation_is_deterministic_in_the_seed():
+    a, b, c = tasks.generate_lst(4, 8, 1), tasks.generate_lst(4, 8, 1), tasks.generate_lst(4, 8, 2)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not np.array_equal(a[0], c[0])
+
+
+@pytest.fixture(scope="module")
+def grid_task(tmp_path_factory):
+    return tasks.grid2d(4, 200, data_seed=0, data_dir=str(tmp_path_factory.mktemp("data")))
+
+
+def test_splits_are_disjoint_and_ood_combinations_are_held_out(grid_task):
+    s = grid_task.splits
+    keys = {k: {tuple(g.argmax(-1).add(1).mul(g.sum(-1) > 0).tolist()) for g in s[k]["x"]} for k in ("train", "test", "ood")}
+    assert sum(len(v) for v in keys.values()) == sum(len(s[k]["y"]) for k in keys)  # distinct puzzles
+    assert not (keys["train"] & keys["test"]) and not (keys["train"] & keys["ood"]) and not (keys["test"] & keys["ood"])
+    assert not tasks.ood_mask(s["train"]["readout"], s["train"]["cls"], 4).any()
+    assert tasks.ood_mask(s["ood"]["readout"], s["ood"]["cls"], 4).all()
+    for k in ("train", "test", "ood"):
+        assert torch.bincount(s[k]["cls"], minlength=3).min() > 0
+    assert len(s["test"]["y"]) == pytest.approx(len(s["train"]["y"]) / 9, rel=0.1)
+    assert torch.equal(s["noise"]["y"], s["test"]["y"]) and not torch.equal(s["noise"]["x"], s["test"]["x"])
+    assert (s["noise"]["x"] - s["test"]["x"]).std().item() == pytest.approx(0.5, rel=0.05)
+
+
+def test_dataset_is_cached_and_reloads_identically(grid_task, tmp_path):
+    a = tasks.grid2d(4, 40, data_seed=5, data_dir=str(tmp_path))
+    files = os.listdir(tmp_path)
+    assert len(files) == 1 and files[0].startswith("grid2d-")
+    b = tasks.grid2d(4, 40, data_seed=5, data_dir=str(tmp_path))
+    assert torch.equal(a.splits["train"]["x"], b.splits["train"]["x"])
+    assert grid_task.coords.tolist()[:5] == [[0, 0], [0, 1], [0, 2], [0, 3], [1, 0]]
+
+
+# ----------------------------------------------------------------------------- metrics
+def test_spearman_matches_scipy_with_ties():
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 5, 200).astype(float), rng.normal(size=200)
+    assert analyze.spearman(a, b) == pytest.approx(scipy.stats.spearmanr(a, b).statistic, abs=1e-12)
+
+
+def test_rsa_is_high_for_the_grid_sinusoid_and_near_zero_for_noise():
+    coords = tasks.grid_coords(6)
+    assert analyze.rsa(pe_lib.sinusoid(coords, 64), coords) > 0.6
+    assert abs(analyze.rsa(torch.randn(36, 64), coords)) < 0.15
+
+
+# ----------------------------------------------------------------------------- train.py end to end
+TINY = ["--n-embd", "16", "--n-layer", "1", "--n-per-class", "40", "--batch-size", "16", "--max-iters", "6",
+        "--eval-interval", "2", "--threads", "1"]
+
+
+def run_train(tmp_path, *extra):
+    return train.main(TINY + ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "run"), *extra])
+
+
+def test_tiny_train_run_writes_checkpoint_metrics_and_summary(tmp_path):
+    summary = run_train(tmp_path, "--pe", "sinnd")
+    run = tmp_path / "run"
+    assert sorted(os.listdir(run)) == ["ckpt.pt", "metrics.jsonl", "summary.json"]
+    lines = [json.loads(l) for l in open(run / "metrics.jsonl")]
+    assert [m["iter"] for m in lines] == [0, 2, 4, 6]
+    on_disk = json.load(open(run / "summary.json"))
+    for key in ("task", "pe", "init", "init_std", "seed", "iters", "wall_s", "train_acc", "test_acc", "ood_acc",
+                "noise_acc", "pe_rsa", "pe_rsa_init", "fitted", "test_acc_quaternary"):
+        assert key in on_disk, key
+    assert on_disk["iters"] == 6 and on_disk == summary
+    assert on_disk["pe_rsa"] == on_disk["pe_rsa_init"]  # a fixed encoding does not move
+
+
+def test_stop_on_fit_records_the_fit(tmp_path):
+    summary = run_train(tmp_path, "--stop-train-acc", "0.0")
+    assert summary["iters"] == 2 and summary["fitted"] and summary["fit_iter"] == 0
+
+
+def test_resume_reaches_the_same_result_as_an_uninterrupted_run(tmp_path, monkeypatch):
+    whole = run_train(tmp_path / "a")
+    calls = {"n": 0}
+    real = analyze.identifiability
+
+    def interrupt_at_step_6(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 5:  # init, then evals at 0, 2, 4: the checkpoint holds step 4
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(analyze, "identifiability", interrupt_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(tmp_path / "b")
+    monkeypatch.setattr(analyze, "identifiability", real)
+    assert not (tmp_path / "b" / "run" / "summary.json").exists()
+    resumed = run_train(tmp_path / "b", "--resume")
+    drop = ("wall_s", "out_dir")
+    assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in whole.items() if k not in drop}
+    assert len(open(tmp_path / "b" / "run" / "metrics.jsonl").readlines()) == 4
+    assert run_train(tmp_path / "b", "--resume") == json.load(open(tmp_path / "b" / "run" / "summary.json"))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--pe", "fourier"], "invalid choice"),
+    (["--task", "chess"], "invalid choice"),
+    (["--init-std", "-0.1"], "--init-std must be >= 0"),
+    (["--pe", "sinnd", "--n-embd", "18"], "divisible by 4"),
+    (["--pe", "ropend", "--n-embd", "18"], "divisible by 4"),
+    (["--n-head", "3"], "divisible by n_head"),
+])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        train.main(TINY + argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and err.count("\n") == 1, err
+    assert os.listdir(tmp_path) == []
+
+
+def test_out_dir_holding_another_run_is_refused(tmp_path, capsys):
+    run_train(tmp_path)
+    before = open(tmp_path / "run" / "summary.json").read()
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path, "--seed", "1")
+    assert e.value.code == 2 and "already holds a run" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path, "--seed", "1", "--resume")
+    assert e.value.code == 2 and "other settings" in capsys.readouterr().err
+    assert open(tmp_path / "run" / "summary.json").read() == before
+    assert run_train(tmp_path, "--seed", "1", "--force")["seed"] == 1
+
+
+# ----------------------------------------------------------------------------- analyze.py --puzzles
+def test_scoring_a_puzzle_file(tmp_path, capsys):
+    run_train(tmp_path)
+    grids, answers, classes = tasks.generate_lst(4, 4, seed=9)
+    with open(tmp_path / "items.csv", "w") as f:
+        f.write("id,puzzles,solutions,condition\n")
+        for i, (g, a, c) in enumerate(zip(grids, answers, classes)):
+            f.write(f"{i},{''.join(map(str, g))},{a},{tasks.GRID_CLASSES[c]}\n")
+    analyze.main([str(tmp_path / "run"), "--puzzles", str(tmp_path / "items.csv")])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["n"] == 12 and set(result["by_condition"]) == set(tasks.GRID_CLASSES)
+    model, _, _ = analyze.load_run(tmp_path / "run")
+    x, q = tasks.encode_lst(grids, 4)
+    with torch.no_grad():
+        expected = (model(x, q).argmax(1) + 1 == torch.as_tensor(answers)).float().mean().item()
+    assert result["acc"] == pytest.approx(expected)
+    assert json.load(open(tmp_path / "run" / "puzzles-items.json")) == result
+
+
+@pytest.mark.parametrize("row,message", [
+    ("0123,1", "must be 16 digits"),
+    ("5123401234012345,1", "exactly one query"),
+    ("0123401234012340,1", "exactly one query"),
+    ("5123051234012340,1", "exactly one query"),
+    ("0123401234012305,7", "solution '7'"),
+])
+def test_malformed_puzzle_rows_exit_2_naming_the_row(tmp_path, capsys, row, message):
+    run_train(tmp_path)
+    with open(tmp_path / "bad.csv", "w") as f:
+        f.write("puzzles,solutions\n0123401234012305,1\n" + row + "\n")
+    with pytest.raises(SystemExit) as e:
+        analyze.main([str(tmp_path / "run"), "--puzzles", str(tmp_path / "bad.csv")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "line 3" in err and message in err, err
+    assert not (tmp_path / "run" / "puzzles-bad.json").exists()
