@@ -31,6 +31,7 @@ class ModelConfig:
     pe_layers: str = "input"  # input: one table added before block 0; all: each block its own table
     init: str = "normal"
     init_std: float = 0.02
+    embed_std: float = None  # None: PyTorch's default init of the token embedding; else N(0, embed_std^2), zero bias
 
 
 class Attention(nn.Module):
@@ -81,6 +82,10 @@ class Transformer(nn.Module):
         n_tables = cfg.n_layer if cfg.pe_layers == "all" else 1
         self.pe = pe_lib.build(cfg.pe, cfg.n_tokens, coords, cfg.n_embd, cfg.n_head, n_tables, cfg.init, cfg.init_std)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd) if cfg.vocab_size else nn.Linear(cfg.in_dim, cfg.n_embd)
+        if cfg.embed_std is not None:
+            nn.init.normal_(self.embed.weight, std=cfg.embed_std)
+            if not cfg.vocab_size:
+                nn.init.zeros_(self.embed.bias)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd) if cfg.norm == "pre" else nn.Identity()
         self.head = nn.Linear(cfg.n_embd, cfg.n_out)

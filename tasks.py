@@ -216,7 +216,7 @@ def cached(params, make, data_dir):
     return data
 
 
-def grid2d(n=4, n_per_class=4000, data_seed=0, noise_std=0.5, data_dir="data", with_data=True):
+def grid2d(n=4, n_per_class=4000, data_seed=0, noise_std=0.2, data_dir="data", with_data=True):
     """The Latin Square Task; with_data=False gives the shapes and coordinates without generating."""
     task = Task("grid2d", grid_coords(n), n + 1, n, "cls", GRID_CLASSES)
     if not with_data:

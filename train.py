@@ -42,7 +42,7 @@ def get_args(argv=None):
     g.add_argument("--task", default="grid2d", choices=tasks.TASKS, help="dataset")
     g.add_argument("--grid-n", type=int, default=4, help="grid2d: side of the Latin square (4, 5, 6)")
     g.add_argument("--n-per-class", type=int, default=4000, help="grid2d: puzzles generated per complexity class")
-    g.add_argument("--noise-std", type=float, default=0.5, help="grid2d: std of the Gaussian noise on the noise test's one-hot inputs")
+    g.add_argument("--noise-std", type=float, default=0.2, help="grid2d: std of the Gaussian noise on the noise test's one-hot inputs")
     g.add_argument("--data-seed", type=int, default=0, help="seed of the generated dataset and its splits")
     g.add_argument("--data-dir", default="data", help="cache of generated datasets")
     g = p.add_argument_group("positional encoding")
@@ -57,9 +57,12 @@ def get_args(argv=None):
     g.add_argument("--n-embd", type=int, default=160)
     g.add_argument("--norm", default="post", choices=("post", "pre"), help="LayerNorm after (paper) or before each sublayer")
     g.add_argument("--dropout", type=float, default=0.0)
+    g.add_argument("--embed-std", type=float, default=None, help="init std of the token embedding (default: PyTorch's, row norm ~3.2 at d=160)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=3e-4, help="AdamW peak learning rate")
+    g.add_argument("--warmup-iters", type=int, default=0, help="linear warm-up steps before the cosine decay")
     g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay over --max-iters to lr * this (1 = constant)")
+    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW beta1 beta2")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decay of the other weight matrices")
     g.add_argument("--batch-size", type=int, default=128)
     g.add_argument("--max-iters", type=int, default=2500, help="training steps (the cap when --stop-train-acc is set)")
@@ -94,8 +97,11 @@ def get_args(argv=None):
 
 
 def lr_at(it, args):
-    """Cosine decay from lr to lr * min_lr_ratio over max_iters, no warm-up."""
-    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * it / args.max_iters)))
+    """Linear warm-up over warmup_iters, then cosine decay from lr to lr * min_lr_ratio at max_iters."""
+    if it < args.warmup_iters:
+        return args.lr * (it + 1) / args.warmup_iters
+    progress = (it - args.warmup_iters) / max(1, args.max_iters - args.warmup_iters)
+    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def batch_indices(it, n, args):
@@ -154,7 +160,7 @@ def main(argv=None):
     # validate everything before a single file is written
     task = tasks.get_task(args.task, args, with_data=False)
     cfg = ModelConfig(n_tokens=len(task.coords), in_dim=task.in_dim, n_out=task.n_out, head=task.head,
-                      n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, norm=args.norm,
+                      n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, norm=args.norm, embed_std=args.embed_std,
                       pe=args.pe, pe_layers=args.pe_layers, init=args.init, init_std=args.init_std)
     torch.manual_seed(args.seed)
     try:
@@ -169,7 +175,7 @@ def main(argv=None):
 
     task = tasks.get_task(args.task, args)
     model.to(device)
-    optimizer = torch.optim.AdamW(model.param_groups(args.weight_decay, args.pe_weight_decay), lr=args.lr, betas=(0.9, 0.999))
+    optimizer = torch.optim.AdamW(model.param_groups(args.weight_decay, args.pe_weight_decay), lr=args.lr, betas=tuple(args.betas))
     ident0 = analyze.identifiability(model, task.coords)
     state = {"iter": 0, "elapsed": 0.0, "pe_rsa_init": ident0["pe_rsa"], "fit_iter": None}
     if ckpt is not None:
