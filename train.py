@@ -24,8 +24,9 @@ import pe as pe_lib
 import tasks
 from model import ModelConfig, Transformer
 
-# The paper's reference recipe: PE in every block, lr 1e-4 constant, batch 128, 4,000 epochs of 8,100.
-PRESETS = {"paper": dict(n_layer=4, n_head=1, n_embd=160, norm="post", pe_layers="all", lr=1e-4, min_lr_ratio=1.0,
+# The paper's reference recipe: PE in every block, PyTorch-default token embedding, lr 1e-4 constant,
+# batch 128, 4,000 epochs of 8,100 puzzles.
+PRESETS = {"paper": dict(n_layer=4, n_head=1, n_embd=160, norm="post", pe_layers="all", embed_std=None, lr=1e-4, min_lr_ratio=1.0,
                          weight_decay=0.0, batch_size=128, max_iters=253_000, eval_interval=2_000)}
 RUNTIME_ARGS = ("resume", "force", "device", "compile", "dtype", "threads", "out_dir", "data_dir")
 
@@ -36,7 +37,8 @@ def die(msg):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    fmt = type("Fmt", (argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter), {})
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
     p.error = die  # one line and exit status 2 for every bad flag
     g = p.add_argument_group("task")
     g.add_argument("--task", default="grid2d", choices=tasks.TASKS, help="dataset")
@@ -52,12 +54,13 @@ def get_args(argv=None):
     g.add_argument("--pe-layers", default="input", choices=("input", "all"), help="additive PEs: added once at the input, or at every block with its own table (the paper)")
     g.add_argument("--pe-weight-decay", type=float, default=0.0, help="AdamW decay of the PE table (decay shrinks the norm under study)")
     g = p.add_argument_group("model")
-    g.add_argument("--n-layer", type=int, default=4)
-    g.add_argument("--n-head", type=int, default=1)
-    g.add_argument("--n-embd", type=int, default=160)
+    g.add_argument("--n-layer", type=int, default=4, help="transformer blocks")
+    g.add_argument("--n-head", type=int, default=1, help="attention heads (the paper: 1)")
+    g.add_argument("--n-embd", type=int, default=160, help="model width d")
     g.add_argument("--norm", default="post", choices=("post", "pre"), help="LayerNorm after (paper) or before each sublayer")
-    g.add_argument("--dropout", type=float, default=0.0)
-    g.add_argument("--embed-std", type=float, default=None, help="init std of the token embedding (default: PyTorch's, row norm ~3.2 at d=160)")
+    g.add_argument("--dropout", type=float, default=0.0, help="dropout on attention and MLP outputs")
+    g.add_argument("--embed-std", type=lambda s: None if s == "torch" else float(s), default=0.02,
+                   help="init std of the token embedding (nanoGPT's 0.02), or 'torch' for PyTorch's default (row norm ~3.2 at d=160, the paper's)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=3e-4, help="AdamW peak learning rate")
     g.add_argument("--warmup-iters", type=int, default=0, help="linear warm-up steps before the cosine decay")
