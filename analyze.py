@@ -1,7 +1,9 @@
 """
-Interpretability metrics for a trained positional encoding, and scoring a run on external puzzles.
+Interpretability metrics for a trained positional encoding, scoring a run on external puzzles, and
+tables over runs.
 
     python analyze.py RUN_DIR --puzzles FILE.csv    # score RUN_DIR/ckpt.pt on human-style LST items
+    python analyze.py RUN_DIR [RUN_DIR ...] --table  # markdown table of summary.json, mean +- sd over seeds
 
 The metric functions are plain numpy/torch and are also what train.py logs during training.
 """
@@ -95,22 +97,55 @@ def score_puzzles(model, grids, answers, conditions, n):
     return {"n": int(len(correct)), "acc": float(correct.mean()), "by_condition": by}
 
 
+TABLE_COLUMNS = ("iters", "wall_s", "train_acc", "test_acc", "ood_acc", "noise_acc", "test_acc_quaternary",
+                 "pe_rsa", "pe_rsa_delta")
+
+
+def summary_table(run_dirs):
+    """Markdown table of the runs' summary.json, one row per (pe, init_std, pe_layers): mean +- sd
+    over the runs in it (seeds), and how many of them fitted the training set."""
+    groups = {}
+    for d in run_dirs:
+        path = os.path.join(d, "summary.json")
+        if not os.path.exists(path):
+            raise ValueError(f"no summary.json in {d} (unfinished run?)")
+        s = json.load(open(path))
+        label = s["pe"] + (f" σ={s['init_std']:g}" if s["pe"] in ("learned", "random") else "") + \
+            (" (all)" if s["pe_layers"] == "all" and s["pe"] not in ("none", "rope", "ropend", "relative", "alibi") else "")
+        groups.setdefault(label, []).append(s)
+    cell = lambda v, pct: "–" if not v else (  # noqa: E731
+        f"{np.mean(v) * 100:.1f} ± {np.std(v) * 100:.1f}" if pct else f"{np.mean(v):.2f} ± {np.std(v):.2f}")
+    lines = ["| PE | runs | fitted | " + " | ".join(TABLE_COLUMNS) + " |", "|---" * (len(TABLE_COLUMNS) + 3) + "|"]
+    for label, runs in groups.items():
+        vals = [[r[c] for r in runs if r.get(c) is not None] for c in TABLE_COLUMNS]
+        cells = [f"{np.mean(v):.0f}" if c in ("iters", "wall_s") else cell(v, c.endswith("acc") or "_acc_" in c)
+                 for c, v in zip(TABLE_COLUMNS, vals)]
+        lines.append(f"| {label} | {len(runs)} | {sum(r['fitted'] for r in runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", help="a train.py output directory holding ckpt.pt")
-    p.add_argument("--puzzles", required=True, help="CSV of LST items: columns puzzles, solutions[, condition]")
+    p.add_argument("run_dirs", nargs="+", help="train.py output directories")
+    p.add_argument("--puzzles", help="CSV of LST items (columns puzzles, solutions[, condition]) to score one run on")
+    p.add_argument("--table", action="store_true", help="print a markdown table of the runs' summaries")
     a = p.parse_args(argv)
     try:
-        model, task, args = load_run(a.run_dir)
+        if a.table:
+            return print(summary_table(a.run_dirs))
+        if a.puzzles is None or len(a.run_dirs) != 1:
+            raise ValueError("pass one RUN_DIR with --puzzles FILE.csv, or run dirs with --table")
+        run_dir = a.run_dirs[0]
+        model, task, args = load_run(run_dir)
         if task.name != "grid2d":
-            raise ValueError(f"--puzzles needs a grid2d run, {a.run_dir} is {task.name}")
+            raise ValueError(f"--puzzles needs a grid2d run, {run_dir} is {task.name}")
         result = score_puzzles(model, *tasks.load_puzzle_csv(a.puzzles, args.grid_n), args.grid_n)
     except ValueError as e:
         print(f"analyze.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     line = json.dumps(result)
     stem = os.path.splitext(os.path.basename(a.puzzles))[0]
-    tasks.atomic_save(line + "\n", os.path.join(a.run_dir, f"puzzles-{stem}.json"), save=write_text)
+    tasks.atomic_save(line + "\n", os.path.join(run_dir, f"puzzles-{stem}.json"), save=write_text)
     print(line)
 
 

@@ -436,3 +436,17 @@ def test_malformed_puzzle_rows_exit_2_naming_the_row(tmp_path, capsys, row, mess
     err = capsys.readouterr().err
     assert e.value.code == 2 and "line 3" in err and message in err, err
     assert not (tmp_path / "run" / "puzzles-bad.json").exists()
+
+
+def test_table_groups_seeds_into_one_row(tmp_path, capsys):
+    for seed in ("0", "1"):
+        train.main(TINY + ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / seed), "--seed", seed])
+    capsys.readouterr()
+    analyze.main([str(tmp_path / "0"), str(tmp_path / "1"), "--table"])
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert len(rows) == 3 and rows[2].startswith("| learned σ=0.02 | 2 |")
+    accs = [json.load(open(tmp_path / s / "summary.json"))["test_acc"] * 100 for s in ("0", "1")]
+    assert f"{np.mean(accs):.1f} ± {np.std(accs):.1f}" in rows[2]
+    with pytest.raises(SystemExit) as e:
+        analyze.main([str(tmp_path / "0"), str(tmp_path / "nowhere"), "--table"])
+    assert e.value.code == 2
