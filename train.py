@@ -66,7 +66,7 @@ def get_args(argv=None):
     g.add_argument("--warmup-iters", type=int, default=0, help="linear warm-up steps before the cosine decay")
     g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay over --max-iters to lr * this (1 = constant)")
     g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW beta1 beta2")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decay of the other weight matrices")
+    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay of the other weight matrices (token embedding included)")
     g.add_argument("--batch-size", type=int, default=128)
     g.add_argument("--max-iters", type=int, default=2500, help="training steps (the cap when --stop-train-acc is set)")
     g.add_argument("--stop-train-acc", type=float, default=None, help="stop at the first eval whose training accuracy reaches this (e.g. 0.999)")
