@@ -388,7 +388,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, monkeypatc
     assert os.listdir(tmp_path) == []
 
 
-def test_out_dir_holding_another_run_is_refused(tmp_path, capsys):
+def test_out_dir_holding_another_run_is_refused(tmp_path, capsys, monkeypatch):
     run_train(tmp_path)
     before = open(tmp_path / "run" / "summary.json").read()
     with pytest.raises(SystemExit) as e:
@@ -398,6 +398,14 @@ def test_out_dir_holding_another_run_is_refused(tmp_path, capsys):
         run_train(tmp_path, "--seed", "1", "--resume")
     assert e.value.code == 2 and "other settings" in capsys.readouterr().err
     assert open(tmp_path / "run" / "summary.json").read() == before
+    def interrupt(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(analyze, "identifiability", interrupt)
+    with pytest.raises(KeyboardInterrupt):  # a forced run that dies early leaves no old summary behind
+        run_train(tmp_path, "--seed", "1", "--force")
+    monkeypatch.undo()
+    assert not (tmp_path / "run" / "summary.json").exists()
     assert run_train(tmp_path, "--seed", "1", "--force")["seed"] == 1
 
 

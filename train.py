@@ -65,7 +65,7 @@ def get_args(argv=None):
     g.add_argument("--lr", type=float, default=3e-4, help="AdamW peak learning rate")
     g.add_argument("--warmup-iters", type=int, default=0, help="linear warm-up steps before the cosine decay")
     g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay over --max-iters to lr * this (1 = constant)")
-    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW beta1 beta2")
+    g.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.999], help="AdamW beta1 beta2")
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay of the other weight matrices (token embedding included)")
     g.add_argument("--batch-size", type=int, default=128)
     g.add_argument("--max-iters", type=int, default=2500, help="training steps (the cap when --stop-train-acc is set)")
@@ -144,6 +144,9 @@ def prepare_out_dir(args):
         return ckpt
     if any(os.path.exists(f) for f in files) and not args.force:
         die(f"{args.out_dir} already holds a run; pass --resume to continue it or --force to overwrite it")
+    for f in files:  # --force: nothing of the old run may survive to be mistaken for the new one's
+        if os.path.exists(f):
+            os.remove(f)
     return None
 
 
@@ -163,8 +166,9 @@ def main(argv=None):
     # validate everything before a single file is written
     task = tasks.get_task(args.task, args, with_data=False)
     cfg = ModelConfig(n_tokens=len(task.coords), in_dim=task.in_dim, n_out=task.n_out, head=task.head,
-                      n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, norm=args.norm, embed_std=args.embed_std,
-                      pe=args.pe, pe_layers=args.pe_layers, init=args.init, init_std=args.init_std)
+                      n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
+                      norm=args.norm, embed_std=args.embed_std, pe=args.pe, pe_layers=args.pe_layers,
+                      init=args.init, init_std=args.init_std)
     torch.manual_seed(args.seed)
     try:
         model = Transformer(cfg, task.coords)
