@@ -40,16 +40,16 @@ def sinusoid(coords, d, base=10000.0):
     return out.reshape(n, d).float()
 
 
-def init_table(shape, init, std, generator=None):
+def init_table(shape, init, std):
     """A learned/random table drawn i.i.d. with standard deviation std (0 gives zeros)."""
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; choose from {INITS}")
     if std < 0:
         raise ValueError(f"init std must be >= 0, got {std}")
     if init == "normal":
-        return torch.randn(shape, generator=generator) * std
+        return torch.randn(shape) * std
     a = std * math.sqrt(3.0)  # U(-a, a) has std a/sqrt(3)
-    return (torch.rand(shape, generator=generator) * 2 - 1) * a
+    return (torch.rand(shape) * 2 - 1) * a
 
 
 class AdditivePE(nn.Module):
