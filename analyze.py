@@ -98,7 +98,7 @@ def score_puzzles(model, grids, answers, conditions, n):
 
 
 TABLE_COLUMNS = ("iters", "wall_s", "train_acc", "test_acc", "ood_acc", "noise_acc", "test_acc_quaternary",
-                 "pe_rsa", "pe_rsa_delta")
+                 "pe_rsa", "pe_rsa_delta", "pe_norm", "tok_norm")
 
 
 def summary_table(run_dirs):
