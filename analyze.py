@@ -1,32 +1,47 @@
 """
-Interpretability metrics for a trained positional encoding, scoring a run on external puzzles, and
-tables over runs.
+Look inside trained positional encodings: interpretability metrics, the paper's figures, sweeps.
 
-    python analyze.py RUN_DIR --puzzles FILE.csv    # score RUN_DIR/ckpt.pt on human-style LST items
-    python analyze.py RUN_DIR [RUN_DIR ...] --table  # markdown table of summary.json, mean +- sd over seeds
+    python analyze.py RUN_DIR [RUN_DIR ...]          # per run: figures + analysis.json; across runs: sweep figures
+    python analyze.py SWEEP_DIR                       # the same for every run inside SWEEP_DIR
+    python analyze.py RUN_DIR --puzzles FILE.csv      # score RUN_DIR/ckpt.pt on human-style LST items
+    python analyze.py RUN_DIR [RUN_DIR ...] --table   # markdown table of summary.json, mean +- sd over seeds
 
-The metric functions are plain numpy/torch and are also what train.py logs during training.
+Metrics compare a PE table P (N, d) with the tokens' true coordinates C (N, k). RSA uses the PE's
+cosine similarities (the paper's); the geometric ones (layout, neighbours, dimensionality) use the
+Euclidean geometry of the centred rows. They are plain numpy and also what train.py logs.
 """
 import argparse
+import glob
 import json
 import os
 import sys
 from types import SimpleNamespace
 
-import numpy as np
-import torch
+import matplotlib
+matplotlib.use("Agg")  # headless: figures go to files only
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
-import pe as pe_lib
-import tasks
-from model import ModelConfig, Transformer
+import pe as pe_lib  # noqa: E402
+import tasks  # noqa: E402
+from model import ModelConfig, Transformer  # noqa: E402
+
+HUMAN_LST = {"binary": 0.967, "ternary": 0.870, "quaternary": 0.663}  # people on the 108 LST items (n = 40)
 
 
 # ----------------------------------------------------------------------------- metrics
 def cosine_matrix(P):
     """Token x token cosine similarity of the rows of P (N, d); zero rows give similarity 0."""
-    P = torch.as_tensor(P, dtype=torch.float64)
-    P = P / P.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    return (P @ P.T).numpy()
+    P = np.asarray(P, dtype=np.float64)
+    P = P / np.maximum(np.linalg.norm(P, axis=1, keepdims=True), 1e-12)
+    return P @ P.T
+
+
+def distance_matrix(C):
+    C = np.asarray(C, dtype=np.float64)
+    return np.linalg.norm(C[:, None] - C[None], axis=-1)
 
 
 def upper(M):
@@ -51,11 +66,76 @@ def spearman(a, b):
     return pearson(rank(a), rank(b))
 
 
-def rsa(P, C):
-    """Spearman correlation between the PE's pairwise cosine similarities and the negative true
-    distances (upper triangles): 1 when nearer tokens always have more similar encodings."""
-    dist = torch.cdist(torch.as_tensor(C, dtype=torch.float64), torch.as_tensor(C, dtype=torch.float64)).numpy()
-    return spearman(upper(cosine_matrix(P)), -upper(dist))
+def rsa_matrix(P, S, method="spearman"):
+    """Correlation between the upper triangles of the PE's cosine similarities and a reference
+    similarity matrix S (N, N): second-order similarity, as the paper compares representations."""
+    return (spearman if method == "spearman" else pearson)(upper(cosine_matrix(P)), upper(np.asarray(S, dtype=np.float64)))
+
+
+def rsa(P, C, method="spearman"):
+    """RSA against the negative true distances: 1 when nearer tokens always have more similar encodings."""
+    return rsa_matrix(P, -distance_matrix(C), method)
+
+
+def sinusoid_reference(C, d):
+    """Cosine similarities of the fixed sinusoid (`sinnd`) on the same coordinates, at the nearest
+    width the sinusoid can split over the axes."""
+    k = C.shape[1]
+    return cosine_matrix(pe_lib.sinusoid(torch.as_tensor(np.asarray(C), dtype=torch.float64), 2 * k * max(1, d // (2 * k))))
+
+
+def principal_coords(P, k):
+    """Classical MDS of the rows of P on Euclidean distance (= PCA of the centred rows): (N, k)."""
+    X = np.asarray(P, dtype=np.float64)
+    U, S, _ = np.linalg.svd(X - X.mean(0), full_matrices=False)
+    return U[:, :k] * S[:k]
+
+
+def procrustes(X, Y):
+    """Align Y onto X by translation, rotation/reflection and scale. Returns (Y aligned, in X's units;
+    R^2 = 1 - disparity), the disparity measured with both centred at unit norm as scipy's procrustes."""
+    X, Y = np.asarray(X, dtype=np.float64), np.asarray(Y, dtype=np.float64)
+    Xc, Yc = X - X.mean(0), Y - Y.mean(0)
+    nx, ny = np.linalg.norm(Xc), np.linalg.norm(Yc)
+    if nx == 0 or ny == 0:
+        return np.zeros_like(X) + X.mean(0), float("nan")
+    U, s, Vt = np.linalg.svd((Yc / ny).T @ (Xc / nx))
+    aligned = s.sum() * (Yc / ny) @ (U @ Vt)  # best scale is the nuclear norm at unit norms
+    return aligned * nx + X.mean(0), float(s.sum() ** 2)
+
+
+def layout_r2(P, C):
+    """Recovered geometry: how much of the true layout the PE's top-k principal coordinates explain."""
+    return procrustes(C, principal_coords(P, C.shape[1]))[1]
+
+
+def neighbour_recovery(P, C, n_neighbours=None):
+    """Mean fraction of each token's n nearest rows of P (Euclidean) that are among its n true nearest
+    neighbours (ties at the n-th true distance count). n defaults to 2k: the 4 grid neighbours in 2D."""
+    n = n_neighbours or 2 * C.shape[1]
+    D, E = distance_matrix(C), distance_matrix(np.asarray(P, dtype=np.float64) - np.mean(P, 0))
+    np.fill_diagonal(D, np.inf)
+    np.fill_diagonal(E, np.inf)
+    true = D <= np.sort(D, axis=1)[:, n - 1:n]
+    found = np.argsort(E, axis=1, kind="stable")[:, :n]
+    return float(np.take_along_axis(true, found, axis=1).mean())
+
+
+def participation_ratio(P):
+    """Effective dimensionality (sum l)^2 / sum l^2 of the covariance spectrum of the rows of P:
+    k for a cloud spread equally along k orthogonal axes."""
+    lam = np.linalg.svd(np.asarray(P, dtype=np.float64) - np.mean(P, 0), compute_uv=False) ** 2
+    return float(lam.sum() ** 2 / (lam ** 2).sum()) if lam.sum() > 0 else float("nan")
+
+
+def pe_metrics(P, C, references=None):
+    """Every metric of one PE table against the true coordinates, and RSA against each named
+    reference similarity matrix (e.g. a task's coupling or functional connectivity)."""
+    out = {"rsa": rsa(P, C), "rsa_pearson": rsa(P, C, "pearson"),
+           "sin_rsa": rsa_matrix(P, sinusoid_reference(C, P.shape[1])), "layout_r2": layout_r2(P, C),
+           "neighbours": neighbour_recovery(P, C), "dim": participation_ratio(P),
+           "norm": float(np.linalg.norm(P, axis=1).mean())}
+    return out | {f"rsa_{name}": rsa_matrix(P, S) for name, S in (references or {}).items()}
 
 
 def pe_tables(model):
@@ -63,15 +143,16 @@ def pe_tables(model):
     return model.pe.weight.detach().float().cpu().numpy() if isinstance(model.pe, pe_lib.AdditivePE) else None
 
 
-def identifiability(model, coords):
-    """pe_rsa per table and their mean, and the mean PE row norm against the token embedding's."""
+def identifiability(model, coords, references=None):
+    """The PE metrics as train.py logs them: pe_<metric> averaged over the tables (one per block for
+    --pe-layers all), pe_rsa per table, and the token embedding's mean row norm for comparison."""
     tok_norm = model.token_embedding_rows().detach().float().norm(dim=1).mean().item()
     tables = pe_tables(model)
     if tables is None:
         return {"pe_rsa": None, "pe_rsa_tables": None, "pe_norm": 0.0 if model.pe is None else None, "tok_norm": tok_norm}
-    per_table = [rsa(t, coords) for t in tables]
-    return {"pe_rsa": float(np.mean(per_table)), "pe_rsa_tables": per_table,
-            "pe_norm": float(np.linalg.norm(tables, axis=2).mean()), "tok_norm": tok_norm}
+    per_table = [pe_metrics(t, coords.numpy(), references) for t in tables]
+    mean = {f"pe_{k}": float(np.mean([m[k] for m in per_table])) for k in per_table[0]}
+    return mean | {"pe_rsa_tables": [m["rsa"] for m in per_table], "tok_norm": tok_norm}
 
 
 # ----------------------------------------------------------------------------- runs
@@ -88,6 +169,24 @@ def load_run(run_dir):
     return model.eval(), task, args
 
 
+def read_json(path, lines=False):
+    if not os.path.exists(path):
+        return [] if lines else None
+    with open(path) as f:
+        return [json.loads(l) for l in f] if lines else json.load(f)
+
+
+def find_runs(paths):
+    """Run directories among paths: each path is a run (holds ckpt.pt) or a folder of runs."""
+    runs = []
+    for p in paths:
+        inside = sorted(os.path.dirname(c) for c in glob.glob(os.path.join(p, "*", "ckpt.pt")))
+        if not os.path.exists(os.path.join(p, "ckpt.pt")) and not inside:
+            raise ValueError(f"{p} is neither a run directory (no ckpt.pt) nor a folder of runs")
+        runs += [p] if os.path.exists(os.path.join(p, "ckpt.pt")) else inside
+    return runs
+
+
 @torch.no_grad()
 def score_puzzles(model, grids, answers, conditions, n):
     """Accuracy on LST items, overall and per condition."""
@@ -97,8 +196,14 @@ def score_puzzles(model, grids, answers, conditions, n):
     return {"n": int(len(correct)), "acc": float(correct.mean()), "by_condition": by}
 
 
+def label(s):
+    """How a run is named in tables and legends: its PE, σ for table PEs, and per-block placement."""
+    per_block = s["pe_layers"] == "all" and s["pe"] in pe_lib.ADDITIVE and s["pe"] != "none"
+    return s["pe"] + (f" σ={s['init_std']:g}" if s["pe"] in ("learned", "random") else "") + (" (all)" if per_block else "")
+
+
 TABLE_COLUMNS = ("iters", "wall_s", "train_acc", "test_acc", "ood_acc", "noise_acc", "test_acc_quaternary",
-                 "pe_rsa", "pe_rsa_delta", "pe_norm", "tok_norm")
+                 "pe_rsa", "pe_rsa_delta", "pe_layout_r2", "pe_neighbours", "pe_dim", "pe_norm", "tok_norm")
 
 
 def summary_table(run_dirs):
@@ -106,46 +211,279 @@ def summary_table(run_dirs):
     over the runs in it (seeds), and how many of them fitted the training set."""
     groups = {}
     for d in run_dirs:
-        path = os.path.join(d, "summary.json")
-        if not os.path.exists(path):
+        s = read_json(os.path.join(d, "summary.json"))
+        if s is None:
             raise ValueError(f"no summary.json in {d} (unfinished run?)")
-        s = json.load(open(path))
-        label = s["pe"] + (f" σ={s['init_std']:g}" if s["pe"] in ("learned", "random") else "") + \
-            (" (all)" if s["pe_layers"] == "all" and s["pe"] not in ("none", "rope", "ropend", "relative", "alibi") else "")
-        groups.setdefault(label, []).append(s)
+        groups.setdefault(label(s), []).append(s)
+    columns = [c for c in TABLE_COLUMNS if any(c in r for runs in groups.values() for r in runs)]
     cell = lambda v, pct: "–" if not v else (  # noqa: E731
         f"{np.mean(v) * 100:.1f} ± {np.std(v) * 100:.1f}" if pct else f"{np.mean(v):.2f} ± {np.std(v):.2f}")
-    lines = ["| PE | runs | fitted | " + " | ".join(TABLE_COLUMNS) + " |", "|---" * (len(TABLE_COLUMNS) + 3) + "|"]
-    for label, runs in groups.items():
-        vals = [[r[c] for r in runs if r.get(c) is not None] for c in TABLE_COLUMNS]
+    lines = ["| PE | runs | fitted | " + " | ".join(columns) + " |", "|---" * (len(columns) + 3) + "|"]
+    for name, runs in groups.items():
+        vals = [[r[c] for r in runs if r.get(c) is not None] for c in columns]
         cells = [f"{np.mean(v):.0f}" if c in ("iters", "wall_s") else cell(v, c.endswith("acc") or "_acc_" in c)
-                 for c, v in zip(TABLE_COLUMNS, vals)]
-        lines.append(f"| {label} | {len(runs)} | {sum(r['fitted'] for r in runs)} | " + " | ".join(cells) + " |")
+                 for c, v in zip(columns, vals)]
+        lines.append(f"| {name} | {len(runs)} | {sum(r['fitted'] for r in runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- figures of one run
+def save_figure(fig, path):
+    tasks.atomic_save(fig, path, save=lambda f, p: f.savefig(p, dpi=200, format="png", bbox_inches="tight"))
+    plt.close(fig)
+
+
+def position_colours(C):
+    """A colour per token from its true position: axes mapped to colour channels."""
+    C = np.asarray(C, dtype=np.float64)
+    span = C.max(0) - C.min(0)
+    U = (C - C.min(0)) / np.where(span > 0, span, 1)
+    if C.shape[1] == 1:
+        return plt.cm.viridis(U[:, 0])
+    return np.stack([U[:, 0], U[:, 1], U[:, 2] if C.shape[1] > 2 else 1 - U.mean(1)], 1) * 0.85 + 0.05
+
+
+def neighbour_pairs(C):
+    """Pairs (i, j) where j is one of i's nearest tokens: the grid's lattice edges, a cloud's 1-NN graph."""
+    D = distance_matrix(C)
+    np.fill_diagonal(D, np.inf)
+    near = D <= D.min(1, keepdims=True) * 1.01
+    return [(i, j) for i, j in zip(*np.nonzero(near | near.T)) if i < j]
+
+
+def grid_shape(C):
+    """(rows, cols) when the coordinates fill an integer rectangle row-major, else None."""
+    C = np.asarray(C)
+    if C.shape[1] != 2 or not np.allclose(C, np.round(C)):
+        return None
+    rows, cols = int(np.ptp(C[:, 0])) + 1, int(np.ptp(C[:, 1])) + 1
+    ok = rows * cols == len(C) and np.array_equal(C - C.min(0), np.stack(np.divmod(np.arange(len(C)), cols), 1))
+    return (rows, cols) if ok else None
+
+
+def plot_similarity(tables, C, path):
+    """Figure 1: the PE's cosine similarity (each table, and their mean) beside the true-distance
+    matrix and the fixed sinusoid on the same coordinates; titles give each one's RSA with distance."""
+    mats = [cosine_matrix(t) for t in tables]
+    negdist = -distance_matrix(C)
+    panels = [(m, f"PE block {i}" if len(mats) > 1 else "PE") for i, m in enumerate(mats)]
+    panels += [(np.mean(mats, 0), "PE, mean of blocks")] if len(mats) > 1 else []
+    panels += [(sinusoid_reference(C, tables.shape[2]), "sinusoid (sinnd)"), (negdist, "− true distance")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False, layout="constrained")
+    for ax, (m, title) in zip(axes[0], panels):
+        im = ax.imshow(m, cmap="viridis")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.yaxis.get_major_locator().set_params(integer=True)
+        rho = "" if m is negdist else f"\nRSA with distance {spearman(upper(m), upper(negdist)):.2f}"
+        ax.set_title(title + rho, fontsize=9)
+        ax.set_xlabel("token")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    axes[0, 0].set_ylabel("token")
+    save_figure(fig, path)
+    return {title: m.tolist() for m, title in panels}
+
+
+def plot_similarity_maps(tables, shape, path):
+    """Figure 1b (grids): each token's PE similarity to every token, drawn on the grid (ViT-style)."""
+    sim = np.mean([cosine_matrix(t) for t in tables], 0)
+    rows, cols = shape
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.3 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.imshow(sim[i].reshape(rows, cols), cmap="viridis", vmin=-1, vmax=1)
+        ax.plot(i % cols, i // cols, "r+", ms=6)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("PE cosine similarity of each token (+) to all tokens", fontsize=10)
+    save_figure(fig, path)
+
+
+def plot_layout(tables, C, path):
+    """Figure 2: the PE rows' top-k principal coordinates aligned to the true positions (Procrustes),
+    true neighbours joined, coloured by true position; true positions in grey."""
+    k = C.shape[1]
+    colours, pairs = position_colours(C), neighbour_pairs(C)
+    proj = {"projection": "3d"} if k == 3 else {}
+    fig, axes = plt.subplots(1, len(tables), figsize=(3.8 * len(tables), 3.6), squeeze=False, subplot_kw=proj)
+    layouts = []
+    for t, (ax, P) in enumerate(zip(axes[0], tables)):
+        Y, r2 = procrustes(C, principal_coords(P, k))
+        layouts.append(Y.tolist())
+        pts = lambda X: X.T if k > 1 else np.stack([X[:, 0], np.zeros(len(X))])  # noqa: E731  (1D on a line)
+        for i, j in pairs:
+            ax.plot(*pts(Y[[i, j]]), color="0.5", lw=0.8, zorder=1)
+        ax.scatter(*pts(C), s=12, color="0.8", zorder=0, label="true")
+        ax.scatter(*pts(Y), s=28, c=colours, edgecolors="k", linewidths=0.3, zorder=2, label="PE")
+        ax.set_title(f"{'block ' + str(t) + ': ' if len(tables) > 1 else ''}aligned PE layout, R² {r2:.2f}", fontsize=9)
+        if k == 2:
+            ax.set_aspect("equal")
+            ax.invert_yaxis()  # row 0 at the top, as the grid is drawn
+    axes[0, 0].legend(fontsize=7, loc="best")
+    save_figure(fig, path)
+    return layouts
+
+
+def plot_curves(metrics, path):
+    """Figure 3: training curves: loss, accuracy (or R^2) per split, pe_rsa, PE and token-embedding norms."""
+    it = [m["iter"] for m in metrics]
+    score = "acc" if "test_acc" in metrics[0] else "r2"
+    splits = [k[:-5] for k in metrics[0] if k.endswith("_loss")]
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.2))
+    for s in splits:
+        axes[0].plot(it, [m[f"{s}_loss"] for m in metrics], label=s)
+        axes[1].plot(it, [m.get(f"{s}_{score}") for m in metrics], label=s)
+    axes[0].set_yscale("log")
+    axes[2].plot(it, [m.get("pe_rsa") for m in metrics], label="RSA with distance")
+    if "pe_layout_r2" in metrics[0]:
+        axes[2].plot(it, [m["pe_layout_r2"] for m in metrics], label="layout R²")
+    axes[3].plot(it, [m.get("pe_norm") for m in metrics], label="PE")
+    axes[3].plot(it, [m["tok_norm"] for m in metrics], label="token embedding")
+    for ax, title in zip(axes, ("loss", "accuracy" if score == "acc" else "R²", "PE identifiability", "mean row norm")):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def plot_classes(summary, classes, puzzles, path):
+    """Figure 4 (grid2d): accuracy per complexity class on each split, beside any scored puzzle file
+    and the human accuracy on the original LST items."""
+    splits = [k[:-4] for k in summary if k.endswith("_acc") and not k.startswith("train")]
+    bars = {s: [summary[f"{s}_acc_{c}"] for c in classes] for s in splits}
+    for name, res in puzzles.items():
+        by = {k.lower(): v for k, v in res["by_condition"].items()}
+        if all(c in by for c in classes):
+            bars[name] = [by[c] for c in classes]
+            bars["humans (LST)"] = [HUMAN_LST[c] for c in classes]
+    fig, ax = plt.subplots(figsize=(1.2 + 1.6 * len(classes), 3.2))
+    w = 0.8 / len(bars)
+    for b, (name, v) in enumerate(bars.items()):
+        ax.bar(np.arange(len(classes)) + (b - (len(bars) - 1) / 2) * w, v, w, label=name)
+    ax.set_xticks(range(len(classes)), [c.capitalize() for c in classes])
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
+    save_figure(fig, path)
+    return bars
+
+
+def analyze_run(run_dir):
+    """Every figure of one run and analysis.json with every number plotted; returns that dict."""
+    model, task, args = load_run(run_dir)
+    C = task.coords.numpy()
+    summary = read_json(os.path.join(run_dir, "summary.json"))
+    metrics = read_json(os.path.join(run_dir, "metrics.jsonl"), lines=True)
+    out = {"run": run_dir, "pe": args.pe, "init_std": args.init_std, "coords": C.tolist()}
+    tables = pe_tables(model)
+    if tables is not None:
+        refs = getattr(task, "references", None)
+        out["tables"] = [pe_metrics(t, C, refs) for t in tables]
+        out["similarity"] = plot_similarity(tables, C, os.path.join(run_dir, "pe_similarity.png"))
+        out["layout"] = plot_layout(tables, C, os.path.join(run_dir, "pe_layout.png"))
+        if grid_shape(C):
+            plot_similarity_maps(tables, grid_shape(C), os.path.join(run_dir, "pe_maps.png"))
+    if metrics:
+        plot_curves(metrics, os.path.join(run_dir, "curves.png"))
+        out["curves"] = metrics
+    if summary and task.classes:
+        puzzles = {os.path.basename(p)[8:-5]: read_json(p) for p in sorted(glob.glob(os.path.join(run_dir, "puzzles-*.json")))}
+        out["classes"] = plot_classes(summary, task.classes, puzzles, os.path.join(run_dir, "classes.png"))
+    tasks.atomic_save(json.dumps(out) + "\n", os.path.join(run_dir, "analysis.json"), save=write_text)
+    return out
+
+
+# ----------------------------------------------------------------------------- figures of a sweep
+TITLES = {"test_acc": "iid test accuracy", "ood_acc": "OOD accuracy", "test_r2": "test R²", "ood_r2": "OOD R²",
+          "pe_rsa": "PE identifiability (RSA)"}
+
+
+def sweep_figures(summaries, out_dir):
+    """Figure 5 (the paper's central one): generalisation and pe_rsa against the init std, mean +- s.e.m.
+    over seeds, fixed PEs as horizontal lines; figure 6: generalisation against pe_rsa, one point per run."""
+    score = "acc" if "test_acc" in summaries[0] else "r2"
+    keys = [f"test_{score}", f"ood_{score}", "pe_rsa"]
+    groups = {}
+    for s in summaries:
+        groups.setdefault(label(s), []).append(s)
+    stats = {name: {k: [r[k] for r in runs if r.get(k) is not None] for k in keys} | {"init_std": runs[0]["init_std"], "pe": runs[0]["pe"]}
+             for name, runs in groups.items()}
+    mean_sem = lambda v: (float(np.mean(v)), float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0)  # noqa: E731
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4))
+    fixed = [n for n, g in stats.items() if g["pe"] not in ("learned", "random")]
+    lines = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, k in zip(axes, keys):
+        for kind, marker in (("learned", "o-"), ("random", "s--")):
+            pts = sorted((g["init_std"], *mean_sem(g[k])) for g in stats.values() if g["pe"] == kind and g[k])
+            if pts:
+                x, m, e = map(np.array, zip(*pts))
+                ax.errorbar(x, m, e, fmt=marker, capsize=3, color="k" if kind == "learned" else "0.5", label=kind, ms=4)
+        for c, n in enumerate(fixed):
+            if stats[n][k]:
+                m, e = mean_sem(stats[n][k])
+                ax.axhline(m, color=lines[c % len(lines)], lw=1, label=n)
+                ax.axhspan(m - e, m + e, color=lines[c % len(lines)], alpha=0.15, lw=0)
+        ax.set_xscale("log")
+        sigmas = sorted({g["init_std"] for g in stats.values() if g["pe"] in ("learned", "random")})
+        ax.set_xticks(sigmas, [f"{s:g}" for s in sigmas], minor=False)
+        ax.set_xticks([], minor=True)
+        ax.set_xlabel("init std σ of the PE")
+        ax.set_title(TITLES.get(k, k), fontsize=10)
+    axes[-1].legend(fontsize=7, loc="best")
+    save_figure(fig, os.path.join(out_dir, "sweep_sigma.png"))
+
+    fig, ax = plt.subplots(figsize=(4.6, 3.6))
+    learned = [s for s in summaries if s["pe"] in ("learned", "random") and s.get("pe_rsa") is not None]
+    if learned:
+        sc = ax.scatter([s["pe_rsa"] for s in learned], [s[keys[1]] for s in learned], c=np.log10([max(s["init_std"], 1e-4) for s in learned]),
+                        cmap="plasma", marker="o", edgecolors="k", linewidths=0.3)
+        fig.colorbar(sc, ax=ax, label="log10 σ")
+    for c, n in enumerate(fixed):
+        runs = [r for r in groups[n] if r.get("pe_rsa") is not None]
+        ax.scatter([r["pe_rsa"] for r in runs], [r[keys[1]] for r in runs], marker="^", color=lines[c % len(lines)], label=n)
+    ax.set_xlabel("PE identifiability (RSA with distance)")
+    ax.set_ylabel(TITLES[keys[1]])
+    if fixed:
+        ax.legend(fontsize=7)
+    save_figure(fig, os.path.join(out_dir, "sweep_rsa.png"))
+    sweep = {"keys": keys, "groups": stats, "runs": [{k: s.get(k) for k in ("out_dir", "pe", "init_std", "seed", *keys)} for s in summaries]}
+    tasks.atomic_save(json.dumps(sweep, indent=1) + "\n", os.path.join(out_dir, "sweep.json"), save=write_text)
+    return sweep
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dirs", nargs="+", help="train.py output directories")
+    p.add_argument("paths", nargs="+", help="train.py run directories, or folders of them")
     p.add_argument("--puzzles", help="CSV of LST items (columns puzzles, solutions[, condition]) to score one run on")
     p.add_argument("--table", action="store_true", help="print a markdown table of the runs' summaries")
+    p.add_argument("--out-dir", help="where the sweep figures go (default: the folder of runs given, else the runs' common parent)")
     a = p.parse_args(argv)
     try:
+        runs = find_runs(a.paths)
         if a.table:
-            return print(summary_table(a.run_dirs))
-        if a.puzzles is None or len(a.run_dirs) != 1:
-            raise ValueError("pass one RUN_DIR with --puzzles FILE.csv, or run dirs with --table")
-        run_dir = a.run_dirs[0]
-        model, task, args = load_run(run_dir)
-        if task.name != "grid2d":
-            raise ValueError(f"--puzzles needs a grid2d run, {run_dir} is {task.name}")
-        result = score_puzzles(model, *tasks.load_puzzle_csv(a.puzzles, args.grid_n), args.grid_n)
+            return print(summary_table(runs))
+        if a.puzzles:
+            return score_run(runs, a.puzzles)
+        for run in tqdm(runs, desc="runs", disable=len(runs) < 2):
+            analyze_run(run)
+        summaries = [s for s in (read_json(os.path.join(r, "summary.json")) for r in runs) if s]
+        if len(summaries) > 1:
+            out_dir = a.out_dir or (a.paths[0] if len(a.paths) == 1 else os.path.commonpath([os.path.dirname(os.path.abspath(r)) for r in runs]))
+            sweep_figures(summaries, out_dir)
+            print(f"{len(runs)} runs analysed; sweep figures in {out_dir} ({len(runs) - len(summaries)} unfinished runs left out)")
     except ValueError as e:
         print(f"analyze.py: error: {e}", file=sys.stderr)
         sys.exit(2)
-    line = json.dumps(result)
-    stem = os.path.splitext(os.path.basename(a.puzzles))[0]
-    tasks.atomic_save(line + "\n", os.path.join(run_dir, f"puzzles-{stem}.json"), save=write_text)
+
+
+def score_run(runs, puzzles):
+    """--puzzles: score one grid2d run's checkpoint on a CSV of LST items; print and save the result."""
+    if len(runs) != 1:
+        raise ValueError("--puzzles scores one RUN_DIR")
+    model, task, args = load_run(runs[0])
+    if task.name != "grid2d":
+        raise ValueError(f"--puzzles needs a grid2d run, {runs[0]} is {task.name}")
+    line = json.dumps(score_puzzles(model, *tasks.load_puzzle_csv(puzzles, args.grid_n), args.grid_n))
+    stem = os.path.splitext(os.path.basename(puzzles))[0]
+    tasks.atomic_save(line + "\n", os.path.join(runs[0], f"puzzles-{stem}.json"), save=write_text)
     print(line)
 
 

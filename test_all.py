@@ -320,6 +320,81 @@ def test_rsa_is_high_for_the_grid_sinusoid_and_near_zero_for_noise():
     assert abs(analyze.rsa(torch.randn(36, 64), coords)) < 0.15
 
 
+def random_orthogonal(d, seed=0):
+    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(d, d)))
+    return q  # det = +-1: rotations and reflections alike
+
+
+def disguised(coords, d=32, scale=3.7, seed=0):
+    """The true coordinates padded with zeros to width d, rotated/reflected, scaled and shifted."""
+    C = np.asarray(coords, dtype=np.float64)
+    P = np.concatenate([C, np.zeros((len(C), d - C.shape[1]))], 1)
+    return scale * P @ random_orthogonal(d, seed) + np.random.default_rng(seed + 1).normal(size=d)
+
+
+def test_rsa_is_one_for_an_encoding_whose_similarity_falls_with_distance():
+    coords = tasks.grid_coords(6).double()
+    w = torch.randn(2, 4000, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.4
+    P = torch.cat([(coords @ w).cos(), (coords @ w).sin()], 1)  # random Fourier features: cos sim ~ a Gaussian kernel
+    assert analyze.rsa(P, coords) > 0.97
+    assert analyze.rsa(P, coords, "pearson") > 0.9
+    assert abs(analyze.rsa(torch.randn(36, 64), coords, "pearson")) < 0.15
+
+
+def test_sinusoid_reference_is_the_sinnd_encoding():
+    coords = tasks.grid_coords(3, 5)
+    table = pe_lib.AdditivePE("sinnd", coords, 40, 1).weight[0]
+    assert analyze.rsa_matrix(table, analyze.sinusoid_reference(coords.numpy(), 40)) == pytest.approx(1.0)
+    assert analyze.sinusoid_reference(np.random.rand(10, 3), 160).shape == (10, 10)  # 160 is not a multiple of 6
+
+
+def test_procrustes_is_invariant_to_rotation_reflection_scale_and_shift():
+    X = np.random.default_rng(0).normal(size=(20, 3))
+    for seed in range(4):
+        aligned, r2 = analyze.procrustes(X, 0.3 * X @ random_orthogonal(3, seed) + 5.0)
+        assert r2 == pytest.approx(1.0) and np.allclose(aligned, X)
+    _, r2 = analyze.procrustes(X, np.random.default_rng(9).normal(size=(20, 3)))
+    assert r2 < 0.5
+
+
+@pytest.mark.parametrize("coords", [tasks.grid_coords(10), tasks.grid_coords(3, 7),
+                                    torch.as_tensor(list(itertools.product(range(4), repeat=3)), dtype=torch.float32)])
+def test_geometry_metrics_recover_disguised_coordinates_and_not_noise(coords):
+    C = coords.numpy()
+    P = disguised(C)
+    assert analyze.layout_r2(P, C) == pytest.approx(1.0)
+    assert analyze.neighbour_recovery(P, C) == pytest.approx(1.0)
+    noise = np.random.default_rng(0).normal(size=(len(C), 32))
+    if len(C) >= 64:  # chance levels fall with N
+        assert analyze.layout_r2(noise, C) < 0.15
+        assert analyze.neighbour_recovery(noise, C) < 0.2
+
+
+def test_effective_dimensionality_counts_the_axes():
+    assert analyze.participation_ratio(disguised(tasks.grid_coords(8))) == pytest.approx(2.0)
+    cube = np.array(list(itertools.product(range(4), repeat=3)), dtype=float)
+    assert analyze.participation_ratio(disguised(cube)) == pytest.approx(3.0)
+    assert analyze.participation_ratio(np.random.default_rng(0).normal(size=(5000, 6))) == pytest.approx(6.0, rel=0.05)
+
+
+def test_identifiability_reports_each_block_and_their_mean():
+    coords = tasks.grid_coords(4)
+    model = tiny_model("learned", coords, pe_layers="all")
+    with torch.no_grad():
+        model.pe.weight[1] = torch.as_tensor(disguised(coords.numpy(), d=24), dtype=torch.float32)
+    ident = analyze.identifiability(model, coords, {"self": -analyze.distance_matrix(coords)})
+    assert len(ident["pe_rsa_tables"]) == 2 and ident["pe_rsa"] == pytest.approx(np.mean(ident["pe_rsa_tables"]))
+    per = [analyze.pe_metrics(t, coords.numpy())["layout_r2"] for t in analyze.pe_tables(model)]
+    assert per[1] == pytest.approx(1.0) and ident["pe_layout_r2"] == pytest.approx(np.mean(per))
+    assert ident["pe_rsa_self"] == pytest.approx(ident["pe_rsa"])
+
+
+def test_grid_shape_recognises_row_major_rectangles_only():
+    assert analyze.grid_shape(tasks.grid_coords(3, 5).numpy()) == (3, 5)
+    assert analyze.grid_shape(tasks.grid_coords(4).numpy()[::-1]) is None
+    assert analyze.grid_shape(np.random.rand(9, 2)) is None
+
+
 # ----------------------------------------------------------------------------- train.py end to end
 TINY = ["--n-embd", "16", "--n-layer", "1", "--n-per-class", "40", "--batch-size", "16", "--max-iters", "6",
         "--eval-interval", "2", "--threads", "1"]
@@ -457,4 +532,25 @@ def test_table_groups_seeds_into_one_row(tmp_path, capsys):
     assert f"{np.mean(accs):.1f} ± {np.std(accs):.1f}" in rows[2]
     with pytest.raises(SystemExit) as e:
         analyze.main([str(tmp_path / "0"), str(tmp_path / "nowhere"), "--table"])
+    assert e.value.code == 2
+
+
+def test_analyze_draws_every_figure_of_runs_and_a_sweep(tmp_path, capsys):
+    for name, extra in (("a", ["--init-std", "0.1"]), ("b", ["--init-std", "1"]), ("c", ["--pe", "sinnd"]), ("d", ["--pe", "rope"])):
+        train.main(TINY + ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "sweep" / name), *extra])
+    analyze.main([str(tmp_path / "sweep")])
+    for name in "abc":
+        files = set(os.listdir(tmp_path / "sweep" / name))
+        assert {"pe_similarity.png", "pe_layout.png", "pe_maps.png", "curves.png", "classes.png", "analysis.json"} <= files
+        out = json.load(open(tmp_path / "sweep" / name / "analysis.json"))
+        model, task, _ = analyze.load_run(tmp_path / "sweep" / name)
+        assert out["tables"][0] == pytest.approx(analyze.pe_metrics(analyze.pe_tables(model)[0], task.coords.numpy()))
+    assert "pe_layout.png" not in os.listdir(tmp_path / "sweep" / "d")  # rotary: no table to draw
+    for png in ("sweep_sigma.png", "sweep_rsa.png"):
+        assert open(tmp_path / "sweep" / png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    sweep = json.load(open(tmp_path / "sweep" / "sweep.json"))
+    assert sweep["groups"]["learned σ=1"]["ood_acc"] == [json.load(open(tmp_path / "sweep" / "b" / "summary.json"))["ood_acc"]]
+    assert not any(f.count(".tmp") for _, _, fs in os.walk(tmp_path / "sweep") for f in fs)
+    with pytest.raises(SystemExit) as e:
+        analyze.main([str(tmp_path / "data")])
     assert e.value.code == 2

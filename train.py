@@ -256,9 +256,8 @@ def main(argv=None):
                "seed": args.seed, "data_seed": args.data_seed, "iters": state["iter"], "wall_s": round(state["elapsed"], 1),
                "fitted": m["train_acc"] >= fit_acc, "fit_iter": state["fit_iter"], "n_params": n_params,
                **{k: v for k, v in m.items() if k.endswith("_acc") or "_acc_" in k},
-               "pe_rsa": m["pe_rsa"], "pe_rsa_init": state["pe_rsa_init"],
-               "pe_rsa_delta": None if m["pe_rsa"] is None else m["pe_rsa"] - state["pe_rsa_init"],
-               "pe_rsa_tables": m["pe_rsa_tables"], "pe_norm": m["pe_norm"], "tok_norm": m["tok_norm"], "out_dir": args.out_dir}
+               **{k: v for k, v in m.items() if k.startswith("pe_") or k == "tok_norm"}, "pe_rsa_init": state["pe_rsa_init"],
+               "pe_rsa_delta": None if m["pe_rsa"] is None else m["pe_rsa"] - state["pe_rsa_init"], "out_dir": args.out_dir}
     save_checkpoint()
     tasks.atomic_save(json.dumps(summary, indent=1) + "\n", summary_path, save=analyze.write_text)
     print(json.dumps({k: v for k, v in summary.items() if k.endswith("acc") or k.startswith("pe_rsa") or k in ("iters", "wall_s", "fitted")}))
