@@ -196,6 +196,16 @@ def score_puzzles(model, grids, answers, conditions, n):
     return {"n": int(len(correct)), "acc": float(correct.mean()), "by_condition": by}
 
 
+def run_summary(run_dir):
+    """summary.json of a finished run (None if unfinished), its PE metrics recomputed from the final
+    checkpoint, so runs trained by an older train.py are scored by the same metrics as new ones."""
+    s = read_json(os.path.join(run_dir, "summary.json"))
+    if s is None:
+        return None
+    model, task, _ = load_run(run_dir)
+    return s | identifiability(model, task.coords, getattr(task, "references", None))
+
+
 def label(s):
     """How a run is named in tables and legends: its PE, σ for table PEs, and per-block placement."""
     per_block = s["pe_layers"] == "all" and s["pe"] in pe_lib.ADDITIVE and s["pe"] != "none"
@@ -211,7 +221,7 @@ def summary_table(run_dirs):
     over the runs in it (seeds), and how many of them fitted the training set."""
     groups = {}
     for d in run_dirs:
-        s = read_json(os.path.join(d, "summary.json"))
+        s = run_summary(d)
         if s is None:
             raise ValueError(f"no summary.json in {d} (unfinished run?)")
         groups.setdefault(label(s), []).append(s)
@@ -464,7 +474,7 @@ def main(argv=None):
             return score_run(runs, a.puzzles)
         for run in tqdm(runs, desc="runs", disable=len(runs) < 2):
             analyze_run(run)
-        summaries = [s for s in (read_json(os.path.join(r, "summary.json")) for r in runs) if s]
+        summaries = [s for s in map(run_summary, runs) if s]
         if len(summaries) > 1:
             out_dir = a.out_dir or (a.paths[0] if len(a.paths) == 1 else os.path.commonpath([os.path.dirname(os.path.abspath(r)) for r in runs]))
             sweep_figures(summaries, out_dir)
