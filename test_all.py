@@ -389,6 +389,16 @@ def test_identifiability_reports_each_block_and_their_mean():
     assert ident["pe_rsa_self"] == pytest.approx(ident["pe_rsa"])
 
 
+@pytest.mark.parametrize("coords", [np.arange(6.0)[:, None], np.random.default_rng(0).uniform(size=(20, 3))])
+def test_layout_and_similarity_figures_handle_1d_and_3d_coordinates(tmp_path, coords):
+    tables = np.stack([disguised(coords, d=12), np.random.default_rng(1).normal(size=(len(coords), 12))])
+    layouts = analyze.plot_layout(tables, coords, str(tmp_path / "layout.png"))
+    assert np.allclose(layouts[0], coords)  # the disguised table is recovered exactly
+    assert set(analyze.plot_similarity(tables, coords, str(tmp_path / "sim.png"))) == \
+        {"PE block 0", "PE block 1", "PE, mean of blocks", "sinusoid (sinnd)", "− true distance"}
+    assert sorted(os.listdir(tmp_path)) == ["layout.png", "sim.png"]
+
+
 def test_grid_shape_recognises_row_major_rectangles_only():
     assert analyze.grid_shape(tasks.grid_coords(3, 5).numpy()) == (3, 5)
     assert analyze.grid_shape(tasks.grid_coords(4).numpy()[::-1]) is None
