@@ -212,8 +212,9 @@ def label(s):
     return s["pe"] + (f" σ={s['init_std']:g}" if s["pe"] in ("learned", "random") else "") + (" (all)" if per_block else "")
 
 
-TABLE_COLUMNS = ("iters", "wall_s", "train_acc", "test_acc", "ood_acc", "noise_acc", "test_acc_quaternary",
-                 "pe_rsa", "pe_rsa_delta", "pe_layout_r2", "pe_neighbours", "pe_dim", "pe_norm", "tok_norm")
+TABLE_COLUMNS = ("iters", "wall_s", "train_acc", "test_acc", "ood_acc", "noise_acc", "test_acc_quaternary", "test_mse",
+                 "test_r2", "ood_r2", "pe_rsa", "pe_rsa_coupling", "pe_rsa_fc", "pe_rsa_delta", "pe_layout_r2",
+                 "pe_neighbours", "pe_dim", "pe_norm", "tok_norm")
 
 
 def summary_table(run_dirs):
@@ -233,7 +234,8 @@ def summary_table(run_dirs):
         vals = [[r[c] for r in runs if r.get(c) is not None] for c in columns]
         cells = [f"{np.mean(v):.0f}" if c in ("iters", "wall_s") else cell(v, c.endswith("acc") or "_acc_" in c)
                  for c, v in zip(columns, vals)]
-        lines.append(f"| {name} | {len(runs)} | {sum(r['fitted'] for r in runs)} | " + " | ".join(cells) + " |")
+        fitted = "–" if runs[0]["fitted"] is None else sum(r["fitted"] for r in runs)  # regression has no fit criterion
+        lines.append(f"| {name} | {len(runs)} | {fitted} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -336,10 +338,11 @@ def plot_curves(metrics, path):
     """Figure 3: training curves: loss, accuracy (or R^2) per split, pe_rsa, PE and token-embedding norms."""
     it = [m["iter"] for m in metrics]
     score = "acc" if "test_acc" in metrics[0] else "r2"
-    splits = [k[:-5] for k in metrics[0] if k.endswith("_loss")]
+    loss = "loss" if score == "acc" else "mse"
+    splits = [k[:-len(loss) - 1] for k in metrics[0] if k.endswith("_" + loss)]
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.2))
     for s in splits:
-        axes[0].plot(it, [m[f"{s}_loss"] for m in metrics], label=s)
+        axes[0].plot(it, [m[f"{s}_{loss}"] for m in metrics], label=s)
         axes[1].plot(it, [m.get(f"{s}_{score}") for m in metrics], label=s)
     axes[0].set_yscale("log")
     axes[2].plot(it, [m.get("pe_rsa") for m in metrics], label="RSA with distance")
@@ -347,7 +350,7 @@ def plot_curves(metrics, path):
         axes[2].plot(it, [m["pe_layout_r2"] for m in metrics], label="layout R²")
     axes[3].plot(it, [m.get("pe_norm") for m in metrics], label="PE")
     axes[3].plot(it, [m["tok_norm"] for m in metrics], label="token embedding")
-    for ax, title in zip(axes, ("loss", "accuracy" if score == "acc" else "R²", "PE identifiability", "mean row norm")):
+    for ax, title in zip(axes, ("loss" if score == "acc" else "MSE (hidden tokens)", "accuracy" if score == "acc" else "R²", "PE identifiability", "mean row norm")):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.legend(fontsize=7)

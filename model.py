@@ -21,6 +21,7 @@ class ModelConfig:
     vocab_size: int = 0  # > 0: discrete tokens (integer ids) through an embedding table instead
     n_out: int = 4  # classes (head="cls") or regression targets per token (head="token")
     head: str = "cls"  # cls: classify from the readout token; token: per-token regression
+    masked: bool = False  # masked-token prediction: a learned embedding replaces the tokens a mask hides
     n_layer: int = 4
     n_head: int = 1
     n_embd: int = 160
@@ -86,6 +87,8 @@ class Transformer(nn.Module):
             nn.init.normal_(self.embed.weight, std=cfg.embed_std)
             if not cfg.vocab_size:
                 nn.init.zeros_(self.embed.bias)
+        if cfg.masked:
+            self.mask_embd = nn.Parameter(torch.randn(cfg.n_embd) * 0.02)  # MAE's mask-token init
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd) if cfg.norm == "pre" else nn.Identity()
         self.head = nn.Linear(cfg.n_embd, cfg.n_out)
@@ -94,10 +97,13 @@ class Transformer(nn.Module):
         """(V, d): the vector each input symbol adds to the residual stream (one-hot rows for a linear map)."""
         return self.embed.weight if self.cfg.vocab_size else self.embed.weight.T
 
-    def forward(self, x, readout=None):
+    def forward(self, x, readout=None, mask=None):
         """x: (B, N, in_dim) floats or (B, N) ids. readout: (B,) token index per sample for head='cls'.
+        mask: (B, N) bools, True where the token's content is hidden (needs cfg.masked).
         Returns (B, n_out) logits for 'cls', (B, N, n_out) for 'token'."""
         h = self.embed(x)
+        if mask is not None:  # replaced, not added to: nothing of a hidden token's content gets through
+            h = torch.where(mask[..., None], self.mask_embd.to(h.dtype), h)
         additive = isinstance(self.pe, pe_lib.AdditivePE)
         rotary = self.pe if isinstance(self.pe, pe_lib.Rotary) else None
         bias = self.pe() if isinstance(self.pe, (pe_lib.RelativeBias, pe_lib.ALiBi)) else None

@@ -13,10 +13,27 @@ Splits: train and iid test (90/10, stratified by class) from one generator; ood 
 whose (query position, class) combination never occurs in training (position (r, c) is held out for
 class (r + c) mod n when that is < 3): the rule must transfer to a new place on the grid; noise is
 the iid test set with Gaussian noise added to its one-hot inputs.
+
+network, a nonlinear stochastic rate network (the paper's experiment 2): N nodes at known positions
+(ring: a circle in the plane; grid 2D; lattice 3D; points2d/3d: uniform random), one per unit of
+length/area/volume. Coupling decays with distance d_ij, kernel k(u) = exp(-u^2/2) or exp(-u):
+  W_ij = k(d_ij / L) - a * mean_{l != i} k(d_il / L)  (j != i),  W_ii = 0,  rescaled to spectral radius 1,
+and the rates follow, by Euler-Maruyama with step dt from x(0) ~ N(0, s^2),
+  tau dx = (-x + tanh(g W x + I)) dt + s sqrt(2 tau) dB,
+so s is the stationary std of an uncoupled node. a = 1 balances every node's local excitation with
+global inhibition: without it the uniform mode wins (g < 1: weak correlations; g > 1: one network-wide
+up or down state) and where a node sits would hardly matter. Defaults: 8 x 8 grid, Gaussian, L = 1,
+a = 1, g = 1.5 (the silent state is unstable; tanh saturates and holds the patterns), tau = 1,
+dt = 0.1, s = 0.5, I = 0; each trial drops 100 burn-in steps and keeps a window of 16 steps.
+One token per node: its window of activity. Masked-node prediction: a random quarter of the nodes is
+hidden and their windows are regressed from the rest. Splits: train and iid test (90/10) of 10,000
+trials at g; ood is a tenth as many new trials at another gain (2.0): stronger, more saturated
+coupling; the neighbours still tell, by other amounts. Each split carries fixed masks for evaluation.
 """
 import csv
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -24,7 +41,9 @@ import numpy as np
 import torch
 
 GRID_CLASSES = ("binary", "ternary", "quaternary")
-TASKS = ("grid2d",)
+TASKS = ("grid2d", "network")
+NET_LAYOUTS = {"ring": (64,), "grid": (8, 8), "lattice": (4, 4, 4), "points2d": (64,), "points3d": (64,)}  # default sizes
+NET_KERNELS = ("gaussian", "exponential")
 
 
 @dataclass
@@ -35,7 +54,9 @@ class Task:
     n_out: int  # classes or regression targets per token
     head: str  # "cls" or "token"
     classes: tuple = ()  # names of the puzzle classes, for per-class accuracy
-    splits: dict = field(default_factory=dict)  # name -> {"x", "y", "readout", "cls"}
+    splits: dict = field(default_factory=dict)  # name -> {"x", "y", "readout", "cls"} or {"x", "y", "mask"}
+    references: dict = field(default_factory=dict)  # name -> (N, N) similarity the PE may be compared with
+    mask_frac: float = 0.0  # masked-node prediction: fraction of the tokens hidden in each sample
 
 
 def grid_coords(n_rows, n_cols=None):
@@ -266,8 +287,87 @@ def load_puzzle_csv(path, n):
     return np.array(grids), np.array(answers), conditions
 
 
+# ----------------------------------------------------------------------------- network simulation
+def layout_coords(layout, shape, seed):
+    """(N, k) node positions, one node per unit of length (area, volume): ring = N points on a circle
+    in the plane, spaced by chord 1; grid/lattice = integer points; points2d/3d = uniform in a box."""
+    if layout == "ring":
+        n = shape[0]
+        a = 2 * np.pi * np.arange(n) / n
+        return torch.tensor(np.stack([np.cos(a), np.sin(a)], 1) / (2 * np.sin(np.pi / n)), dtype=torch.float32)
+    if layout in ("grid", "lattice"):
+        axes = torch.meshgrid(*(torch.arange(s) for s in shape), indexing="ij")
+        return torch.stack([a.flatten() for a in axes], 1).float()
+    k = 2 if layout == "points2d" else 3
+    n = shape[0]
+    return torch.tensor(np.random.default_rng(seed).uniform(0, n ** (1 / k), (n, k)), dtype=torch.float32)
+
+
+def coupling(coords, kernel, length, inhibition):
+    """Coupling (N, N): kernel(d_ij / length) minus `inhibition` times the row's mean, no self-coupling,
+    scaled to spectral radius 1. inhibition 1 balances every node's excitation with global inhibition:
+    the uniform mode then has no gain, so activity patterns stay local instead of network-wide."""
+    d = torch.cdist(coords.double(), coords.double()) / length
+    w = torch.exp(-d ** 2 / 2) if kernel == "gaussian" else torch.exp(-d)
+    w.fill_diagonal_(0)
+    w = w - inhibition * w.sum(1, keepdim=True) / (len(w) - 1)
+    w.fill_diagonal_(0)
+    return (w / torch.linalg.eigvals(w).abs().max()).float()
+
+
+def simulate(w, trials, window, gain, tau, dt, noise, drive, burn_in, seed):
+    """Euler-Maruyama on tau dx = (-x + tanh(gain W x + drive)) dt + noise sqrt(2 tau) dB for all trials
+    at once; returns the (trials, N, window) activity recorded at every step after burn_in steps."""
+    g = torch.Generator().manual_seed(seed)
+    x = noise * torch.randn(trials, len(w), generator=g)  # the uncoupled network's stationary spread
+    out = torch.empty(trials, len(w), window)
+    wt, a, s = gain * w.T, dt / tau, noise * math.sqrt(2 * dt / tau)
+    for t in range(burn_in + window):
+        x = x + a * (torch.tanh(x @ wt + drive) - x) + s * torch.randn(x.shape, generator=g)
+        if t >= burn_in:
+            out[:, :, t - burn_in] = x
+    return out
+
+
+def random_mask(n_samples, n_tokens, frac, generator):
+    """(n_samples, n_tokens) bools with exactly max(1, round(frac * n_tokens)) random True per row."""
+    k = max(1, round(frac * n_tokens))
+    return torch.rand(n_samples, n_tokens, generator=generator).argsort(1) < k  # a random k-subset per row
+
+
+def network(layout="grid", shape=None, kernel="gaussian", length=1.0, inhibition=1.0, gain=1.5, tau=1.0, dt=0.1,
+            noise=0.5, drive=0.0, burn_in=100, trials=10000, window=16, mask_frac=0.25, ood_gain=2.0,
+            data_seed=0, data_dir="data", with_data=True):
+    """The network simulation; with_data=False gives the coordinates and coupling without simulating."""
+    shape = tuple(shape or NET_LAYOUTS[layout])
+    coords = layout_coords(layout, shape, data_seed)
+    w = coupling(coords, kernel, length, inhibition)
+    sym = gain * (w + w.T) / 2  # signed, as a similarity: excitation near, inhibition far
+    task = Task("network", coords, window, window, "token", references={"coupling": sym}, mask_frac=mask_frac)
+    if not with_data:
+        return task
+
+    def run(g, n, seed):  # seeds 2 * data_seed (train/test) and 2 * data_seed + 1 (ood) never collide
+        params = {"task": "network", "layout": layout, "shape": list(shape), "kernel": kernel, "length": length,
+                  "inhibition": inhibition, "gain": g, "tau": tau, "dt": dt, "noise": noise, "drive": drive,
+                  "burn_in": burn_in, "trials": n, "window": window, "seed": seed, "version": 1}
+        return cached(params, lambda: simulate(w, n, window, g, tau, dt, noise, drive, burn_in, seed), data_dir)
+
+    act, ood = run(gain, trials, 2 * data_seed), run(ood_gain, trials // 10, 2 * data_seed + 1)
+    n_test = trials // 10
+    gen = torch.Generator().manual_seed(data_seed)  # eval masks: fixed per split
+    split = lambda x: {"x": x, "y": x, "mask": random_mask(len(x), len(coords), mask_frac, gen)}  # noqa: E731
+    task.splits = {"train": split(act[n_test:]), "test": split(act[:n_test]), "ood": split(ood)}
+    return task
+
+
 def get_task(name, args, with_data=True):
     """The task `name` configured from an argparse namespace (or anything with the same attributes)."""
-    if name != "grid2d":
-        raise ValueError(f"unknown task {name!r}; choose from {TASKS}")
-    return grid2d(args.grid_n, args.n_per_class, args.data_seed, args.noise_std, args.data_dir, with_data)
+    if name == "grid2d":
+        return grid2d(args.grid_n, args.n_per_class, args.data_seed, args.noise_std, args.data_dir, with_data)
+    if name == "network":
+        return network(args.net_layout, args.net_shape, args.net_kernel, args.net_length, args.net_inhibition,
+                       args.net_gain, args.net_tau, args.net_dt, args.net_noise, args.net_drive, args.net_burn_in,
+                       args.net_trials, args.net_window, args.net_mask_frac, args.net_ood_gain, args.data_seed,
+                       args.data_dir, with_data)
+    raise ValueError(f"unknown task {name!r}; choose from {TASKS}")

@@ -307,6 +307,118 @@ def test_dataset_is_cached_and_reloads_identically(grid_task, tmp_path):
     assert grid_task.coords.tolist()[:5] == [[0, 0], [0, 1], [0, 2], [0, 3], [1, 0]]
 
 
+# ----------------------------------------------------------------------------- the network simulation
+DEFAULT_PHYSICS = dict(gain=1.5, tau=1.0, dt=0.1, noise=0.5, drive=0.0, burn_in=100)  # tasks.network's defaults
+
+
+def default_activity(layout, trials, window=16, seed=0, **physics):
+    coords = tasks.layout_coords(layout, tasks.NET_LAYOUTS[layout], seed)
+    w = tasks.coupling(coords, "gaussian", 1.0, 1.0)
+    return coords, tasks.simulate(w, trials, window, **(DEFAULT_PHYSICS | physics), seed=seed)
+
+
+@pytest.mark.parametrize("layout", tasks.NET_LAYOUTS)
+def test_layouts_put_nodes_one_spacing_apart_and_coupling_is_balanced(layout):
+    coords = tasks.layout_coords(layout, tasks.NET_LAYOUTS[layout], seed=0)
+    assert coords.shape == (64, {"ring": 2, "grid": 2, "lattice": 3, "points2d": 2, "points3d": 3}[layout])
+    dist = torch.cdist(coords, coords) + 1e9 * torch.eye(64)
+    if layout in ("ring", "grid", "lattice"):
+        assert torch.allclose(dist.min(1).values, torch.ones(64), atol=1e-5)  # nearest neighbour at chord/step 1
+    w = tasks.coupling(coords, "exponential", 1.0, 1.0)
+    assert torch.count_nonzero(w.diagonal()) == 0
+    assert torch.linalg.eigvals(w).abs().max().item() == pytest.approx(1.0, rel=1e-4)
+    assert torch.allclose(w.sum(1), torch.zeros(64), atol=1e-5)  # inhibition 1: every row balanced
+    for i in range(64):  # and never rising with distance from a node (each row has its own inhibition)
+        assert (w[i][dist[i].argsort()][:-1].diff() <= 1e-6).all()  # the last is the node itself (dist 1e9)
+
+
+def test_simulation_is_deterministic_per_seed():
+    a, b, c = (default_activity("points2d", 20, seed=s)[1] for s in (3, 3, 4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(tasks.layout_coords("points3d", (64,), 3), tasks.layout_coords("points3d", (64,), 3))
+
+
+@pytest.mark.parametrize("gain", [1.5, 2.0])
+def test_simulation_is_stable_at_the_defaults(gain):
+    _, x = default_activity("grid", 200, window=64, gain=gain, burn_in=1000)
+    assert torch.isfinite(x).all() and x.abs().max() < 4  # tanh bounds the drive; only noise goes past 1
+    early, late = x[..., :32].std(), x[..., 32:].std()  # stationary: no drift in the spread after burn-in
+    assert late.item() == pytest.approx(early.item(), rel=0.05)
+
+
+@pytest.mark.parametrize("layout", tasks.NET_LAYOUTS)
+def test_activity_correlation_falls_with_distance(layout):
+    coords, x = default_activity(layout, 300)
+    corr = np.corrcoef(x.permute(1, 0, 2).reshape(64, -1).numpy())
+    dist = torch.cdist(coords, coords).numpy()
+    assert analyze.spearman(analyze.upper(corr), analyze.upper(dist)) < -0.5
+
+
+def test_random_mask_hides_exactly_k_tokens_per_row_at_random():
+    m = tasks.random_mask(500, 12, 0.25, torch.Generator().manual_seed(0))
+    assert m.sum(1).eq(3).all()
+    assert m.float().mean(0).sub(0.25).abs().max() < 0.07  # every token hidden about equally often
+    assert tasks.random_mask(5, 12, 0.01, torch.Generator()).sum(1).eq(1).all()  # at least one
+
+
+@pytest.fixture(scope="module")
+def net_task(tmp_path_factory):
+    return tasks.network("lattice", (3, 3, 2), trials=40, window=5, data_dir=str(tmp_path_factory.mktemp("data")))
+
+
+def test_network_splits_masks_references_and_cache(net_task, tmp_path):
+    s = net_task.splits
+    assert {k: tuple(v["x"].shape) for k, v in s.items()} == {"train": (36, 18, 5), "test": (4, 18, 5), "ood": (4, 18, 5)}
+    assert all(v["y"] is v["x"] and v["mask"].sum(1).eq(4).all() for v in s.values())  # round(0.25 * 18) hidden
+    assert not torch.equal(s["test"]["x"], s["ood"]["x"][:4])
+    assert net_task.coords.shape == (18, 3) and net_task.head == "token" and net_task.in_dim == net_task.n_out == 5
+    assert net_task.references["coupling"].shape == (18, 18) and tasks.grid2d(with_data=False).references == {}
+    again = tasks.network("lattice", (3, 3, 2), trials=40, window=5, data_dir=str(tmp_path))
+    assert sorted(f.split("-")[0] for f in os.listdir(tmp_path)) == ["network", "network"]  # train/test and ood
+    for k in s:  # same data, same fixed eval masks, whether simulated or loaded from the cache
+        assert torch.equal(again.splits[k]["x"], s[k]["x"]) and torch.equal(again.splits[k]["mask"], s[k]["mask"])
+    ood = tasks.network("lattice", (3, 3, 2), trials=40, window=5, ood_gain=1.0, data_dir=str(tmp_path))
+    assert len(os.listdir(tmp_path)) == 3 and torch.equal(ood.splits["train"]["x"], s["train"]["x"])
+
+
+@pytest.mark.parametrize("kind", ["learned", "sinnd", "relative", "rope"])
+def test_hidden_tokens_content_cannot_reach_the_output(kind):
+    coords = tasks.grid_coords(3, 4)
+    model = tiny_model(kind, coords, masked=True)
+    x = torch.randn(4, 12, 3, requires_grad=True)
+    mask = tasks.random_mask(4, 12, 0.25, torch.Generator().manual_seed(0))
+    out = train.predict(model, {"x": x, "mask": mask}, "cpu")
+    out.sum().backward()
+    assert torch.count_nonzero(x.grad[mask]) == 0 and torch.count_nonzero(x.grad[~mask]) > 0
+    x2 = torch.where(mask[..., None], 1e6 * torch.randn(4, 12, 3), x.detach())
+    assert torch.equal(train.predict(model, {"x": x2, "mask": mask}, "cpu"), out)
+
+
+def test_without_a_pe_every_hidden_node_gets_the_same_prediction():
+    model = tiny_model("none", tasks.grid_coords(3, 4), masked=True)
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    mask[:, [1, 5, 10]] = True
+    out = model(torch.randn(2, 12, 3), mask=mask)[mask].view(2, 3, 2)
+    assert torch.allclose(out, out[:, :1].expand_as(out), atol=1e-5)  # nothing tells them apart
+
+
+def test_r2_is_one_for_the_truth_and_zero_for_the_hidden_targets_mean(net_task):
+    class Constant(torch.nn.Module):  # predicts the input itself (the truth), or a constant
+        def __init__(self, value=None):
+            super().__init__()
+            self.value = value
+
+        def forward(self, x, readout=None, mask=None):
+            return x if self.value is None else torch.full_like(x, self.value)
+
+    truth = train.evaluate(Constant(), net_task, "cpu")
+    assert truth["test_r2"] == 1.0 and truth["test_mse"] == 0.0
+    hidden = net_task.splits["test"]["y"][net_task.splits["test"]["mask"]]
+    mean = train.evaluate(Constant(hidden.mean().item()), net_task, "cpu")
+    assert mean["test_r2"] == pytest.approx(0.0, abs=1e-5)
+    assert mean["test_mse"] == pytest.approx(hidden.var(unbiased=False).item(), rel=1e-4)
+
+
 # ----------------------------------------------------------------------------- metrics
 def test_spearman_matches_scipy_with_ties():
     rng = np.random.default_rng(0)
@@ -410,8 +522,41 @@ TINY = ["--n-embd", "16", "--n-layer", "1", "--n-per-class", "40", "--batch-size
         "--eval-interval", "2", "--threads", "1"]
 
 
+NET_TINY = ["--task", "network", "--net-trials", "40", "--net-window", "4", "--net-burn-in", "10"]
+
+
 def run_train(tmp_path, *extra):
     return train.main(TINY + ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "run"), *extra])
+
+
+@pytest.mark.parametrize("layout", tasks.NET_LAYOUTS)
+def test_tiny_network_run_works_for_every_layout(tmp_path, layout):
+    summary = run_train(tmp_path, *NET_TINY, "--net-layout", layout)
+    for key in ("train_r2", "test_r2", "ood_r2", "test_mse", "ood_mse", "pe_rsa", "pe_rsa_init"):
+        assert math.isfinite(summary[key]), key
+    assert summary["fitted"] is None and summary["fit_iter"] is None and "test_acc" not in summary
+    assert json.load(open(tmp_path / "run" / "summary.json")) == summary
+    model, task, _ = analyze.load_run(tmp_path / "run")
+    assert model.cfg.masked and model.cfg.n_embd == 16 and task.coords.shape[0] == 64
+
+
+def test_task_defaults_apply_unless_a_flag_or_preset_says_otherwise():
+    assert (train.get_args([]).n_embd, train.get_args([]).lr) == (160, 3e-4)
+    net = train.get_args(["--task", "network"])
+    assert (net.n_embd, net.lr, net.max_iters, net.net_shape) == (64, 1e-3, 2000, [8, 8])
+    assert net.out_dir == os.path.join("out", "network-grid-learned-0.02-s0")
+    assert train.get_args(["--task", "network", "--n-embd", "32"]).n_embd == 32
+    assert train.get_args(["--task", "network", "--net-layout", "lattice"]).net_shape == [4, 4, 4]
+    paper = train.get_args(["--task", "network", "--preset", "paper"])
+    assert (paper.n_embd, paper.lr, paper.pe_layers) == (64, 1e-4, "all")
+    assert train.get_args(["--preset", "paper"]).n_embd == 160
+
+
+def test_training_masks_are_a_pure_function_of_seed_and_step(net_task):
+    args = train.get_args(["--task", "network"])
+    masks = [train.batch_mask(it, 16, net_task, args) for it in (7, 7, 8)]
+    assert torch.equal(masks[0], masks[1]) and not torch.equal(masks[0], masks[2])
+    assert masks[0].sum(1).eq(4).all()
 
 
 def test_tiny_train_run_writes_checkpoint_metrics_and_summary(tmp_path):
@@ -433,8 +578,9 @@ def test_stop_on_fit_records_the_fit(tmp_path):
     assert summary["iters"] == 2 and summary["fitted"] and summary["fit_iter"] == 0
 
 
-def test_resume_reaches_the_same_result_as_an_uninterrupted_run(tmp_path, monkeypatch):
-    whole = run_train(tmp_path / "a")
+@pytest.mark.parametrize("task", [[], NET_TINY])
+def test_resume_reaches_the_same_result_as_an_uninterrupted_run(tmp_path, monkeypatch, task):
+    whole = run_train(tmp_path / "a", *task)
     calls = {"n": 0}
     real = analyze.identifiability
 
@@ -446,14 +592,14 @@ def test_resume_reaches_the_same_result_as_an_uninterrupted_run(tmp_path, monkey
 
     monkeypatch.setattr(analyze, "identifiability", interrupt_at_step_6)
     with pytest.raises(KeyboardInterrupt):
-        run_train(tmp_path / "b")
+        run_train(tmp_path / "b", *task)
     monkeypatch.setattr(analyze, "identifiability", real)
     assert not (tmp_path / "b" / "run" / "summary.json").exists()
-    resumed = run_train(tmp_path / "b", "--resume")
+    resumed = run_train(tmp_path / "b", *task, "--resume")
     drop = ("wall_s", "out_dir")
     assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in whole.items() if k not in drop}
     assert len(open(tmp_path / "b" / "run" / "metrics.jsonl").readlines()) == 4
-    assert run_train(tmp_path / "b", "--resume") == json.load(open(tmp_path / "b" / "run" / "summary.json"))
+    assert run_train(tmp_path / "b", *task, "--resume") == json.load(open(tmp_path / "b" / "run" / "summary.json"))
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -463,6 +609,15 @@ def test_resume_reaches_the_same_result_as_an_uninterrupted_run(tmp_path, monkey
     (["--pe", "sinnd", "--n-embd", "18"], "divisible by 4"),
     (["--pe", "ropend", "--n-embd", "18"], "divisible by 4"),
     (["--n-head", "3"], "divisible by n_head"),
+    (NET_TINY + ["--net-layout", "torus"], "invalid choice"),
+    (NET_TINY + ["--net-layout", "lattice", "--net-shape", "4", "4"], "--net-shape for lattice takes 3"),
+    (NET_TINY + ["--net-shape", "1", "3"], "making >= 4 nodes"),
+    (NET_TINY + ["--net-gain", "-1"], "--net-gain must be >= 0"),
+    (NET_TINY + ["--net-length", "0"], "--net-length must be > 0"),
+    (NET_TINY + ["--net-dt", "2"], "--net-dt must be in (0, --net-tau]"),
+    (NET_TINY + ["--net-trials", "5"], "--net-trials must be >= 10"),
+    (NET_TINY + ["--net-mask-frac", "0.999"], "--net-mask-frac must hide some of the 64 nodes"),
+    (NET_TINY + ["--stop-train-acc", "0.9"], "needs a classification task"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)
@@ -564,3 +719,17 @@ def test_analyze_draws_every_figure_of_runs_and_a_sweep(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         analyze.main([str(tmp_path / "data")])
     assert e.value.code == 2
+
+
+def test_analyze_and_table_on_network_runs(tmp_path, capsys):
+    for name, extra in (("a", ["--net-layout", "lattice", "--n-embd", "24"]), ("b", ["--net-layout", "lattice", "--n-embd", "24", "--seed", "1"])):
+        train.main(TINY + NET_TINY + ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "sweep" / name), *extra])
+    analyze.main([str(tmp_path / "sweep")])
+    out = json.load(open(tmp_path / "sweep" / "a" / "analysis.json"))
+    assert "rsa_coupling" in out["tables"][0] and len(out["layout"][0][0]) == 3  # a 3D layout
+    assert {"pe_layout.png", "curves.png"} <= set(os.listdir(tmp_path / "sweep" / "a"))
+    assert json.load(open(tmp_path / "sweep" / "sweep.json"))["keys"] == ["test_r2", "ood_r2", "pe_rsa"]
+    capsys.readouterr()
+    analyze.main([str(tmp_path / "sweep" / "a"), str(tmp_path / "sweep" / "b"), "--table"])
+    row = capsys.readouterr().out.strip().splitlines()[2]
+    assert row.startswith("| learned σ=0.02 | 2 | – |") and row.count("±") >= 5

@@ -2,6 +2,7 @@
 Train one transformer with one positional encoding on one task, and measure what its PE learned.
 
     python train.py --task grid2d --pe learned --init-std 0.02
+    python train.py --task network --net-layout lattice --pe learned --init-std 0.02
 
 Writes OUT_DIR/ckpt.pt (atomically, at every eval), metrics.jsonl (a line per eval) and summary.json
 (at the end). --resume continues an interrupted run to the same result; finished runs are skipped.
@@ -25,9 +26,13 @@ import tasks
 from model import ModelConfig, Transformer
 
 # The paper's reference recipe: PE in every block, PyTorch-default token embedding, lr 1e-4 constant,
-# batch 128, 4,000 epochs of 8,100 puzzles.
-PRESETS = {"paper": dict(n_layer=4, n_head=1, n_embd=160, norm="post", pe_layers="all", embed_std=None, lr=1e-4, min_lr_ratio=1.0,
+# batch 128, 4,000 epochs of 8,100 puzzles (the width is the task's: d = 160 for grid2d, 64 for network).
+PRESETS = {"paper": dict(n_layer=4, n_head=1, norm="post", pe_layers="all", embed_std=None, lr=1e-4, min_lr_ratio=1.0,
                          weight_decay=0.0, batch_size=128, max_iters=253_000, eval_interval=2_000)}
+# Defaults that differ by task (the flags' own defaults are grid2d's). network: the paper's d = 64; at lr 3e-4
+# a sigma = 0.02 PE was still at test R^2 0.01 after 800 steps, at 1e-3 it left the plateau by step 400.
+TASK_DEFAULTS = {"network": dict(n_embd=64, lr=1e-3, max_iters=2000)}
+MASK_SEEDS = 2**40  # offsets the training masks' seeds from batch_indices' epoch seeds
 RUNTIME_ARGS = ("resume", "force", "device", "compile", "dtype", "threads", "out_dir", "data_dir")
 
 
@@ -45,6 +50,23 @@ def get_args(argv=None):
     g.add_argument("--grid-n", type=int, default=4, help="grid2d: side of the Latin square (4, 5, 6)")
     g.add_argument("--n-per-class", type=int, default=4000, help="grid2d: puzzles generated per complexity class")
     g.add_argument("--noise-std", type=float, default=0.2, help="grid2d: std of the Gaussian noise on the noise test's one-hot inputs")
+    g.add_argument("--net-layout", default="grid", choices=tuple(tasks.NET_LAYOUTS), help="network: where the nodes sit (ring 1D, grid 2D, lattice 3D, random points2d/points3d)")
+    g.add_argument("--net-shape", type=int, nargs="+", default=None,
+                   help="network: nodes per axis (grid: ROWS COLS; lattice: three sizes) or the node count (ring, points2d/3d)"
+                        f"; when not given: {', '.join(f'{k} {list(v)}' for k, v in tasks.NET_LAYOUTS.items())}")
+    g.add_argument("--net-kernel", default="gaussian", choices=tasks.NET_KERNELS, help="network: coupling decay with distance d, exp(-d^2/2L^2) or exp(-d/L)")
+    g.add_argument("--net-length", type=float, default=1.0, help="network: kernel length L, in node spacings")
+    g.add_argument("--net-inhibition", type=float, default=1.0, help="network: global inhibition, a fraction of each node's mean excitation (1 = balanced, 0 = none)")
+    g.add_argument("--net-gain", type=float, default=1.5, help="network: coupling gain g, the spectral radius of the coupling")
+    g.add_argument("--net-tau", type=float, default=1.0, help="network: time constant tau")
+    g.add_argument("--net-dt", type=float, default=0.1, help="network: Euler-Maruyama step, also the sampling interval")
+    g.add_argument("--net-noise", type=float, default=0.5, help="network: noise sigma (the stationary std of an uncoupled node)")
+    g.add_argument("--net-drive", type=float, default=0.0, help="network: constant input I inside the tanh")
+    g.add_argument("--net-burn-in", type=int, default=100, help="network: steps simulated and dropped before the window")
+    g.add_argument("--net-trials", type=int, default=10000, help="network: independent trials at --net-gain (90/10 train/test); the ood split has a tenth as many")
+    g.add_argument("--net-window", type=int, default=16, help="network: steps of activity per token")
+    g.add_argument("--net-mask-frac", type=float, default=0.25, help="network: fraction of the nodes hidden in each sample")
+    g.add_argument("--net-ood-gain", type=float, default=2.0, help="network: coupling gain of the ood split")
     g.add_argument("--data-seed", type=int, default=0, help="seed of the generated dataset and its splits")
     g.add_argument("--data-dir", default="data", help="cache of generated datasets")
     g = p.add_argument_group("positional encoding")
@@ -56,19 +78,19 @@ def get_args(argv=None):
     g = p.add_argument_group("model")
     g.add_argument("--n-layer", type=int, default=4, help="transformer blocks")
     g.add_argument("--n-head", type=int, default=1, help="attention heads (the paper: 1)")
-    g.add_argument("--n-embd", type=int, default=160, help="model width d")
+    g.add_argument("--n-embd", type=int, default=160, help="model width d (network: 64)")
     g.add_argument("--norm", default="post", choices=("post", "pre"), help="LayerNorm after (paper) or before each sublayer")
     g.add_argument("--dropout", type=float, default=0.0, help="dropout on attention and MLP outputs")
     g.add_argument("--embed-std", type=lambda s: None if s == "torch" else float(s), default=0.02,
                    help="init std of the token embedding (nanoGPT's 0.02), or 'torch' for PyTorch's default (row norm ~3.2 at d=160, the paper's)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=3e-4, help="AdamW peak learning rate")
+    g.add_argument("--lr", type=float, default=3e-4, help="AdamW peak learning rate (network: 1e-3)")
     g.add_argument("--warmup-iters", type=int, default=0, help="linear warm-up steps before the cosine decay")
     g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay over --max-iters to lr * this (1 = constant)")
     g.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.999], help="AdamW beta1 beta2")
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay of the other weight matrices (token embedding included)")
     g.add_argument("--batch-size", type=int, default=128)
-    g.add_argument("--max-iters", type=int, default=2500, help="training steps (the cap when --stop-train-acc is set)")
+    g.add_argument("--max-iters", type=int, default=2500, help="training steps (the cap when --stop-train-acc is set; network: 2000)")
     g.add_argument("--stop-train-acc", type=float, default=None, help="stop at the first eval whose training accuracy reaches this (e.g. 0.999)")
     g.add_argument("--eval-interval", type=int, default=250, help="steps between evals and checkpoints")
     g.add_argument("--seed", type=int, default=0, help="seed of the model's init and the data order")
@@ -82,8 +104,9 @@ def get_args(argv=None):
     g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="autocast dtype (auto: bf16 on CUDA, fp32 elsewhere)")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default; use 1 per process in sweeps)")
     args = p.parse_args(argv)
-    if args.preset:  # preset values become the defaults, so explicit flags still win
-        p.set_defaults(**PRESETS[args.preset])
+    defaults = {**TASK_DEFAULTS.get(args.task, {}), **PRESETS.get(args.preset, {})}
+    if defaults:  # the task's, then a preset's values become the defaults, so explicit flags still win
+        p.set_defaults(**defaults)
         args = p.parse_args(argv)
     for name in ("init_std", "lr", "weight_decay", "pe_weight_decay", "noise_std", "dropout"):
         if getattr(args, name) < 0:
@@ -93,10 +116,35 @@ def get_args(argv=None):
             die(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.task == "grid2d" and args.grid_n < 3:
         die(f"--grid-n must be >= 3, got {args.grid_n}")
+    if args.task == "network":
+        check_network(args)
     if args.out_dir is None:
         sigma = f"-{args.init_std:g}" if args.pe in ("learned", "random") else ""
-        args.out_dir = os.path.join("out", f"{args.task}-{args.pe}{sigma}-s{args.seed}")
+        name = f"network-{args.net_layout}" if args.task == "network" else args.task
+        args.out_dir = os.path.join("out", f"{name}-{args.pe}{sigma}-s{args.seed}")
     return args
+
+
+def check_network(args):
+    """Resolve the layout's default size and refuse a network that cannot be simulated or masked."""
+    args.net_shape = args.net_shape or list(tasks.NET_LAYOUTS[args.net_layout])
+    n_axes, n = len(tasks.NET_LAYOUTS[args.net_layout]), math.prod(args.net_shape)
+    if len(args.net_shape) != n_axes or min(args.net_shape) < 1 or n < 4:
+        die(f"--net-shape for {args.net_layout} takes {n_axes} size(s) >= 1 making >= 4 nodes, got {args.net_shape}")
+    for name in ("net_length", "net_tau"):
+        if getattr(args, name) <= 0:
+            die(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    for name in ("net_gain", "net_ood_gain", "net_noise", "net_inhibition", "net_burn_in"):
+        if getattr(args, name) < 0:
+            die(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not 0 < args.net_dt <= args.net_tau:
+        die(f"--net-dt must be in (0, --net-tau], got {args.net_dt}")
+    if args.net_trials < 10 or args.net_window < 1:
+        die(f"--net-trials must be >= 10 and --net-window >= 1, got {args.net_trials} and {args.net_window}")
+    if not 0 < args.net_mask_frac < 1 or round(args.net_mask_frac * n) >= n:
+        die(f"--net-mask-frac must hide some of the {n} nodes and leave one visible, got {args.net_mask_frac}")
+    if args.stop_train_acc is not None:
+        die("--stop-train-acc needs a classification task; network is a regression")
 
 
 def lr_at(it, args):
@@ -116,16 +164,43 @@ def batch_indices(it, n, args):
     return perm[j * args.batch_size:(j + 1) * args.batch_size]
 
 
+def batch_mask(it, n, task, args):
+    """The tokens hidden in step `it`'s batch: fresh every step, a pure function of (seed, step) like
+    the batch itself, so a resumed run hides the same ones."""
+    gen = torch.Generator().manual_seed(MASK_SEEDS + args.seed * 1_000_003 + it)
+    return tasks.random_mask(n, len(task.coords), task.mask_frac, gen)
+
+
+def predict(model, batch, device):
+    """The model on a batch dict: classification reads its 'readout' token, masked prediction its 'mask'."""
+    get = lambda k: batch[k].to(device) if k in batch else None  # noqa: E731
+    return model(get("x"), get("readout"), get("mask"))
+
+
+def loss_fn(out, batch, head):
+    """Cross-entropy of the classifier, or the MSE over the hidden tokens only (the rest are given)."""
+    if head == "cls":
+        return F.cross_entropy(out, batch["y"])
+    return F.mse_loss(out[batch["mask"]], batch["y"][batch["mask"]])
+
+
 @torch.no_grad()
 def evaluate(model, task, device, batch_size=1024):
-    """Loss and accuracy on every split, with accuracy per class."""
+    """Every split: loss and accuracy, with accuracy per class, of a classifier; MSE and R^2 (1 - SSE/SST,
+    SST around the targets' mean) over the hidden tokens, with the split's fixed masks, of masked prediction."""
     model.eval()
     out = {}
     for name, s in task.splits.items():
-        logits = torch.cat([model(s["x"][i:i + batch_size].to(device), s["readout"][i:i + batch_size].to(device)).float()
-                            for i in range(0, len(s["y"]), batch_size)]).cpu()
-        correct = (logits.argmax(1) == s["y"]).float()
-        out[f"{name}_loss"] = F.cross_entropy(logits, s["y"]).item()
+        pred = torch.cat([predict(model, {k: v[i:i + batch_size] for k, v in s.items()}, device).float()
+                          for i in range(0, len(s["y"]), batch_size)]).cpu()
+        if task.head == "token":
+            p, y = pred[s["mask"]], s["y"][s["mask"]]
+            sse = ((p - y) ** 2).sum()
+            out[f"{name}_mse"] = (sse / y.numel()).item()
+            out[f"{name}_r2"] = (1 - sse / ((y - y.mean()) ** 2).sum()).item()
+            continue
+        correct = (pred.argmax(1) == s["y"]).float()
+        out[f"{name}_loss"] = F.cross_entropy(pred, s["y"]).item()
         out[f"{name}_acc"] = correct.mean().item()
         for k, cls in enumerate(task.classes):
             out[f"{name}_acc_{cls}"] = correct[s["cls"] == k].mean().item()
@@ -165,7 +240,7 @@ def main(argv=None):
 
     # validate everything before a single file is written
     task = tasks.get_task(args.task, args, with_data=False)
-    cfg = ModelConfig(n_tokens=len(task.coords), in_dim=task.in_dim, n_out=task.n_out, head=task.head,
+    cfg = ModelConfig(n_tokens=len(task.coords), in_dim=task.in_dim, n_out=task.n_out, head=task.head, masked=task.head == "token",
                       n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
                       norm=args.norm, embed_std=args.embed_std, pe=args.pe, pe_layers=args.pe_layers,
                       init=args.init, init_std=args.init_std)
@@ -183,7 +258,7 @@ def main(argv=None):
     task = tasks.get_task(args.task, args)
     model.to(device)
     optimizer = torch.optim.AdamW(model.param_groups(args.weight_decay, args.pe_weight_decay), lr=args.lr, betas=tuple(args.betas))
-    ident0 = analyze.identifiability(model, task.coords)
+    ident0 = analyze.identifiability(model, task.coords, task.references)
     state = {"iter": 0, "elapsed": 0.0, "pe_rsa_init": ident0["pe_rsa"], "fit_iter": None}
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -206,6 +281,8 @@ def main(argv=None):
     fwd = torch.compile(model) if use_compile else model
     train = task.splits["train"]
     fit_acc = args.stop_train_acc if args.stop_train_acc is not None else 0.999
+    fitted = lambda m: m["train_acc"] >= fit_acc if task.head == "cls" else None  # noqa: E731  regression has no fit criterion
+    key = "acc" if task.head == "cls" else "r2"  # the headline metric per split
 
     def save_checkpoint():
         tasks.atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_config": asdict(cfg),
@@ -216,10 +293,10 @@ def main(argv=None):
         with ctx:
             m = evaluate(fwd, task, device)
         m.update({"iter": state["iter"], "lr": lr_at(state["iter"], args), "elapsed": state["elapsed"]},
-                 **analyze.identifiability(model, task.coords))
+                 **analyze.identifiability(model, task.coords, task.references))
         with open(metrics_path, "a") as f:
             f.write(json.dumps(m) + "\n")
-        if state["fit_iter"] is None and m["train_acc"] >= fit_acc:
+        if state["fit_iter"] is None and fitted(m):
             state["fit_iter"] = state["iter"]
         return m
 
@@ -228,24 +305,27 @@ def main(argv=None):
     m = run_eval() if state["iter"] == 0 else None
     while state["iter"] < args.max_iters:
         idx = batch_indices(state["iter"], len(train["y"]), args)
-        x, y, r = train["x"][idx].to(device), train["y"][idx].to(device), train["readout"][idx].to(device)
+        batch = {k: v[idx].to(device) for k, v in train.items()}
+        if task.head == "token":
+            batch["mask"] = batch_mask(state["iter"], len(idx), task, args).to(device)
         for g in optimizer.param_groups:
             g["lr"] = lr_at(state["iter"], args)
         with ctx:
-            logits = fwd(x, r)
-            loss = F.cross_entropy(logits.float(), y)
+            out = predict(fwd, batch, device).float()
+            loss = loss_fn(out, batch, task.head)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         state["iter"] += 1
         bar.update(1)
         if state["iter"] % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}", acc=f"{(logits.argmax(1) == y).float().mean().item():.3f}")
+            acc = {"acc": f"{(out.argmax(1) == batch['y']).float().mean().item():.3f}"} if task.head == "cls" else {}
+            bar.set_postfix(loss=f"{loss.item():.4f}", **acc)
         if state["iter"] % args.eval_interval == 0 or state["iter"] == args.max_iters:
             state["elapsed"] = time.time() - t0
             m = run_eval()
-            tqdm.write(f"step {state['iter']}: train {m['train_acc']:.4f} test {m['test_acc']:.4f} ood {m['ood_acc']:.4f} "
-                       f"noise {m['noise_acc']:.4f} pe_rsa {m['pe_rsa'] if m['pe_rsa'] is None else round(m['pe_rsa'], 3)}")
+            tqdm.write(f"step {state['iter']}: " + " ".join(f"{s} {m[f'{s}_{key}']:.4f}" for s in task.splits) +
+                       f" pe_rsa {m['pe_rsa'] if m['pe_rsa'] is None else round(m['pe_rsa'], 3)}")
             save_checkpoint()
             if args.stop_train_acc is not None and m["train_acc"] >= args.stop_train_acc:
                 break
@@ -254,13 +334,13 @@ def main(argv=None):
     state["elapsed"] = time.time() - t0
     summary = {"task": args.task, "pe": args.pe, "init": args.init, "init_std": args.init_std, "pe_layers": args.pe_layers,
                "seed": args.seed, "data_seed": args.data_seed, "iters": state["iter"], "wall_s": round(state["elapsed"], 1),
-               "fitted": m["train_acc"] >= fit_acc, "fit_iter": state["fit_iter"], "n_params": n_params,
-               **{k: v for k, v in m.items() if k.endswith("_acc") or "_acc_" in k},
+               "fitted": fitted(m), "fit_iter": state["fit_iter"], "n_params": n_params,
+               **{k: v for k, v in m.items() if k.endswith(("_acc", "_mse", "_r2")) or "_acc_" in k},
                **{k: v for k, v in m.items() if k.startswith("pe_") or k == "tok_norm"}, "pe_rsa_init": state["pe_rsa_init"],
                "pe_rsa_delta": None if m["pe_rsa"] is None else m["pe_rsa"] - state["pe_rsa_init"], "out_dir": args.out_dir}
     save_checkpoint()
     tasks.atomic_save(json.dumps(summary, indent=1) + "\n", summary_path, save=analyze.write_text)
-    print(json.dumps({k: v for k, v in summary.items() if k.endswith("acc") or k.startswith("pe_rsa") or k in ("iters", "wall_s", "fitted")}))
+    print(json.dumps({k: v for k, v in summary.items() if k.endswith(("acc", "_r2")) or k.startswith("pe_rsa") or k in ("iters", "wall_s", "fitted")}))
     return summary
 
 
