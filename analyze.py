@@ -51,11 +51,53 @@ def spearman(a, b):
     return pearson(rank(a), rank(b))
 
 
+def rsa_matrix(P, S):
+    """Spearman correlation between the upper triangles of the PE's cosine similarities and a reference
+    similarity S (N, N): second-order similarity, as the paper compares representations."""
+    return spearman(upper(cosine_matrix(P)), upper(np.asarray(S, dtype=np.float64)))
+
+
 def rsa(P, C):
-    """Spearman correlation between the PE's pairwise cosine similarities and the negative true
-    distances (upper triangles): 1 when nearer tokens always have more similar encodings."""
+    """RSA against the negative true distances: 1 when nearer tokens always have more similar encodings."""
     dist = torch.cdist(torch.as_tensor(C, dtype=torch.float64), torch.as_tensor(C, dtype=torch.float64)).numpy()
-    return spearman(upper(cosine_matrix(P)), -upper(dist))
+    return rsa_matrix(P, -dist)
+
+
+def twin_rank(S, twins):
+    """Homotopy: the rank of each region's left/right twin among the N - 1 other regions by similarity
+    S (N, N), 1 = most similar, ties shared; the mean over both directions of the (M, 2) twin pairs.
+    1 when every region's twin is its most similar region; N/2 on average when S knows nothing of twins."""
+    S = np.array(S, dtype=np.float64)
+    np.fill_diagonal(S, -np.inf)
+    i, j = np.asarray(twins).T
+    a, b = np.concatenate([i, j]), np.concatenate([j, i])
+    twin = S[a, b][:, None]
+    return float(np.mean(1 + (S[a] > twin).sum(1) + ((S[a] == twin).sum(1) - 1) / 2))
+
+
+def modularity(S):
+    """Newman's modularity Q of the graph weighted by the positive part of S (N, N) off the diagonal, for
+    the partition found by splitting along the leading eigenvector of the modularity matrix until no split
+    raises Q (Newman 2006, PNAS). Returns (Q, community of each node): ~0 for no community structure,
+    1 - 1/K for K equal, disconnected cliques."""
+    A = np.clip(np.array(S, dtype=np.float64), 0, None)
+    np.fill_diagonal(A, 0)
+    labels = np.zeros(len(A), dtype=int)
+    if A.sum() == 0:
+        return 0.0, labels
+    A /= A.sum()  # Q is scale-free; total weight 1 keeps the tolerance below meaningful
+    k = A.sum(1)
+    B = A - np.outer(k, k)
+    todo = [np.arange(len(A))]
+    while todo:
+        g = todo.pop()
+        Bg = B[np.ix_(g, g)] - np.diag(B[np.ix_(g, g)].sum(1))  # the modularity matrix of a subgroup
+        s = np.where(np.linalg.eigh(Bg)[1][:, -1] >= 0, 1.0, -1.0)
+        if abs(s.sum()) == len(g) or s @ Bg @ s <= 1e-10:  # no split, or one that would not raise Q
+            continue
+        labels[g[s < 0]] = labels.max() + 1
+        todo += [g[s > 0], g[s < 0]]
+    return float((B * (labels[:, None] == labels[None])).sum()), labels
 
 
 def pe_tables(model):
@@ -63,15 +105,28 @@ def pe_tables(model):
     return model.pe.weight.detach().float().cpu().numpy() if isinstance(model.pe, pe_lib.AdditivePE) else None
 
 
-def identifiability(model, coords):
-    """pe_rsa per table and their mean, and the mean PE row norm against the token embedding's."""
+def pe_metrics(P, C, references=None, twins=None):
+    """The metrics of one PE table P (N, d): RSA against the true coordinates and against each named
+    reference similarity (a task's coupling, functional connectivity), the mean row norm, and where the
+    task has left/right twins (brain layouts) the twin rank and the modularity of P's cosine similarities."""
+    out = {"rsa": rsa(P, C), "norm": float(np.linalg.norm(P, axis=1).mean())}
+    out |= {f"rsa_{name}": rsa_matrix(P, S) for name, S in (references or {}).items()}
+    if twins is not None and len(twins):
+        S = cosine_matrix(P)
+        out |= {"twin_rank": twin_rank(S, twins), "modularity": modularity(S)[0]}
+    return out
+
+
+def identifiability(model, coords, references=None, twins=None):
+    """The PE metrics as train.py logs them: pe_<metric> averaged over the tables (one per block for
+    --pe-layers all), pe_rsa per table, and the token embedding's mean row norm for comparison."""
     tok_norm = model.token_embedding_rows().detach().float().norm(dim=1).mean().item()
     tables = pe_tables(model)
     if tables is None:
         return {"pe_rsa": None, "pe_rsa_tables": None, "pe_norm": 0.0 if model.pe is None else None, "tok_norm": tok_norm}
-    per_table = [rsa(t, coords) for t in tables]
-    return {"pe_rsa": float(np.mean(per_table)), "pe_rsa_tables": per_table,
-            "pe_norm": float(np.linalg.norm(tables, axis=2).mean()), "tok_norm": tok_norm}
+    per_table = [pe_metrics(t, coords, references, twins) for t in tables]
+    mean = {f"pe_{k}": float(np.mean([m[k] for m in per_table])) for k in per_table[0]}
+    return mean | {"pe_rsa_tables": [m["rsa"] for m in per_table], "tok_norm": tok_norm}
 
 
 # ----------------------------------------------------------------------------- runs
