@@ -37,9 +37,10 @@ brain3d, real resting-state fMRI (the paper's experiment 3), read from the insta
 (0.6.2: 7 HCP subjects x 94 AAL2 regions x 1,200 TRs of 0.72 s, and a second cohort `gw`, 5 x 94 x 355).
 One token per region: its window of `window` TRs of BOLD, each region z-scored over its run. Masked-region
 prediction as in network. Splits by subject, drawn by data_seed: 5 HCP subjects train, 1 val, 1 test;
-ood is the whole gw cohort (another scanner protocol and run length). Coordinates: the AAL2 region
-centres, centred and divided by their mean nearest-neighbour distance (20.2 atlas units), so that
-neighbouring regions are ~1 apart as on a grid (the unit sinnd's frequencies and ALiBi assume).
+ood is the whole gw cohort (other people, shorter runs, an acquisition the package leaves undocumented).
+Coordinates: the AAL2 region centres, centred and divided by their mean nearest-neighbour distance
+(20.2 atlas units), so that neighbouring regions are ~1 apart as on a grid (the unit sinnd's
+frequencies and ALiBi assume).
 references: {"fc": functional connectivity, the regions' correlation over the training subjects only};
 twins: each left region with its right twin, for the homotopy metric.
 """

@@ -33,7 +33,7 @@ PRESETS = {"paper": dict(n_layer=4, n_head=1, norm="post", pe_layers="all", embe
 # Defaults that differ by task (the flags' own defaults are grid2d's). network: the paper's d = 64; at lr 3e-4
 # a sigma = 0.02 PE was still at test R^2 0.01 after 800 steps, at 1e-3 it left the plateau by step 400.
 # brain3d: d = 60, the width nearest 64 that the 3D sinusoid and axial rotary split over 3 axes; 1,500 steps keep
-# the default run under 10 min on 2 CPU threads (~3.5 steps/s measured on one thread beside a busy core).
+# the default run under 10 min on this 2-core CPU (one thread beside a busy core: ~3.3 steps/s, ~8.3 min projected).
 TASK_DEFAULTS = {"network": dict(n_embd=64, lr=1e-3, max_iters=2000), "brain3d": dict(n_embd=60, lr=1e-3, max_iters=1500)}
 MASK_SEEDS = 2**40  # offsets the training masks' seeds from batch_indices' epoch seeds
 RUNTIME_ARGS = ("resume", "force", "device", "compile", "dtype", "threads", "out_dir", "data_dir")
