@@ -128,14 +128,56 @@ def participation_ratio(P):
     return float(lam.sum() ** 2 / (lam ** 2).sum()) if lam.sum() > 0 else float("nan")
 
 
-def pe_metrics(P, C, references=None):
-    """Every metric of one PE table against the true coordinates, and RSA against each named
-    reference similarity matrix (e.g. a task's coupling or functional connectivity)."""
+def twin_rank(S, twins):
+    """Homotopy: the rank of each region's left/right twin among the N - 1 other regions by similarity
+    S (N, N), 1 = most similar, ties shared; the mean over both directions of the (M, 2) twin pairs.
+    1 when every region's twin is its most similar region; N/2 on average when S knows nothing of twins."""
+    S = np.array(S, dtype=np.float64)
+    np.fill_diagonal(S, -np.inf)
+    i, j = np.asarray(twins).T
+    a, b = np.concatenate([i, j]), np.concatenate([j, i])
+    twin = S[a, b][:, None]
+    return float(np.mean(1 + (S[a] > twin).sum(1) + ((S[a] == twin).sum(1) - 1) / 2))
+
+
+def modularity(S):
+    """Newman's modularity Q of the graph weighted by the positive part of S (N, N) off the diagonal, for
+    the partition found by splitting along the leading eigenvector of the modularity matrix until no split
+    raises Q (Newman 2006, PNAS). Returns (Q, community of each node): ~0 for no community structure,
+    1 - 1/K for K equal, disconnected cliques."""
+    A = np.clip(np.array(S, dtype=np.float64), 0, None)
+    np.fill_diagonal(A, 0)
+    labels = np.zeros(len(A), dtype=int)
+    if A.sum() == 0:
+        return 0.0, labels
+    A /= A.sum()  # Q is scale-free; total weight 1 keeps the tolerance below meaningful
+    k = A.sum(1)
+    B = A - np.outer(k, k)
+    todo = [np.arange(len(A))]
+    while todo:
+        g = todo.pop()
+        Bg = B[np.ix_(g, g)] - np.diag(B[np.ix_(g, g)].sum(1))  # the modularity matrix of a subgroup
+        s = np.where(np.linalg.eigh(Bg)[1][:, -1] >= 0, 1.0, -1.0)
+        if abs(s.sum()) == len(g) or s @ Bg @ s <= 1e-10:  # no split, or one that would not raise Q
+            continue
+        labels[g[s < 0]] = labels.max() + 1
+        todo += [g[s > 0], g[s < 0]]
+    return float((B * (labels[:, None] == labels[None])).sum()), labels
+
+
+def pe_metrics(P, C, references=None, twins=None):
+    """Every metric of one PE table against the true coordinates, RSA against each named reference
+    similarity matrix (a task's coupling, functional connectivity) and, where the task has left/right
+    twins (brain layouts), the twin rank and the modularity of the PE's cosine similarities."""
     out = {"rsa": rsa(P, C), "rsa_pearson": rsa(P, C, "pearson"),
            "sin_rsa": rsa_matrix(P, sinusoid_reference(C, P.shape[1])), "layout_r2": layout_r2(P, C),
            "neighbours": neighbour_recovery(P, C), "dim": participation_ratio(P),
            "norm": float(np.linalg.norm(P, axis=1).mean())}
-    return out | {f"rsa_{name}": rsa_matrix(P, S) for name, S in (references or {}).items()}
+    out |= {f"rsa_{name}": rsa_matrix(P, S) for name, S in (references or {}).items()}
+    if twins is not None and len(twins):
+        S = cosine_matrix(P)
+        out |= {"twin_rank": twin_rank(S, twins), "modularity": modularity(S)[0]}
+    return out
 
 
 def pe_tables(model):
@@ -143,14 +185,14 @@ def pe_tables(model):
     return model.pe.weight.detach().float().cpu().numpy() if isinstance(model.pe, pe_lib.AdditivePE) else None
 
 
-def identifiability(model, coords, references=None):
+def identifiability(model, coords, references=None, twins=None):
     """The PE metrics as train.py logs them: pe_<metric> averaged over the tables (one per block for
     --pe-layers all), pe_rsa per table, and the token embedding's mean row norm for comparison."""
     tok_norm = model.token_embedding_rows().detach().float().norm(dim=1).mean().item()
     tables = pe_tables(model)
     if tables is None:
         return {"pe_rsa": None, "pe_rsa_tables": None, "pe_norm": 0.0 if model.pe is None else None, "tok_norm": tok_norm}
-    per_table = [pe_metrics(t, coords.numpy(), references) for t in tables]
+    per_table = [pe_metrics(t, coords.numpy(), references, twins) for t in tables]
     mean = {f"pe_{k}": float(np.mean([m[k] for m in per_table])) for k in per_table[0]}
     return mean | {"pe_rsa_tables": [m["rsa"] for m in per_table], "tok_norm": tok_norm}
 
@@ -203,7 +245,7 @@ def run_summary(run_dir):
     if s is None:
         return None
     model, task, _ = load_run(run_dir)
-    return s | identifiability(model, task.coords, getattr(task, "references", None))
+    return s | identifiability(model, task.coords, task.references, task.twins)
 
 
 def label(s):
@@ -214,7 +256,7 @@ def label(s):
 
 TABLE_COLUMNS = ("iters", "wall_s", "train_acc", "test_acc", "ood_acc", "noise_acc", "test_acc_quaternary", "test_mse",
                  "test_r2", "ood_r2", "pe_rsa", "pe_rsa_coupling", "pe_rsa_fc", "pe_rsa_delta", "pe_layout_r2",
-                 "pe_neighbours", "pe_dim", "pe_norm", "tok_norm")
+                 "pe_neighbours", "pe_dim", "pe_twin_rank", "pe_modularity", "pe_norm", "tok_norm")
 
 
 def summary_table(run_dirs):
@@ -388,8 +430,7 @@ def analyze_run(run_dir):
     out = {"run": run_dir, "pe": args.pe, "init_std": args.init_std, "coords": C.tolist()}
     tables = pe_tables(model)
     if tables is not None:
-        refs = getattr(task, "references", None)
-        out["tables"] = [pe_metrics(t, C, refs) for t in tables]
+        out["tables"] = [pe_metrics(t, C, task.references, task.twins) for t in tables]
         out["similarity"] = plot_similarity(tables, C, os.path.join(run_dir, "pe_similarity.png"))
         out["layout"] = plot_layout(tables, C, os.path.join(run_dir, "pe_layout.png"))
         if grid_shape(C):

