@@ -477,26 +477,29 @@ def sweep_figures(summaries, out_dir):
                 ax.axhspan(m - e, m + e, color=lines[c % len(lines)], alpha=0.15, lw=0)
         ax.set_xscale("log")
         sigmas = sorted({g["init_std"] for g in stats.values() if g["pe"] in ("learned", "random")})
-        ax.set_xticks(sigmas, [f"{s:g}" for s in sigmas], minor=False)
+        ax.set_xticks(sigmas, [f"{s:g}" for s in sigmas], minor=False, rotation=45)
         ax.set_xticks([], minor=True)
         ax.set_xlabel("init std σ of the PE")
         ax.set_title(TITLES.get(k, k), fontsize=10)
-    axes[-1].legend(fontsize=7, loc="best")
+    axes[0].legend(fontsize=7, loc="best")  # the first panel has every series (fixed PEs have no pe_rsa)
     save_figure(fig, os.path.join(out_dir, "sweep_sigma.png"))
 
     fig, ax = plt.subplots(figsize=(4.6, 3.6))
-    learned = [s for s in summaries if s["pe"] in ("learned", "random") and s.get("pe_rsa") is not None]
-    if learned:
-        sc = ax.scatter([s["pe_rsa"] for s in learned], [s[keys[1]] for s in learned], c=np.log10([max(s["init_std"], 1e-4) for s in learned]),
-                        cmap="plasma", marker="o", edgecolors="k", linewidths=0.3)
-        fig.colorbar(sc, ax=ax, label="log10 σ")
+    norm = matplotlib.colors.LogNorm(*np.percentile([max(s["init_std"], 1e-4) for s in summaries], [0, 100]))
+    for kind, marker in (("learned", "o"), ("random", "s")):  # learned and fixed-random tables, coloured by σ
+        runs = [s for s in summaries if s["pe"] == kind and s.get("pe_rsa") is not None]
+        if runs:
+            sc = ax.scatter([s["pe_rsa"] for s in runs], [s[keys[1]] for s in runs], c=[max(s["init_std"], 1e-4) for s in runs],
+                            norm=norm, cmap="plasma", marker=marker, edgecolors="k", linewidths=0.3, label=kind)
+    if any(s["pe"] in ("learned", "random") for s in summaries):
+        fig.colorbar(sc, ax=ax, label="init std σ")
     for c, n in enumerate(fixed):
         runs = [r for r in groups[n] if r.get("pe_rsa") is not None]
-        ax.scatter([r["pe_rsa"] for r in runs], [r[keys[1]] for r in runs], marker="^", color=lines[c % len(lines)], label=n)
+        if runs:
+            ax.scatter([r["pe_rsa"] for r in runs], [r[keys[1]] for r in runs], marker="^", color=lines[c % len(lines)], label=n)
     ax.set_xlabel("PE identifiability (RSA with distance)")
     ax.set_ylabel(TITLES[keys[1]])
-    if fixed:
-        ax.legend(fontsize=7)
+    ax.legend(fontsize=7)
     save_figure(fig, os.path.join(out_dir, "sweep_rsa.png"))
     sweep = {"keys": keys, "groups": stats, "runs": [{k: s.get(k) for k in ("out_dir", "pe", "init_std", "seed", *keys)} for s in summaries]}
     tasks.atomic_save(json.dumps(sweep, indent=1) + "\n", os.path.join(out_dir, "sweep.json"), save=write_text)
