@@ -371,7 +371,7 @@ def plot_layout(tables, C, path):
         if k == 2:
             ax.set_aspect("equal")
             ax.invert_yaxis()  # row 0 at the top, as the grid is drawn
-    axes[0, 0].legend(fontsize=7, loc="best")
+    axes[0, -1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
     save_figure(fig, path)
     return layouts
 
