@@ -244,14 +244,16 @@ def run_summary(run_dir):
     s = read_json(os.path.join(run_dir, "summary.json"))
     if s is None:
         return None
-    model, task, _ = load_run(run_dir)
-    return s | identifiability(model, task.coords, task.references, task.twins)
+    model, task, args = load_run(run_dir)
+    layout = {"layout": args.net_layout} if task.name == "network" else {}  # one network task, many geometries
+    return s | layout | identifiability(model, task.coords, task.references, task.twins)
 
 
 def label(s):
-    """How a run is named in tables and legends: its PE, σ for table PEs, and per-block placement."""
+    """How a run is named in tables and legends: its layout (network), PE, σ for table PEs, per-block placement."""
     per_block = s["pe_layers"] == "all" and s["pe"] in pe_lib.ADDITIVE and s["pe"] != "none"
-    return s["pe"] + (f" σ={s['init_std']:g}" if s["pe"] in ("learned", "random") else "") + (" (all)" if per_block else "")
+    return (f"{s['layout']}: " if "layout" in s else "") + s["pe"] + \
+        (f" σ={s['init_std']:g}" if s["pe"] in ("learned", "random") else "") + (" (all)" if per_block else "")
 
 
 TABLE_COLUMNS = ("iters", "wall_s", "train_acc", "test_acc", "ood_acc", "noise_acc", "test_acc_quaternary", "test_mse",

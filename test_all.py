@@ -928,4 +928,4 @@ def test_analyze_and_table_on_network_runs(tmp_path, capsys):
     capsys.readouterr()
     analyze.main([str(tmp_path / "sweep" / "a"), str(tmp_path / "sweep" / "b"), "--table"])
     row = capsys.readouterr().out.strip().splitlines()[2]
-    assert row.startswith("| learned σ=0.02 | 2 | – |") and row.count("±") >= 5
+    assert row.startswith("| lattice: learned σ=0.02 | 2 | – |") and row.count("±") >= 5
