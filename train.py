@@ -24,17 +24,12 @@ from tqdm import tqdm
 import analyze
 import pe as pe_lib
 import tasks
-from model import ModelConfig, Transformer
+from model import ModelConfig, Transformer, forward_models, train_step
 
 # The paper's reference recipe: PE in every block, PyTorch-default token embedding, lr 1e-4 constant,
 # batch 128, 4,000 epochs of 8,100 puzzles (the width is the task's: d = 160 for grid2d, 64 for network).
 PRESETS = {"paper": dict(n_layer=4, n_head=1, norm="post", pe_layers="all", embed_std=None, lr=1e-4, min_lr_ratio=1.0,
                          weight_decay=0.0, batch_size=128, max_iters=253_000, eval_interval=2_000)}
-# Defaults that differ by task (the flags' own defaults are grid2d's). network: the paper's d = 64; at lr 3e-4
-# a sigma = 0.02 PE was still at test R^2 0.01 after 800 steps, at 1e-3 it left the plateau by step 400.
-# brain3d: d = 60, the width nearest 64 that the 3D sinusoid and axial rotary split over 3 axes; 1,500 steps keep
-# the default run under 10 min on this 2-core CPU (one thread beside a busy core: ~3.3 steps/s, ~8.3 min projected).
-TASK_DEFAULTS = {"network": dict(n_embd=64, lr=1e-3, max_iters=2000), "brain3d": dict(n_embd=60, lr=1e-3, max_iters=1500)}
 MASK_SEEDS = 2**40  # offsets the training masks' seeds from batch_indices' epoch seeds
 RUNTIME_ARGS = ("resume", "force", "device", "compile", "dtype", "threads", "out_dir", "data_dir")
 
@@ -110,7 +105,7 @@ def get_args(argv=None):
     g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="autocast dtype (auto: bf16 on CUDA, fp32 elsewhere)")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default; use 1 per process in sweeps)")
     args = p.parse_args(argv)
-    defaults = {**TASK_DEFAULTS.get(args.task, {}), **PRESETS.get(args.preset, {})}
+    defaults = {**tasks.TASK_DEFAULTS.get(args.task, {}), **PRESETS.get(args.preset, {})}
     if defaults:  # the task's, then a preset's values become the defaults, so explicit flags still win
         p.set_defaults(**defaults)
         args = p.parse_args(argv)
@@ -198,13 +193,6 @@ def predict(model, batch, device):
     """The model on a batch dict: classification reads its 'readout' token, masked prediction its 'mask'."""
     get = lambda k: batch[k].to(device) if k in batch else None  # noqa: E731
     return model(get("x"), get("readout"), get("mask"))
-
-
-def loss_fn(out, batch, head):
-    """Cross-entropy of the classifier, or the MSE over the hidden tokens only (the rest are given)."""
-    if head == "cls":
-        return F.cross_entropy(out, batch["y"])
-    return F.mse_loss(out[batch["mask"]], batch["y"][batch["mask"]])
 
 
 @torch.no_grad()
@@ -306,6 +294,7 @@ def main(argv=None):
     pe_norm = "n/a" if ident0["pe_norm"] is None else f"{ident0['pe_norm']:.3f}"
     print(f"PE row norm {pe_norm} vs token-embedding row norm {ident0['tok_norm']:.3f} (at init)")
     fwd = torch.compile(model) if use_compile else model
+    step_fwd = torch.compile(forward_models) if use_compile else forward_models
     train = task.splits["train"]
     fit_acc = args.stop_train_acc if args.stop_train_acc is not None else 0.999
     fitted = lambda m: m["train_acc"] >= fit_acc if task.head == "cls" else None  # noqa: E731  regression has no fit criterion
@@ -337,12 +326,7 @@ def main(argv=None):
             batch["mask"] = batch_mask(state["iter"], len(idx), task, args).to(device)
         for g in optimizer.param_groups:
             g["lr"] = lr_at(state["iter"], args)
-        with ctx:
-            out = predict(fwd, batch, device).float()
-            loss = loss_fn(out, batch, task.head)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        out, loss = (t[0] for t in train_step([model], [optimizer], {k: v[None] for k, v in batch.items()}, task.head, step_fwd, ctx))
         state["iter"] += 1
         bar.update(1)
         if state["iter"] % 10 == 0:
