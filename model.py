@@ -170,7 +170,7 @@ def train_step(models, optimizers, batch, head, forward=forward_models, ctx=cont
     of the summed losses gives each model the gradient of its own loss. Returns outputs (K, B, ...), losses (K,)."""
     with ctx:
         out = forward(models, batch["x"], batch.get("readout"), batch.get("mask")).float()
-        losses = torch.stack([loss_fn(out[k], batch["y"][k], head, None if "mask" not in batch else batch["mask"][k])
+        losses = torch.stack([loss_fn(out[k], batch["y"][k], head, batch["mask"][k] if "mask" in batch else None)
                               for k in range(len(models))])
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
