@@ -1,10 +1,12 @@
 """
 The transformer encoder: one config dataclass, fused QKV attention through
-F.scaled_dot_product_attention, post- or pre-LayerNorm blocks, and a PE from pe.py.
+F.scaled_dot_product_attention, post- or pre-LayerNorm blocks, and a PE from pe.py; and the training
+step of K independent models at once (K = 1: one model), as one vmap over their stacked weights or a loop.
 
 Every layer keeps PyTorch's default initialisation; there is deliberately no global
 `apply(_init_weights)`, because it would silently re-draw the PE table whose init is under study.
 """
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -123,3 +125,56 @@ class Transformer(nn.Module):
         no_decay = [p for n, p in self.named_parameters() if not n.startswith("pe.") and p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         return groups + ([{"params": pe_params, "weight_decay": pe_weight_decay}] if pe_params else [])
+
+
+def settings(device="auto", dtype="auto", compile=None, vmap=None):
+    """(device, autocast dtype, compile, vmap) with the defaults of train.py and bench.py filled in: the best
+    device there is; on CUDA bf16 autocast, torch.compile and one vmap over K models; elsewhere none of them."""
+    device = device if device != "auto" else (
+        "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+    cuda = torch.device(device).type == "cuda"
+    dtype = {"auto": torch.bfloat16 if cuda else torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    return device, dtype, cuda if compile is None else compile, cuda if vmap is None else vmap
+
+
+def loss_fn(out, y, head, mask=None):
+    """Cross-entropy of the classifier, or the MSE over the hidden tokens only (the rest are given)."""
+    if head == "cls":
+        return F.cross_entropy(out, y)
+    return F.mse_loss(out[mask], y[mask])
+
+
+def stacked(models, named):
+    """{name: the models' tensors stacked along a new leading axis}; torch.stack is differentiable, so
+    gradients flow back to each model's own parameters."""
+    tensors = [dict(named(m)) for m in models]
+    return {n: torch.stack([t[n] for t in tensors]) for n in tensors[0]}
+
+
+def forward_models(models, x, readout=None, mask=None, vmap=False):
+    """K independent models of one architecture on K batches: x (K, B, ...), readout (K, B), mask (K, B, N);
+    returns (K, B, ...). vmap (K > 1): one batched computation over their stacked weights (dropout draws
+    differ from K separate runs'); otherwise K plain calls, faster on CPU, where the batched bias, LayerNorm
+    and attention cost more than K small calls' overhead (README, Speed)."""
+    inputs = (x, readout, mask)
+    if not vmap or len(models) == 1:
+        return torch.stack([m(*(None if t is None else t[k] for t in inputs)) for k, m in enumerate(models)])
+    weights = (stacked(models, nn.Module.named_parameters), stacked(models, nn.Module.named_buffers))
+    call = lambda w, *args: torch.func.functional_call(models[0], w, args)  # noqa: E731  models[0]'s code, model k's weights
+    in_dims = (0, *(None if t is None else 0 for t in inputs))
+    return torch.func.vmap(call, in_dims=in_dims, randomness="different")(weights, *inputs)
+
+
+def train_step(models, optimizers, batch, head, forward=forward_models, ctx=contextlib.nullcontext()):
+    """One optimiser step of each of K models on its own batch (a dict of (K, B, ...) tensors): one backward
+    of the summed losses gives each model the gradient of its own loss. Returns outputs (K, B, ...), losses (K,)."""
+    with ctx:
+        out = forward(models, batch["x"], batch.get("readout"), batch.get("mask")).float()
+        losses = torch.stack([loss_fn(out[k], batch["y"][k], head, batch["mask"][k] if "mask" in batch else None)
+                              for k in range(len(models))])
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    losses.sum().backward()
+    for opt in optimizers:
+        opt.step()
+    return out, losses.detach()

