@@ -449,14 +449,15 @@ def analyze_run(run_dir):
 
 # ----------------------------------------------------------------------------- figures of a sweep
 TITLES = {"test_acc": "iid test accuracy", "ood_acc": "OOD accuracy", "test_r2": "test R²", "ood_r2": "OOD R²",
-          "pe_rsa": "PE identifiability (RSA)"}
+          "pe_rsa": "PE identifiability (RSA)", "pe_rsa_fc": "PE RSA with FC", "pe_twin_rank": "twin rank (1: homotopic, 47: chance)"}
+SWEEP_EXTRAS = ("pe_rsa_fc", "pe_twin_rank")  # brain3d: function and homotopy beside anatomy
 
 
 def sweep_figures(summaries, out_dir):
-    """Figure 5 (the paper's central one): generalisation and pe_rsa against the init std, mean +- s.e.m.
-    over seeds, fixed PEs as horizontal lines; figure 6: generalisation against pe_rsa, one point per run."""
+    """Figure 5 (the paper's central one): generalisation and pe_rsa (brain3d: also pe_rsa_fc and the twin rank)
+    against the init std, mean +- s.e.m. over seeds, fixed PEs as horizontal lines; figure 6: generalisation against pe_rsa, one point per run."""
     score = "acc" if "test_acc" in summaries[0] else "r2"
-    keys = [f"test_{score}", f"ood_{score}", "pe_rsa"]
+    keys = [f"test_{score}", f"ood_{score}", "pe_rsa"] + [k for k in SWEEP_EXTRAS if any(s.get(k) is not None for s in summaries)]
     groups = {}
     for s in summaries:
         groups.setdefault(label(s), []).append(s)

@@ -714,6 +714,12 @@ def test_tiny_brain3d_run_reports_r2_on_held_out_subjects_and_the_brain_metrics(
     model, task, _ = analyze.load_run(tmp_path / "run")
     assert model.cfg.masked and task.coords.shape == (94, 3) and task.references["fc"].shape == (94, 94)
     assert analyze.identifiability(model, task.coords, task.references, task.twins)["pe_rsa_fc"] == pytest.approx(summary["pe_rsa_fc"])
+    train.main(TINY + BRAIN_TINY + ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "sinnd"), "--pe", "sinnd", "--n-embd", "12"])
+    analyze.main([str(tmp_path / "run"), str(tmp_path / "sinnd"), "--out-dir", str(tmp_path)])
+    sweep = json.load(open(tmp_path / "sweep.json"))
+    assert sweep["keys"] == ["test_r2", "ood_r2", "pe_rsa", "pe_rsa_fc", "pe_twin_rank"]  # anatomy, function and homotopy against σ
+    assert sweep["groups"]["sinnd"]["pe_twin_rank"] == [json.load(open(tmp_path / "sinnd" / "summary.json"))["pe_twin_rank"]]
+    assert {"pe_layout.png", "pe_similarity.png"} <= set(os.listdir(tmp_path / "run"))  # the 3D layout figure
 
 
 def test_missing_brain_data_exits_2_with_the_install_command(tmp_path, monkeypatch, capsys):
