@@ -840,6 +840,28 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, monkeypatc
     assert os.listdir(tmp_path) == []
 
 
+def test_resume_starts_a_run_killed_before_its_first_checkpoint(tmp_path, monkeypatch):
+    whole = run_train(tmp_path / "a")
+    real, calls = analyze.identifiability, {"n": 0}
+
+    def interrupt_at_first_eval(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:  # init, then the step-0 eval: metrics.jsonl exists, no checkpoint yet
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(analyze, "identifiability", interrupt_at_first_eval)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(tmp_path / "b")
+    monkeypatch.setattr(analyze, "identifiability", real)
+    assert os.listdir(tmp_path / "b" / "run") == ["metrics.jsonl"]
+    with pytest.raises(SystemExit):  # without --resume it is still another run's folder
+        run_train(tmp_path / "b")
+    resumed = run_train(tmp_path / "b", "--resume")
+    drop = ("wall_s", "out_dir")
+    assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in whole.items() if k not in drop}
+
+
 def test_out_dir_holding_another_run_is_refused(tmp_path, capsys, monkeypatch):
     run_train(tmp_path)
     before = open(tmp_path / "run" / "summary.json").read()

@@ -279,7 +279,8 @@ def prepare_out_dir(args):
         if diff:
             die(f"--resume: {args.out_dir} holds a run with other settings (saved, given): {diff}")
         return ckpt
-    if any(os.path.exists(f) for f in files) and not args.force:
+    fresh = args.resume and not os.path.exists(files[2])  # killed before its first checkpoint: nothing to resume, start it
+    if any(os.path.exists(f) for f in files) and not (args.force or fresh):
         die(f"{args.out_dir} already holds a run; pass --resume to continue it or --force to overwrite it")
     for f in files:  # --force: nothing of the old run may survive to be mistaken for the new one's
         if os.path.exists(f):
