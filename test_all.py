@@ -687,6 +687,18 @@ NET_TINY = ["--task", "network", "--net-trials", "40", "--net-window", "4", "--n
 BRAIN_TINY = ["--task", "brain3d", "--brain-window", "4", "--brain-stride", "9"]
 
 
+def interrupt_at_call(monkeypatch, n):
+    """Make the n-th call of analyze.identifiability (one at init, one per eval, per run) raise KeyboardInterrupt."""
+    real, calls = analyze.identifiability, {"n": 0}
+
+    def identifiability(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    monkeypatch.setattr(analyze, "identifiability", identifiability)
+
+
 def run_train(tmp_path, *extra):
     return train.main(TINY + ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "run"), *extra])[0]
 
@@ -781,19 +793,10 @@ def test_stop_on_fit_records_the_fit(tmp_path):
 @pytest.mark.parametrize("task", [[], NET_TINY])
 def test_resume_reaches_the_same_result_as_an_uninterrupted_run(tmp_path, monkeypatch, task):
     whole = run_train(tmp_path / "a", *task)
-    calls = {"n": 0}
-    real = analyze.identifiability
-
-    def interrupt_at_step_6(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 5:  # init, then evals at 0, 2, 4: the checkpoint holds step 4
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    monkeypatch.setattr(analyze, "identifiability", interrupt_at_step_6)
+    interrupt_at_call(monkeypatch, 5)  # init, then evals at 0, 2, 4: the checkpoint holds step 4
     with pytest.raises(KeyboardInterrupt):
         run_train(tmp_path / "b", *task)
-    monkeypatch.setattr(analyze, "identifiability", real)
+    monkeypatch.undo()
     assert not (tmp_path / "b" / "run" / "summary.json").exists()
     resumed = run_train(tmp_path / "b", *task, "--resume")
     drop = ("wall_s", "out_dir")
@@ -842,18 +845,10 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, monkeypatc
 
 def test_resume_starts_a_run_killed_before_its_first_checkpoint(tmp_path, monkeypatch):
     whole = run_train(tmp_path / "a")
-    real, calls = analyze.identifiability, {"n": 0}
-
-    def interrupt_at_first_eval(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 2:  # init, then the step-0 eval: metrics.jsonl exists, no checkpoint yet
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    monkeypatch.setattr(analyze, "identifiability", interrupt_at_first_eval)
+    interrupt_at_call(monkeypatch, 2)  # init, then the step-0 eval: metrics.jsonl exists, no checkpoint yet
     with pytest.raises(KeyboardInterrupt):
         run_train(tmp_path / "b")
-    monkeypatch.setattr(analyze, "identifiability", real)
+    monkeypatch.undo()
     assert os.listdir(tmp_path / "b" / "run") == ["metrics.jsonl"]
     with pytest.raises(SystemExit):  # without --resume it is still another run's folder
         run_train(tmp_path / "b")
@@ -1051,25 +1046,14 @@ def test_runs_at_once_stop_on_fit_each_at_its_own_step(tmp_path):
 def test_runs_at_once_resume_from_different_steps_to_the_same_result(tmp_path, monkeypatch):
     common = TINY + ["--data-dir", str(tmp_path / "data")]
     train.main(common + ["--seeds", "0,1,2", "--out-dir", str(tmp_path / "a" / "s{seed}")])
-    real = analyze.identifiability
-
-    def interrupt_at_call(n):
-        calls = {"n": 0}
-
-        def identifiability(*a, **kw):
-            calls["n"] += 1
-            if calls["n"] == n:
-                raise KeyboardInterrupt
-            return real(*a, **kw)
-        monkeypatch.setattr(analyze, "identifiability", identifiability)
-
-    interrupt_at_call(7)  # 2 at init, 2 per eval at steps 0 and 2, then s0's at step 4: both checkpoints hold step 2
+    interrupt_at_call(monkeypatch, 7)  # 2 at init, 2 per eval at steps 0 and 2, then s0's at step 4: both checkpoints hold step 2
     with pytest.raises(KeyboardInterrupt):
         train.main(common + ["--seeds", "0,1", "--out-dir", str(tmp_path / "b" / "s{seed}")])
-    interrupt_at_call(3)  # s1 alone: 1 at init, the eval at step 4, then the one at step 6: its checkpoint holds step 4
+    monkeypatch.undo()
+    interrupt_at_call(monkeypatch, 3)  # s1 alone: 1 at init, the eval at step 4, then the one at step 6: its checkpoint holds step 4
     with pytest.raises(KeyboardInterrupt):
         train.main(common + ["--seed", "1", "--resume", "--out-dir", str(tmp_path / "b" / "s1")])
-    monkeypatch.setattr(analyze, "identifiability", real)
+    monkeypatch.undo()
     train.main(common + ["--seed", "2", "--out-dir", str(tmp_path / "b" / "s2")])  # s2 finished alone
     assert [torch.load(tmp_path / "b" / s / "ckpt.pt", weights_only=False)["state"]["iter"] for s in ("s0", "s1", "s2")] == [2, 4, 6]
     resumed = train.main(common + ["--seeds", "0,1,2", "--resume", "--out-dir", str(tmp_path / "b" / "s{seed}")])
