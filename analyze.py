@@ -5,6 +5,7 @@ Look inside trained positional encodings: interpretability metrics, the paper's 
     python analyze.py SWEEP_DIR                       # the same for every run inside SWEEP_DIR
     python analyze.py RUN_DIR --puzzles FILE.csv      # score RUN_DIR/ckpt.pt on human-style LST items
     python analyze.py RUN_DIR [RUN_DIR ...] --table   # markdown table of summary.json, mean +- sd over seeds
+    python analyze.py RUN_DIR [RUN_DIR ...] --linear  # R² of a linear predictor on each masked run's splits
 
 Metrics compare a PE table P (N, d) with the tokens' true coordinates C (N, k). RSA uses the PE's
 cosine similarities (the paper's); the geometric ones (layout, neighbours, dimensionality) use the
@@ -197,6 +198,30 @@ def identifiability(model, coords, references=None, twins=None):
     return mean | {"pe_rsa_tables": [m["rsa"] for m in per_table], "tok_norm": tok_norm}
 
 
+@torch.no_grad()
+def linear_r2(task):
+    """R² of the best linear guess of each masked task's hidden tokens from its visible ones at the same
+    time step (the Gaussian conditional mean under the training split's covariance), scored like train.py
+    on every evaluation split's fixed masks: the bar a PE-free linear model that knows every token sets."""
+    X = task.splits["train"]["x"].double()  # (M, N, w)
+    mu = X.mean((0, 2))[:, None]  # each token's mean over samples and time steps
+    S = torch.einsum("mit,mjt->ij", X - mu, X - mu) / (X.shape[0] * X.shape[2])
+    out = {}
+    for name, s in task.splits.items():
+        if name == "train":
+            continue
+        x, mask = s["x"].double(), s["mask"]
+        n_hid = int(mask[0].sum())  # every sample hides the same number of tokens
+        hid = mask.nonzero()[:, 1].view(len(x), n_hid)
+        vis = (~mask).nonzero()[:, 1].view(len(x), -1)
+        at = lambda idx: x.gather(1, idx[..., None].expand(-1, -1, x.shape[2]))  # noqa: E731  (M, n, w) rows
+        cov = lambda a, b: S[a[:, :, None], b[:, None, :]]  # noqa: E731  per-sample covariance blocks
+        pred = mu[hid] + cov(hid, vis) @ torch.linalg.solve(cov(vis, vis), at(vis) - mu[vis])
+        y = at(hid)
+        out[f"{name}_r2"] = (1 - ((pred - y) ** 2).sum() / ((y - y.mean()) ** 2).sum()).item()
+    return out
+
+
 # ----------------------------------------------------------------------------- runs
 def load_run(run_dir):
     """(model in eval mode, task without data, the run's training args) from RUN_DIR/ckpt.pt."""
@@ -271,12 +296,13 @@ def summary_table(run_dirs):
             raise ValueError(f"no summary.json in {d} (unfinished run?)")
         groups.setdefault(label(s), []).append(s)
     columns = [c for c in TABLE_COLUMNS if any(c in r for runs in groups.values() for r in runs)]
-    cell = lambda v, pct: "–" if not v else (  # noqa: E731
-        f"{np.mean(v) * 100:.1f} ± {np.std(v) * 100:.1f}" if pct else f"{np.mean(v):.2f} ± {np.std(v):.2f}")
+    cell = lambda v, pct, p: "–" if not v else (  # noqa: E731
+        f"{np.mean(v) * 100:.1f} ± {np.std(v) * 100:.1f}" if pct else f"{np.mean(v):.{p}f} ± {np.std(v):.{p}f}")
     lines = ["| PE | runs | fitted | " + " | ".join(columns) + " |", "|---" * (len(columns) + 3) + "|"]
     for name, runs in groups.items():
         vals = [[r[c] for r in runs if r.get(c) is not None] for c in columns]
-        cells = [f"{np.mean(v):.0f}" if c in ("iters", "wall_s") else cell(v, c.endswith("acc") or "_acc_" in c)
+        cells = [f"{np.mean(v):.0f}" if c in ("iters", "wall_s") else  # R² and MSE differ between PEs in the 3rd digit
+                 cell(v, c.endswith("acc") or "_acc_" in c, 3 if c.endswith(("_r2", "_mse")) else 2)
                  for c, v in zip(columns, vals)]
         fitted = "–" if runs[0]["fitted"] is None else sum(r["fitted"] for r in runs)  # regression has no fit criterion
         lines.append(f"| {name} | {len(runs)} | {fitted} | " + " | ".join(cells) + " |")
@@ -514,6 +540,7 @@ def main(argv=None):
     p.add_argument("paths", nargs="+", help="train.py run directories, or folders of them")
     p.add_argument("--puzzles", help="CSV of LST items (columns puzzles, solutions[, condition]) to score one run on")
     p.add_argument("--table", action="store_true", help="print a markdown table of the runs' summaries")
+    p.add_argument("--linear", action="store_true", help="print the linear predictor's R² on each masked run's task and splits")
     p.add_argument("--out-dir", help="where the sweep figures go (default: the folder of runs given, else the runs' common parent)")
     a = p.parse_args(argv)
     try:
@@ -522,6 +549,8 @@ def main(argv=None):
             return print(summary_table(runs))
         if a.puzzles:
             return score_run(runs, a.puzzles)
+        if a.linear:
+            return score_linear(runs)
         for run in tqdm(runs, desc="runs", disable=len(runs) < 2):
             analyze_run(run)
         summaries = [s for s in map(run_summary, runs) if s]
@@ -545,6 +574,16 @@ def score_run(runs, puzzles):
     stem = os.path.splitext(os.path.basename(puzzles))[0]
     tasks.atomic_save(line + "\n", os.path.join(runs[0], f"puzzles-{stem}.json"), save=write_text)
     print(line)
+
+
+def score_linear(runs):
+    """--linear: one line per run, the linear predictor's R² on the data split that run trained on."""
+    for run in runs:
+        args = load_run(run)[2]
+        task = tasks.get_task(args.task, args)
+        if task.head != "token":
+            raise ValueError(f"--linear needs a masked-prediction run (network, brain3d), {run} is {task.name}")
+        print(json.dumps({"run": run, "data_seed": args.data_seed} | {k: round(v, 4) for k, v in linear_r2(task).items()}))
 
 
 def write_text(text, path):

@@ -640,6 +640,22 @@ def test_grid_shape_recognises_row_major_rectangles_only():
     assert analyze.grid_shape(np.random.rand(9, 2)) is None
 
 
+def test_linear_r2_matches_the_conditional_mean_of_two_correlated_tokens():
+    # token 1 = rho * token 0 + noise, means 3 and -1; one of the two hidden per sample: the best guess leaves
+    # 1 - rho^2 of unit variance, and train.py's SST (around the mean of all hidden entries) is 1 + 2^2 = 5;
+    # on an uncorrelated split the training covariance still guesses 0.8 x: error 1 + 0.64
+    g = torch.Generator().manual_seed(0)
+
+    def split(rho, m=20000):
+        a, e = torch.randn(m, 1, 4, generator=g), torch.randn(m, 1, 4, generator=g)
+        return tasks.masked_split(torch.cat([a, rho * a + (1 - rho ** 2) ** 0.5 * e], 1) + torch.tensor([[3.0], [-1.0]]), 0.5, g)
+
+    task = tasks.Task("t", torch.zeros(2, 1), 4, 4, "token", splits={"train": split(0.8), "test": split(0.8), "ood": split(0.0)})
+    r = analyze.linear_r2(task)
+    assert set(r) == {"test_r2", "ood_r2"}
+    assert r["test_r2"] == pytest.approx(1 - 0.36 / 5, abs=0.01) and r["ood_r2"] == pytest.approx(1 - 1.64 / 5, abs=0.01)
+
+
 def test_twin_rank_is_one_for_identical_twins_and_half_n_by_chance():
     rng = np.random.default_rng(0)
     twins = torch.tensor([[2 * i, 2 * i + 1] for i in range(20)])
@@ -717,7 +733,7 @@ def test_tiny_network_run_works_for_every_layout(tmp_path, layout):
         assert {"pe_twin_rank", "pe_modularity"} <= set(summary)
 
 
-def test_tiny_brain3d_run_reports_r2_on_held_out_subjects_and_the_brain_metrics(tmp_path):
+def test_tiny_brain3d_run_reports_r2_on_held_out_subjects_and_the_brain_metrics(tmp_path, capsys):
     summary = run_train(tmp_path, *BRAIN_TINY)
     for key in ("train_r2", "val_r2", "test_r2", "ood_r2", "test_mse", "ood_mse", "pe_rsa", "pe_rsa_fc", "pe_twin_rank",
                 "pe_modularity"):
@@ -732,6 +748,10 @@ def test_tiny_brain3d_run_reports_r2_on_held_out_subjects_and_the_brain_metrics(
     assert sweep["keys"] == ["test_r2", "ood_r2", "pe_rsa", "pe_rsa_fc", "pe_twin_rank"]  # anatomy, function and homotopy against σ
     assert sweep["groups"]["sinnd"]["pe_twin_rank"] == [json.load(open(tmp_path / "sinnd" / "summary.json"))["pe_twin_rank"]]
     assert {"pe_layout.png", "pe_similarity.png"} <= set(os.listdir(tmp_path / "run"))  # the 3D layout figure
+    capsys.readouterr()
+    analyze.main([str(tmp_path / "run"), "--linear"])  # the linear bar on the same split and masks
+    line = json.loads(capsys.readouterr().out)
+    assert set(line) == {"run", "data_seed", "val_r2", "test_r2", "ood_r2"} and 0 < line["test_r2"] < 1
 
 
 def test_missing_brain_data_exits_2_with_the_install_command(tmp_path, monkeypatch, capsys):
@@ -927,6 +947,9 @@ def test_table_groups_seeds_into_one_row(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         analyze.main([str(tmp_path / "0"), str(tmp_path / "nowhere"), "--table"])
     assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        analyze.main([str(tmp_path / "0"), "--linear"])  # a classifier has no hidden tokens to regress
+    assert e.value.code == 2 and "--linear needs a masked-prediction run" in capsys.readouterr().err
 
 
 def test_analyze_draws_every_figure_of_runs_and_a_sweep(tmp_path, capsys):
