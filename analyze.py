@@ -302,7 +302,7 @@ def summary_table(run_dirs):
     for name, runs in groups.items():
         vals = [[r[c] for r in runs if r.get(c) is not None] for c in columns]
         cells = [f"{np.mean(v):.0f}" if c in ("iters", "wall_s") else  # R² and MSE differ between PEs in the 3rd digit
-                 cell(v, c.endswith("acc") or "_acc_" in c, 3 if c.endswith(("_r2", "_mse")) else 2)
+                 cell(v, c.endswith("acc") or "_acc_" in c, 3 if c.endswith(("_r2", "_mse")) and not c.startswith("pe_") else 2)
                  for c, v in zip(columns, vals)]
         fitted = "–" if runs[0]["fitted"] is None else sum(r["fitted"] for r in runs)  # regression has no fit criterion
         lines.append(f"| {name} | {len(runs)} | {fitted} | " + " | ".join(cells) + " |")
