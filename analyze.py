@@ -198,11 +198,16 @@ def identifiability(model, coords, references=None, twins=None):
     return mean | {"pe_rsa_tables": [m["rsa"] for m in per_table], "tok_norm": tok_norm}
 
 
+def r2(pred, y):
+    """1 - SSE/SST over all entries, SST around the targets' mean: how train.py scores masked prediction."""
+    return (1 - ((pred - y) ** 2).sum() / ((y - y.mean()) ** 2).sum()).item()
+
+
 @torch.no_grad()
 def linear_r2(task):
     """R² of the best linear guess of each masked task's hidden tokens from its visible ones at the same
-    time step (the Gaussian conditional mean under the training split's covariance), scored like train.py
-    on every evaluation split's fixed masks: the bar a PE-free linear model that knows every token sets."""
+    time step (the Gaussian conditional mean under the training split's covariance), scored by r2 as in
+    train.py on every evaluation split's fixed masks: the bar a PE-free linear model that knows every token sets."""
     X = task.splits["train"]["x"].double()  # (M, N, w)
     mu = X.mean((0, 2))[:, None]  # each token's mean over samples and time steps
     S = torch.einsum("mit,mjt->ij", X - mu, X - mu) / (X.shape[0] * X.shape[2])
@@ -217,8 +222,7 @@ def linear_r2(task):
         at = lambda idx: x.gather(1, idx[..., None].expand(-1, -1, x.shape[2]))  # noqa: E731  (M, n, w) rows
         cov = lambda a, b: S[a[:, :, None], b[:, None, :]]  # noqa: E731  per-sample covariance blocks
         pred = mu[hid] + cov(hid, vis) @ torch.linalg.solve(cov(vis, vis), at(vis) - mu[vis])
-        y = at(hid)
-        out[f"{name}_r2"] = (1 - ((pred - y) ** 2).sum() / ((y - y.mean()) ** 2).sum()).item()
+        out[f"{name}_r2"] = r2(pred, at(hid))
     return out
 
 
@@ -296,14 +300,21 @@ def summary_table(run_dirs):
             raise ValueError(f"no summary.json in {d} (unfinished run?)")
         groups.setdefault(label(s), []).append(s)
     columns = [c for c in TABLE_COLUMNS if any(c in r for runs in groups.values() for r in runs)]
-    cell = lambda v, pct, p: "–" if not v else (  # noqa: E731
-        f"{np.mean(v) * 100:.1f} ± {np.std(v) * 100:.1f}" if pct else f"{np.mean(v):.{p}f} ± {np.std(v):.{p}f}")
+
+    def cell(c, v):
+        if c in ("iters", "wall_s"):
+            return f"{np.mean(v):.0f}"
+        if not v:
+            return "–"
+        pct = c.endswith("acc") or "_acc_" in c
+        digits = 1 if pct else 3 if c.endswith(("_r2", "_mse")) and not c.startswith("pe_") else 2  # task R²/MSE differ in the 3rd
+        scale = 100 if pct else 1
+        return f"{np.mean(v) * scale:.{digits}f} ± {np.std(v) * scale:.{digits}f}"
+
     lines = ["| PE | runs | fitted | " + " | ".join(columns) + " |", "|---" * (len(columns) + 3) + "|"]
     for name, runs in groups.items():
         vals = [[r[c] for r in runs if r.get(c) is not None] for c in columns]
-        cells = [f"{np.mean(v):.0f}" if c in ("iters", "wall_s") else  # R² and MSE differ between PEs in the 3rd digit
-                 cell(v, c.endswith("acc") or "_acc_" in c, 3 if c.endswith(("_r2", "_mse")) and not c.startswith("pe_") else 2)
-                 for c, v in zip(columns, vals)]
+        cells = [cell(c, v) for c, v in zip(columns, vals)]
         fitted = "–" if runs[0]["fitted"] is None else sum(r["fitted"] for r in runs)  # regression has no fit criterion
         lines.append(f"| {name} | {len(runs)} | {fitted} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -256,9 +256,8 @@ def evaluate(models, task, device, forward=forward_models, batch_size=1024):
         for m, pred in zip(out, preds):
             if task.head == "token":
                 p, y = pred[s["mask"]], s["y"][s["mask"]]
-                sse = ((p - y) ** 2).sum()
-                m[f"{name}_mse"] = (sse / y.numel()).item()
-                m[f"{name}_r2"] = (1 - sse / ((y - y.mean()) ** 2).sum()).item()
+                m[f"{name}_mse"] = F.mse_loss(p, y).item()
+                m[f"{name}_r2"] = analyze.r2(p, y)
                 continue
             correct = (pred.argmax(1) == s["y"]).float()
             m[f"{name}_loss"] = F.cross_entropy(pred, s["y"]).item()
@@ -273,13 +272,14 @@ def evaluate(models, task, device, forward=forward_models, batch_size=1024):
 def prepare_out_dir(args):
     """Refuse to overwrite another run; returns the checkpoint to resume from, or None."""
     files = [os.path.join(args.out_dir, f) for f in ("ckpt.pt", "metrics.jsonl", "summary.json")]
+    summary = files[2]
     if args.resume and os.path.exists(files[0]):
         ckpt = torch.load(files[0], map_location="cpu", weights_only=False)
         diff = {k: (v, vars(args).get(k)) for k, v in ckpt["args"].items() if k not in RUNTIME_ARGS and vars(args).get(k) != v}
         if diff:
             die(f"--resume: {args.out_dir} holds a run with other settings (saved, given): {diff}")
         return ckpt
-    fresh = args.resume and not os.path.exists(files[2])  # killed before its first checkpoint: nothing to resume, start it
+    fresh = args.resume and not os.path.exists(summary)  # killed before its first checkpoint: nothing to resume, start it
     if any(os.path.exists(f) for f in files) and not (args.force or fresh):
         die(f"{args.out_dir} already holds a run; pass --resume to continue it or --force to overwrite it")
     for f in files:  # --force: nothing of the old run may survive to be mistaken for the new one's
