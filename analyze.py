@@ -1,5 +1,5 @@
 """
-Look inside trained positional encodings: interpretability metrics, the paper's figures, sweeps.
+Look inside trained positional encodings: interpretability metrics, figures, sweeps.
 
     python analyze.py RUN_DIR [RUN_DIR ...]          # per run: figures + analysis.json; across runs: sweep figures
     python analyze.py SWEEP_DIR                       # the same for every run inside SWEEP_DIR
@@ -7,28 +7,28 @@ Look inside trained positional encodings: interpretability metrics, the paper's 
     python analyze.py RUN_DIR [RUN_DIR ...] --table   # markdown table of summary.json, mean +- sd over seeds
     python analyze.py RUN_DIR [RUN_DIR ...] --linear  # R² of a linear predictor on each masked run's splits
 
-Metrics compare a PE table P (N, d) with the tokens' true coordinates C (N, k). RSA uses the PE's
-cosine similarities (the paper's); the geometric ones (layout, neighbours, dimensionality) use the
-Euclidean geometry of the centred rows. They are plain numpy and also what train.py logs.
+Metrics compare a PE table P (N, d) with the tokens' true coordinates C (N, k). RSA correlates the PE's
+cosine similarities with a reference: pe_rsa with the negative true distances (our own measure), pe_sin_rsa
+with the cosine similarities of the fixed sinusoid on the same coordinates (the paper's comparison, "similarity
+to 2D cosine embeddings"). The geometric ones (layout, neighbours, dimensionality) use the Euclidean geometry of
+the centred rows. They are plain numpy and also what train.py logs.
 """
 import argparse
 import glob
+import io
 import json
 import os
 import re
 import sys
 from types import SimpleNamespace
 
-import matplotlib
-matplotlib.use("Agg")  # headless: figures go to files only
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import numpy as np
+import torch
+from tqdm import tqdm
 
-import pe as pe_lib  # noqa: E402
-import tasks  # noqa: E402
-from model import ModelConfig, Transformer, init_model  # noqa: E402
+import pe as pe_lib
+import tasks
+from model import ModelConfig, Transformer, init_model
 
 HUMAN_LST = {"binary": 0.967, "ternary": 0.870, "quaternary": 0.663}  # people on the 108 LST items (n = 40)
 
@@ -69,9 +69,11 @@ def spearman(a, b):
 
 
 def rsa_matrix(P, S, method="spearman"):
-    """Correlation between the upper triangles of the PE's cosine similarities and a reference
-    similarity matrix S (N, N): second-order similarity, as the paper compares representations."""
-    return (spearman if method == "spearman" else pearson)(upper(cosine_matrix(P)), upper(np.asarray(S, dtype=np.float64)))
+    """Correlation between the upper triangles of the PE's cosine similarities and a reference similarity
+    matrix S (N, N): second-order similarity. With S the negative true distances (rsa) this is our own
+    measure; with S the fixed sinusoid's cosine similarities (sin_rsa) it is the paper's comparison."""
+    correlate = spearman if method == "spearman" else pearson
+    return correlate(upper(cosine_matrix(P)), upper(np.asarray(S, dtype=np.float64)))
 
 
 def rsa(P, C, method="spearman"):
@@ -83,7 +85,8 @@ def sinusoid_reference(C, d):
     """Cosine similarities of the fixed sinusoid (`sinnd`) on the same coordinates, at the nearest
     width the sinusoid can split over the axes."""
     k = C.shape[1]
-    return cosine_matrix(pe_lib.sinusoid(torch.as_tensor(np.asarray(C), dtype=torch.float64), 2 * k * max(1, d // (2 * k))))
+    width = 2 * k * max(1, d // (2 * k))
+    return cosine_matrix(pe_lib.sinusoid(torch.as_tensor(np.asarray(C), dtype=torch.float64), width))
 
 
 def principal_coords(P, k):
@@ -243,6 +246,16 @@ def r2(pred, y):
     return (1 - ((pred - y) ** 2).sum() / ((y - y.mean()) ** 2).sum()).item()
 
 
+def sample_rows(x, idx):
+    """Rows idx (M, n) of each sample of x (M, N, w): (M, n, w)."""
+    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[2]))
+
+
+def sample_blocks(S, a, b):
+    """Per-sample blocks S[a_m, b_m] (M, n_a, n_b) of a matrix S (N, N), for index rows a (M, n_a) and b (M, n_b)."""
+    return S[a[:, :, None], b[:, None, :]]
+
+
 @torch.no_grad()
 def linear_r2(task):
     """R² of the best linear guess of each masked task's hidden tokens from its visible ones at the same
@@ -259,10 +272,9 @@ def linear_r2(task):
         n_hid = int(mask[0].sum())  # every sample hides the same number of tokens
         hid = mask.nonzero()[:, 1].view(len(x), n_hid)
         vis = (~mask).nonzero()[:, 1].view(len(x), -1)
-        at = lambda idx: x.gather(1, idx[..., None].expand(-1, -1, x.shape[2]))  # noqa: E731  (M, n, w) rows
-        cov = lambda a, b: S[a[:, :, None], b[:, None, :]]  # noqa: E731  per-sample covariance blocks
-        pred = mu[hid] + cov(hid, vis) @ torch.linalg.solve(cov(vis, vis), at(vis) - mu[vis])
-        out[f"{name}_r2"] = r2(pred, at(hid))
+        solved = torch.linalg.solve(sample_blocks(S, vis, vis), sample_rows(x, vis) - mu[vis])
+        pred = mu[hid] + sample_blocks(S, hid, vis) @ solved
+        out[f"{name}_r2"] = r2(pred, sample_rows(x, hid))
     return out
 
 
@@ -284,7 +296,7 @@ def read_json(path, lines=False):
     if not os.path.exists(path):
         return [] if lines else None
     with open(path) as f:
-        return [json.loads(l) for l in f] if lines else json.load(f)
+        return [json.loads(line) for line in f] if lines else json.load(f)
 
 
 def find_runs(paths):
@@ -339,8 +351,9 @@ def run_summary(run_dir):
 
 
 def label(s):
-    """How a run is named in tables and legends: its layout (network), PE, σ for table PEs, and its preset or the
-    model settings that differ from the defaults (a table per block, last-token readout, PyTorch's embedding, no decay)."""
+    """How a run is named in tables and legends: its layout (network), PE, σ for table PEs, and its preset or
+    the model settings that differ from the defaults (a table per block, last-token readout, PyTorch's embedding,
+    no decay)."""
     table = s["pe"] in pe_lib.ADDITIVE and s["pe"] != "none"
     tags = [s["preset"]] if s.get("preset") else [
         tag for tag, on in (("all", s["pe_layers"] == "all" and table), ("last", s.get("readout") == "last"),
@@ -382,7 +395,8 @@ def summary_table(run_dirs):
         if not v:
             return "–"
         pct = c.endswith("acc") or "_acc_" in c
-        digits = 1 if pct else 3 if c.endswith(("_r2", "_mse")) and not c.startswith("pe_") else 2  # task R²/MSE differ in the 3rd
+        task_fit = c.endswith(("_r2", "_mse")) and not c.startswith("pe_")  # task R²/MSE differ in the 3rd digit
+        digits = 1 if pct else 3 if task_fit else 2
         scale = 100 if pct else 1
         return f"{np.mean(v) * scale:.{digits}f} ± {np.std(v) * scale:.{digits}f}"
 
@@ -400,9 +414,23 @@ def summary_table(run_dirs):
 
 
 # ----------------------------------------------------------------------------- figures of one run
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend (figures go to files only). Imported here, at the first
+    figure, so that importing analyze for its metrics (train.py does) does not load matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def save_figure(fig, path):
-    tasks.atomic_save(fig, path, save=lambda f, p: f.savefig(p, dpi=200, format="png", bbox_inches="tight"))
-    plt.close(fig)
+    """Write fig to path as a PNG (200 dpi), atomically, and close it."""
+    png = io.BytesIO()
+    fig.savefig(png, dpi=200, format="png", bbox_inches="tight")
+    tasks.atomic_save(png.getvalue(), path)
+    pyplot().close(fig)
 
 
 def position_colours(C):
@@ -411,7 +439,7 @@ def position_colours(C):
     span = C.max(0) - C.min(0)
     U = (C - C.min(0)) / np.where(span > 0, span, 1)
     if C.shape[1] == 1:
-        return plt.cm.viridis(U[:, 0])
+        return pyplot().cm.viridis(U[:, 0])
     return np.stack([U[:, 0], U[:, 1], U[:, 2] if C.shape[1] > 2 else 1 - U.mean(1)], 1) * 0.85 + 0.05
 
 
@@ -436,6 +464,7 @@ def grid_shape(C):
 def plot_similarity(tables, C, path):
     """Figure 1: the PE's cosine similarity (each table, and their mean) beside the true-distance
     matrix and the fixed sinusoid on the same coordinates; titles give each one's RSA with distance."""
+    plt = pyplot()
     mats = [cosine_matrix(t) for t in tables]
     negdist = -distance_matrix(C)
     panels = [(m, f"PE block {i}" if len(mats) > 1 else "PE") for i, m in enumerate(mats)]
@@ -457,6 +486,7 @@ def plot_similarity(tables, C, path):
 
 def plot_similarity_maps(tables, shape, path):
     """Figure 1b (grids): each token's PE similarity to every token, drawn on the grid (ViT-style)."""
+    plt = pyplot()
     sim = np.mean([cosine_matrix(t) for t in tables], 0)
     rows, cols = shape
     fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.3 * rows), squeeze=False)
@@ -469,9 +499,15 @@ def plot_similarity_maps(tables, shape, path):
     save_figure(fig, path)
 
 
+def plot_points(X):
+    """The axes' coordinates of points X (n, k) as plot and scatter take them: 1D points on a line (y = 0)."""
+    return X.T if X.shape[1] > 1 else np.stack([X[:, 0], np.zeros(len(X))])
+
+
 def plot_layout(tables, C, path):
     """Figure 2: the PE rows' top-k principal coordinates aligned to the true positions (Procrustes),
     true neighbours joined, coloured by true position; true positions in grey."""
+    plt = pyplot()
     k = C.shape[1]
     colours, pairs = position_colours(C), neighbour_pairs(C)
     proj = {"projection": "3d"} if k == 3 else {}
@@ -480,11 +516,10 @@ def plot_layout(tables, C, path):
     for t, (ax, P) in enumerate(zip(axes[0], tables)):
         Y, r2 = procrustes(C, principal_coords(P, k))
         layouts.append(Y.tolist())
-        pts = lambda X: X.T if k > 1 else np.stack([X[:, 0], np.zeros(len(X))])  # noqa: E731  (1D on a line)
         for i, j in pairs:
-            ax.plot(*pts(Y[[i, j]]), color="0.5", lw=0.8, zorder=1)
-        ax.scatter(*pts(C), s=12, color="0.8", zorder=0, label="true")
-        ax.scatter(*pts(Y), s=28, c=colours, edgecolors="k", linewidths=0.3, zorder=2, label="PE")
+            ax.plot(*plot_points(Y[[i, j]]), color="0.5", lw=0.8, zorder=1)
+        ax.scatter(*plot_points(C), s=12, color="0.8", zorder=0, label="true")
+        ax.scatter(*plot_points(Y), s=28, c=colours, edgecolors="k", linewidths=0.3, zorder=2, label="PE")
         ax.set_title(f"{'block ' + str(t) + ': ' if len(tables) > 1 else ''}aligned PE layout, R² {r2:.2f}", fontsize=9)
         if k == 2:
             ax.set_aspect("equal")
@@ -496,6 +531,7 @@ def plot_layout(tables, C, path):
 
 def plot_curves(metrics, path):
     """Figure 3: training curves: loss, accuracy (or R^2) per split, pe_rsa, PE and token-embedding norms."""
+    plt = pyplot()
     it = [m["iter"] for m in metrics]
     score = "acc" if "test_acc" in metrics[0] else "r2"
     loss = "loss" if score == "acc" else "mse"
@@ -510,7 +546,8 @@ def plot_curves(metrics, path):
         axes[2].plot(it, [m["pe_layout_r2"] for m in metrics], label="layout R²")
     axes[3].plot(it, [m.get("pe_norm") for m in metrics], label="PE")
     axes[3].plot(it, [m["tok_norm"] for m in metrics], label="token embedding")
-    for ax, title in zip(axes, ("loss" if score == "acc" else "MSE (hidden tokens)", "accuracy" if score == "acc" else "R²", "PE identifiability", "mean row norm")):
+    titles = ("loss", "accuracy") if score == "acc" else ("MSE (hidden tokens)", "R²")
+    for ax, title in zip(axes, (*titles, "PE identifiability", "mean row norm")):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
@@ -520,6 +557,7 @@ def plot_curves(metrics, path):
 def plot_classes(summary, classes, puzzles, path):
     """Figure 4 (grid2d): accuracy per complexity class on each split (human: the 108 puzzles people solved),
     beside any scored puzzle file and the people's own accuracy on those 108."""
+    plt = pyplot()
     splits = [k[:-4] for k in summary if k.endswith("_acc") and not k.startswith("train")]
     bars = {s: [summary[f"{s}_acc_{c}"] for c in classes] for s in splits}
     for name, res in puzzles.items():
@@ -559,16 +597,18 @@ def analyze_run(run_dir):
         plot_curves(metrics, os.path.join(run_dir, "curves.png"))
         out["curves"] = metrics
     if summary and task.classes:
-        puzzles = {os.path.basename(p)[8:-5]: read_json(p) for p in sorted(glob.glob(os.path.join(run_dir, "puzzles-*.json")))}
+        scored = sorted(glob.glob(os.path.join(run_dir, "puzzles-*.json")))
+        puzzles = {os.path.basename(p)[8:-5]: read_json(p) for p in scored}  # puzzles-NAME.json -> NAME
         out["classes"] = plot_classes(summary, task.classes, puzzles, os.path.join(run_dir, "classes.png"))
-    tasks.atomic_save(json.dumps(out) + "\n", os.path.join(run_dir, "analysis.json"), save=write_text)
+    tasks.atomic_save(json.dumps(out) + "\n", os.path.join(run_dir, "analysis.json"))
     return out
 
 
 # ----------------------------------------------------------------------------- figures of a sweep
 TITLES = {"test_acc": "iid test accuracy", "ood_acc": "OOD accuracy", "human_acc": "human puzzles (108) accuracy",
           "pe_sin_rsa": "PE RSA with the 2D sinusoid", "test_r2": "test R²", "ood_r2": "OOD R²",
-          "pe_rsa": "PE identifiability (RSA)", "pe_rsa_fc": "PE RSA with FC", "pe_twin_rank": "twin rank (1: homotopic, 47: chance)"}
+          "pe_rsa": "PE identifiability (RSA)", "pe_rsa_fc": "PE RSA with FC",
+          "pe_twin_rank": "twin rank (1: homotopic, 47: chance)"}
 SWEEP_EXTRAS = ("pe_rsa_fc", "pe_twin_rank")  # brain3d: function and homotopy beside anatomy
 SERIES_COLOURS = ("k", "tab:red", "tab:blue", "tab:green", "tab:purple", "tab:brown", "tab:olive")
 
@@ -578,12 +618,21 @@ def series_of(name):
     return re.sub(r" σ=\S+", "", name)
 
 
+def mean_sem(v):
+    """(mean, standard error of the mean) of the values v; the error is 0 for a single value."""
+    return float(np.mean(v)), float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
+
+
 def sweep_figures(summaries, out_dir, x="sigma", chance=None):
-    """Figure 5 (the paper's central one): generalisation (with the human puzzles, grid2d), pe_rsa and pe_sin_rsa
-    (brain3d: also pe_rsa_fc and the twin rank) against the init std σ (x="ratio": against pe_tok_ratio, the PE's
-    norm over the token embedding's at init), mean +- s.e.m. over seeds, one series per table PE and setting, fixed
-    PEs as horizontal lines, a random table's chance level as a grey band (mean to 95th percentile); figure 6:
+    """Figure 5: generalisation (with the human puzzles, grid2d), pe_rsa (RSA with the true distances, our own
+    measure) and pe_sin_rsa (RSA with the fixed sinusoid's cosine similarities, the paper's comparison; brain3d:
+    also pe_rsa_fc and the twin rank) against the init std σ (x="ratio": against pe_tok_ratio, the PE's norm over
+    the token embedding's at init), mean +- s.e.m. over seeds, one series per table PE and setting, fixed PEs as
+    horizontal lines, a random table's chance level as a grey band (mean to 95th percentile); figure 6:
     generalisation against pe_rsa, one point per run."""
+    plt = pyplot()
+    from matplotlib.colors import LogNorm
+
     score = "acc" if "test_acc" in summaries[0] else "r2"
     keys = [f"test_{score}", f"ood_{score}", "human_acc", "pe_rsa", "pe_sin_rsa", *SWEEP_EXTRAS]
     keys = [k for k in keys if any(s.get(k) is not None for s in summaries)]
@@ -594,7 +643,6 @@ def sweep_figures(summaries, out_dir, x="sigma", chance=None):
              | {"init_std": runs[0]["init_std"], "pe": runs[0]["pe"], "series": series_of(name),
                 "ratio": float(np.mean([r.get("pe_tok_ratio") or np.nan for r in runs]))}
              for name, runs in groups.items()}
-    mean_sem = lambda v: (float(np.mean(v)), float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0)  # noqa: E731
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), layout="constrained")
     tabled = [g for g in stats.values() if g["pe"] in ("learned", "random")]
     series = sorted({g["series"] for g in tabled}, key=lambda n: (not n.startswith("learned"), n))
@@ -627,24 +675,27 @@ def sweep_figures(summaries, out_dir, x="sigma", chance=None):
     save_figure(fig, os.path.join(out_dir, "sweep_sigma.png"))
 
     fig, ax = plt.subplots(figsize=(4.6, 3.6))
-    norm = matplotlib.colors.LogNorm(*np.percentile([max(s["init_std"], 1e-4) for s in summaries], [0, 100]))
+    norm = LogNorm(*np.percentile([max(s["init_std"], 1e-4) for s in summaries], [0, 100]))
     for kind, marker in (("learned", "o"), ("random", "s")):  # learned and fixed-random tables, coloured by σ
         runs = [s for s in summaries if s["pe"] == kind and s.get("pe_rsa") is not None]
         if runs:
-            sc = ax.scatter([s["pe_rsa"] for s in runs], [s[keys[1]] for s in runs], c=[max(s["init_std"], 1e-4) for s in runs],
-                            norm=norm, cmap="plasma", marker=marker, edgecolors="k", linewidths=0.3, label=kind)
+            sc = ax.scatter([s["pe_rsa"] for s in runs], [s[keys[1]] for s in runs],
+                            c=[max(s["init_std"], 1e-4) for s in runs], norm=norm, cmap="plasma", marker=marker,
+                            edgecolors="k", linewidths=0.3, label=kind)
     if any(s["pe"] in ("learned", "random") for s in summaries):
         fig.colorbar(sc, ax=ax, label="init std σ")
     for c, n in enumerate(fixed):
         runs = [r for r in groups[n] if r.get("pe_rsa") is not None]
         if runs:
-            ax.scatter([r["pe_rsa"] for r in runs], [r[keys[1]] for r in runs], marker="^", color=lines[c % len(lines)], label=n)
+            ax.scatter([r["pe_rsa"] for r in runs], [r[keys[1]] for r in runs], marker="^",
+                       color=lines[c % len(lines)], label=n)
     ax.set_xlabel("PE identifiability (RSA with distance)")
     ax.set_ylabel(TITLES[keys[1]])
     ax.legend(fontsize=7)
     save_figure(fig, os.path.join(out_dir, "sweep_rsa.png"))
-    sweep = {"keys": keys, "groups": stats, "runs": [{k: s.get(k) for k in ("out_dir", "pe", "init_std", "seed", *keys)} for s in summaries]}
-    tasks.atomic_save(json.dumps(sweep, indent=1) + "\n", os.path.join(out_dir, "sweep.json"), save=write_text)
+    per_run = [{k: s.get(k) for k in ("out_dir", "pe", "init_std", "seed", *keys)} for s in summaries]
+    sweep = {"keys": keys, "groups": stats, "runs": per_run}
+    tasks.atomic_save(json.dumps(sweep, indent=1) + "\n", os.path.join(out_dir, "sweep.json"))
     return sweep
 
 
@@ -657,7 +708,7 @@ def score_run(runs, puzzles):
         raise ValueError(f"--puzzles needs a grid2d run, {runs[0]} is {task.name}")
     line = json.dumps(score_puzzles(model, *tasks.load_puzzle_csv(puzzles, args.grid_n), args.grid_n))
     stem = os.path.splitext(os.path.basename(puzzles))[0]
-    tasks.atomic_save(line + "\n", os.path.join(runs[0], f"puzzles-{stem}.json"), save=write_text)
+    tasks.atomic_save(line + "\n", os.path.join(runs[0], f"puzzles-{stem}.json"))
     print(line)
 
 
@@ -668,10 +719,12 @@ def score_linear(runs):
         task = tasks.get_task(args.task, args)
         if task.head != "token":
             raise ValueError(f"--linear needs a masked-prediction run (network, brain3d), {run} is {task.name}")
-        print(json.dumps({"run": run, "data_seed": args.data_seed} | {k: round(v, 4) for k, v in linear_r2(task).items()}))
+        scores = {k: round(v, 4) for k, v in linear_r2(task).items()}
+        print(json.dumps({"run": run, "data_seed": args.data_seed} | scores))
 
 
 def write_text(text, path):
+    """Kept only while train.py passes it as tasks.atomic_save's save=: atomic_save now writes text itself."""
     with open(path, "w") as f:
         f.write(text)
 
@@ -681,8 +734,10 @@ def main(argv=None):
     p.add_argument("paths", nargs="+", help="train.py run directories, or folders of them")
     p.add_argument("--puzzles", help="CSV of LST items (columns puzzles, solutions[, condition]) to score one run on")
     p.add_argument("--table", action="store_true", help="print a markdown table of the runs' summaries")
-    p.add_argument("--linear", action="store_true", help="print the linear predictor's R² on each masked run's task and splits")
-    p.add_argument("--out-dir", help="where the sweep figures go (default: the folder of runs given, else the runs' common parent)")
+    p.add_argument("--linear", action="store_true",
+                   help="print the linear predictor's R² on each masked run's task and splits")
+    p.add_argument("--out-dir",
+                   help="where the sweep figures go (default: the folder of runs given, else the runs' common parent)")
     p.add_argument("--x", default="sigma", choices=("sigma", "ratio"),
                    help="sweep figure 5's x axis: the init std σ, or pe_tok_ratio (PE norm / token norm at init)")
     a = p.parse_args(argv)
@@ -699,10 +754,12 @@ def main(argv=None):
         done = [(run, s) for run in runs if (s := run_summary(run))]
         summaries = [s for _, s in done]
         if len(summaries) > 1:
-            out_dir = a.out_dir or (a.paths[0] if len(a.paths) == 1 else os.path.commonpath([os.path.dirname(os.path.abspath(r)) for r in runs]))
+            parents = [os.path.dirname(os.path.abspath(r)) for r in runs]
+            out_dir = a.out_dir or (a.paths[0] if len(a.paths) == 1 else os.path.commonpath(parents))
             shaped = [(run, s["pe_shape"]) for run, s in done if s["pe_shape"]]  # the band: the first table's shape
             sweep_figures(summaries, out_dir, a.x, chance_of(*shaped[0]) if shaped else None)
-            print(f"{len(runs)} runs analysed; sweep figures in {out_dir} ({len(runs) - len(summaries)} unfinished runs left out)")
+            print(f"{len(runs)} runs analysed; sweep figures in {out_dir} "
+                  f"({len(runs) - len(summaries)} unfinished runs left out)")
     except ValueError as e:
         print(f"analyze.py: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -60,8 +60,8 @@ class Reference(nn.Module):
 def task_config(name, **override):
     """The model config train.py builds for task `name` by default (flags in override win), and its coordinates."""
     task = TASK_SHAPES[name](with_data=False)
-    cfg = dict(n_tokens=len(task.coords), in_dim=task.in_dim, n_out=task.n_out, head=task.head, masked=task.head == "token",
-               n_embd=tasks.TASK_DEFAULTS.get(name, {}).get("n_embd", ModelConfig.n_embd))
+    cfg = dict(n_tokens=len(task.coords), in_dim=task.in_dim, n_out=task.n_out, head=task.head,
+               masked=task.head == "token", n_embd=tasks.TASK_DEFAULTS.get(name, {}).get("n_embd", ModelConfig.n_embd))
     return ModelConfig(**{**cfg, **{k: v for k, v in override.items() if v is not None}}), task.coords
 
 
@@ -139,6 +139,11 @@ def peak_memory(device, baseline):
     return rss("VmHWM:") - baseline
 
 
+def param_groups(model):
+    """AdamW's parameter groups as train.py builds them for our model; the reference: one group."""
+    return model.param_groups(0.1, 0.0) if isinstance(model, Transformer) else model.parameters()
+
+
 def setup(make, k, cfg, args, device, forward):
     """K models from make(seed), each with AdamW as train.py builds it, and a step on K random batches; runs the
     warm-up and returns (step, parameters per model, peak memory of building and warming up, in bytes)."""
@@ -147,8 +152,8 @@ def setup(make, k, cfg, args, device, forward):
     for seed in range(k):
         torch.manual_seed(seed)
         models.append(make().to(device))
-    groups = lambda m: m.param_groups(0.1, 0.0) if isinstance(m, Transformer) else m.parameters()  # noqa: E731  the reference: one group
-    opts = [torch.optim.AdamW(groups(m), lr=3e-4, weight_decay=0.1, fused=torch.device(device).type == "cuda") for m in models]
+    fused = torch.device(device).type == "cuda"
+    opts = [torch.optim.AdamW(param_groups(m), lr=3e-4, weight_decay=0.1, fused=fused) for m in models]
     batch = random_batch(cfg, k, args.batch_size, device)
     step = functools.partial(train_step, models, opts, batch, cfg.head, forward, torch.autocast(
         torch.device(device).type, dtype=args.dtype, enabled=args.dtype != torch.float32))
@@ -162,11 +167,15 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="grid2d", choices=tasks.TASKS, help="whose default config to time")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), or a torch device")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="autocast dtype (auto: as train.py)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: as train.py, on for CUDA)")
-    p.add_argument("--vmap", action=argparse.BooleanOptionalAction, default=None, help="--models: one vmap over the models, or a loop (default: as train.py, vmap on CUDA)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="autocast dtype (auto: as train.py)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile (default: as train.py, on for CUDA)")
+    p.add_argument("--vmap", action=argparse.BooleanOptionalAction, default=None,
+                   help="--models: one vmap over the models, or a loop (default: as train.py, vmap on CUDA)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
-    p.add_argument("--models", type=int, default=1, help="also time this many models in one step against as many single steps")
+    p.add_argument("--models", type=int, default=1,
+                   help="also time this many models in one step against as many single steps")
     p.add_argument("--batch-size", type=int, default=128, help="per model (train.py's default)")
     p.add_argument("--n-embd", type=int, default=None, help="override the task's width")
     p.add_argument("--n-layer", type=int, default=None, help="override the number of blocks")
@@ -203,19 +212,24 @@ def main(argv=None):
         sys.exit(f"bench.py: error: {e}")
     forward = functools.partial(forward_models, vmap=use_vmap)
     forward = torch.compile(forward, dynamic=False) if use_compile else forward  # as train.py's step
-    where = f"threads {torch.get_num_threads()}" if torch.device(device).type == "cpu" else f"torch {torch.version.cuda} CUDA"
-    print(f"device: {device} ({device_name(device)}, {where}), dtype {str(args.dtype)[6:]}, compile {use_compile}, torch {torch.__version__}")
+    cpu = torch.device(device).type == "cpu"
+    where = f"threads {torch.get_num_threads()}" if cpu else f"torch {torch.version.cuda} CUDA"
+    dtype = str(args.dtype)[6:]  # torch.bfloat16 -> bfloat16
+    print(f"device: {device} ({device_name(device)}, {where}), dtype {dtype}, compile {use_compile}, "
+          f"torch {torch.__version__}")
     peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(device, args.dtype)
-    print(f"peak: {peak / 1e12:.3f} TFLOP/s ({'given' if args.peak_tflops else 'measured: a large ' + str(args.dtype)[6:] + ' matmul here'})")
+    source = "given" if args.peak_tflops else f"measured: a large {dtype} matmul here"
+    print(f"peak: {peak / 1e12:.3f} TFLOP/s ({source})")
     flops = step_flops(cfg, args.batch_size)
     print(f"config: {args.task}, {cfg.n_tokens} tokens, d {cfg.n_embd}, {cfg.n_layer} blocks, {cfg.n_head} head(s), "
           f"MLP {cfg.mlp_ratio * cfg.n_embd}, batch {args.batch_size}; {flops / 1e9:.2f} GFLOP per step")
 
-    setup(lambda: Transformer(cfg, coords), 1, cfg, args, device, forward)  # a process's first steps allocate for good (~80 MB on CPU)
-    setups = {"ours": setup(lambda: Transformer(cfg, coords), 1, cfg, args, device, forward),
-              "reference": setup(lambda: Reference(cfg), 1, cfg, args, device, forward)}
+    ours, reference = functools.partial(Transformer, cfg, coords), functools.partial(Reference, cfg)
+    setup(ours, 1, cfg, args, device, forward)  # a process's first steps allocate for good (~80 MB on CPU)
+    setups = {"ours": setup(ours, 1, cfg, args, device, forward),
+              "reference": setup(reference, 1, cfg, args, device, forward)}
     if args.models > 1:
-        setups[f"ours x{args.models}"] = setup(lambda: Transformer(cfg, coords), args.models, cfg, args, device, forward)
+        setups[f"ours x{args.models}"] = setup(ours, args.models, cfg, args, device, forward)
     times = {name: [] for name in setups}
     for _ in range(args.repeats):
         for name, (step, _, _) in setups.items():
@@ -226,24 +240,26 @@ def main(argv=None):
             sync(device)
             times[name].append((time.perf_counter() - t) / args.steps)
 
-    results = {"device": device, "device_name": device_name(device), "dtype": str(args.dtype)[6:], "compile": use_compile,
+    results = {"device": device, "device_name": device_name(device), "dtype": dtype, "compile": use_compile,
                "threads": torch.get_num_threads(), "peak_tflops": peak / 1e12, "step_gflop": flops / 1e9}
     print(f"{'setup':<12} {'params':>9} {'ms/step':>9} {'steps/s':>8} {'tokens/s':>10} {'MFU':>6} {'peak mem':>9}")
     for name, (step, n_params, mem) in setups.items():
         k = args.models if name.startswith("ours x") else 1
         sec = statistics.median(times[name])
-        r = {"params": n_params, "ms_per_step": sec * 1e3, "steps_per_s": 1 / sec, "tokens_per_s": k * args.batch_size * cfg.n_tokens / sec,
-             "mfu": k * flops / sec / peak, "peak_mem_mb": None if mem is None else mem / 2 ** 20, "times_ms": [t * 1e3 for t in times[name]]}
+        r = {"params": n_params, "ms_per_step": sec * 1e3, "steps_per_s": 1 / sec,
+             "tokens_per_s": k * args.batch_size * cfg.n_tokens / sec, "mfu": k * flops / sec / peak,
+             "peak_mem_mb": None if mem is None else mem / 2 ** 20, "times_ms": [t * 1e3 for t in times[name]]}
         results[name] = r
         mem_s = "n/a" if mem is None else f"{r['peak_mem_mb']:.0f} MB"
-        print(f"{name:<12} {n_params:>9,} {r['ms_per_step']:>9.1f} {r['steps_per_s']:>8.2f} {r['tokens_per_s']:>10,.0f} "
-              f"{r['mfu']:>6.1%} {mem_s:>9}")
+        print(f"{name:<12} {n_params:>9,} {r['ms_per_step']:>9.1f} {r['steps_per_s']:>8.2f} "
+              f"{r['tokens_per_s']:>10,.0f} {r['mfu']:>6.1%} {mem_s:>9}")
     results["ratio"] = results["reference"]["ms_per_step"] / results["ours"]["ms_per_step"]
     print(f"ours/reference speed: {results['ratio']:.2f}x (> 1: ours is faster)")
     if args.models > 1:
-        results["models_speedup"] = args.models * results["ours"]["ms_per_step"] / results[f"ours x{args.models}"]["ms_per_step"]
-        print(f"{args.models} models in one step ({'vmap' if use_vmap else 'loop'}) against {args.models} single steps: "
-              f"{results['models_speedup']:.2f}x the throughput")
+        many = results[f"ours x{args.models}"]["ms_per_step"]
+        results["models_speedup"] = args.models * results["ours"]["ms_per_step"] / many
+        print(f"{args.models} models in one step ({'vmap' if use_vmap else 'loop'}) against {args.models} single "
+              f"steps: {results['models_speedup']:.2f}x the throughput")
     return results
 
 

