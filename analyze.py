@@ -723,12 +723,6 @@ def score_linear(runs):
         print(json.dumps({"run": run, "data_seed": args.data_seed} | scores))
 
 
-def write_text(text, path):
-    """Kept only while train.py passes it as tasks.atomic_save's save=: atomic_save now writes text itself."""
-    with open(path, "w") as f:
-        f.write(text)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", help="train.py run directories, or folders of them")

@@ -9,18 +9,20 @@ runs at once (--seeds, --init-stds), each with its own init and data order, as o
 
 Each run writes OUT_DIR/ckpt.pt (atomically, at every eval), metrics.jsonl (a line per eval) and
 summary.json (at the end), the same files as the run alone would. --resume continues interrupted runs to
-the same result; finished runs are skipped. On CUDA: torch.compile, bf16 autocast and one vmap over the
-K models by default; on CPU: plain fp32 and a loop over the models.
+the same result; finished and diverged runs are skipped. On CUDA: torch.compile, bf16 autocast and one vmap
+over the K models by default; on CPU: plain fp32 and a loop over the models.
+
+Exit status: 0 done; 2 a bad flag, device or directory (one line, nothing written); 3 a run diverged (its loss
+became NaN or infinite: it stops there, keeps its last checkpoint and metrics.jsonl, and its summary.json says
+"diverged"; the other runs go on); 130 interrupted (Ctrl-C; every checkpoint stays valid for --resume).
 """
 import argparse
-import functools
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import asdict
-from types import SimpleNamespace
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +33,11 @@ import pe as pe_lib
 import tasks
 from model import ModelConfig, forward_models, init_model, settings, train_step
 
+# The flags whose defaults a task (tasks.TASK_DEFAULTS) or a preset may change; parsed without a default, then
+# filled in: the task's values over these, a preset's over both, an explicit flag over all.
+DEFAULTS = dict(n_layer=4, n_head=1, n_embd=160, norm="post", pe_layers="input", embed_std=0.02, readout="query",
+                lr=3e-4, warmup_iters=0, min_lr_ratio=0.1, weight_decay=0.1, batch_size=128, max_iters=2500,
+                eval_interval=250)
 # The paper's model: a table in every block, PyTorch's default token embedding, last-token readout, no weight decay
 # (the width is the task's: d = 160 for grid2d). Its recipe: AdamW lr 1e-4 constant, batch 128, 4,000 epochs of our
 # default grid2d training split (8,040 puzzles: 62 steps an epoch). paper-short: the same model on a schedule this
@@ -41,6 +48,7 @@ PRESETS = {"paper": PAPER_MODEL | dict(lr=1e-4, warmup_iters=0, min_lr_ratio=1.0
            "paper-short": PAPER_MODEL | dict(lr=3e-4, warmup_iters=0, min_lr_ratio=0.1, batch_size=128, max_iters=2500)}
 MASK_SEEDS = 2**40  # offsets the training masks' seeds from batch_indices' epoch seeds
 RUNTIME_ARGS = ("resume", "force", "device", "compile", "dtype", "vmap", "threads", "out_dir", "data_dir")
+DIVERGED, INTERRUPTED = 3, 130  # exit statuses
 
 
 def die(msg):
@@ -48,83 +56,152 @@ def die(msg):
     sys.exit(2)
 
 
-def get_args(argv=None):
-    fmt = type("Fmt", (argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter), {})
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
-    p.error = die  # one line and exit status 2 for every bad flag
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit status 2 for every bad flag
+        die(message)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help: the docstring as written, and each flag's default."""
+
+
+def default(key, text):
+    """argparse keywords of a flag whose default the task or a preset may change: none given to argparse, and a
+    help text that names them all."""
+    others = "".join(f"; {name}: {d[key]}" for name, d in {**tasks.TASK_DEFAULTS, **PRESETS}.items() if key in d)
+    return dict(default=argparse.SUPPRESS, help=f"{text} (default: {DEFAULTS[key]}{others})")
+
+
+def parser():
+    p = Parser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("task")
     g.add_argument("--task", default="grid2d", choices=tasks.TASKS, help="dataset")
     g.add_argument("--grid-n", type=int, default=4, help="grid2d: side of the Latin square (4, 5, 6)")
     g.add_argument("--n-per-class", type=int, default=4000, help="grid2d: puzzles generated per complexity class")
-    g.add_argument("--noise-std", type=float, default=0.2, help="grid2d: std of the Gaussian noise on the noise test's one-hot inputs")
-    g.add_argument("--net-layout", default="grid", choices=tuple(tasks.NET_LAYOUTS), help="network: where the nodes sit (ring 1D, grid 2D, lattice 3D, random points2d/points3d, brain: brain3d's 94 region centres)")
+    g.add_argument("--noise-std", type=float, default=0.2,
+                   help="grid2d: std of the Gaussian noise on the noise test's one-hot inputs")
+    g.add_argument("--net-layout", default="grid", choices=tuple(tasks.NET_LAYOUTS),
+                   help="network: where the nodes sit (ring 1D, grid 2D, lattice 3D, random points2d/points3d, "
+                        "brain: brain3d's 94 region centres)")
     g.add_argument("--net-shape", type=int, nargs="+", default=None,
-                   help="network: nodes per axis (grid: ROWS COLS; lattice: three sizes) or the node count (ring, points2d/3d)"
-                        f"; when not given: {', '.join(f'{k} {list(v)}' for k, v in tasks.NET_LAYOUTS.items())}")
-    g.add_argument("--net-kernel", default="gaussian", choices=tasks.NET_KERNELS, help="network: coupling decay with distance d, exp(-d^2/2L^2) or exp(-d/L)")
+                   help="network: nodes per axis (grid: ROWS COLS; lattice: three sizes) or the node count (ring, "
+                        "points2d/3d); when not given: "
+                        + ", ".join(f"{k} {list(v)}" for k, v in tasks.NET_LAYOUTS.items()))
+    g.add_argument("--net-kernel", default="gaussian", choices=tasks.NET_KERNELS,
+                   help="network: coupling decay with distance d, exp(-d^2/2L^2) or exp(-d/L)")
     g.add_argument("--net-length", type=float, default=1.0, help="network: kernel length L, in node spacings")
-    g.add_argument("--net-inhibition", type=float, default=1.0, help="network: global inhibition, a fraction of each node's mean excitation (1 = balanced, 0 = none)")
-    g.add_argument("--net-gain", type=float, default=1.5, help="network: coupling gain g, the spectral radius of the coupling")
+    g.add_argument("--net-inhibition", type=float, default=1.0,
+                   help="network: global inhibition, a fraction of each node's mean excitation "
+                        "(1 = balanced, 0 = none)")
+    g.add_argument("--net-gain", type=float, default=1.5, help="network: coupling gain g (the spectral radius)")
     g.add_argument("--net-tau", type=float, default=1.0, help="network: time constant tau")
     g.add_argument("--net-dt", type=float, default=0.1, help="network: Euler-Maruyama step, also the sampling interval")
-    g.add_argument("--net-noise", type=float, default=0.5, help="network: noise sigma (the stationary std of an uncoupled node)")
+    g.add_argument("--net-noise", type=float, default=0.5,
+                   help="network: noise sigma (the stationary std of an uncoupled node)")
     g.add_argument("--net-drive", type=float, default=0.0, help="network: constant input I inside the tanh")
-    g.add_argument("--net-burn-in", type=int, default=100, help="network: steps simulated and dropped before the window")
-    g.add_argument("--net-trials", type=int, default=10000, help="network: independent trials at --net-gain (90/10 train/test); the ood split has a tenth as many")
+    g.add_argument("--net-burn-in", type=int, default=100, help="network: steps dropped before the window")
+    g.add_argument("--net-trials", type=int, default=10000,
+                   help="network: independent trials at --net-gain (90/10 train/test); ood has a tenth as many")
     g.add_argument("--net-window", type=int, default=16, help="network: steps of activity per token")
-    g.add_argument("--net-mask-frac", type=float, default=0.25, help="network: fraction of the nodes hidden in each sample")
+    g.add_argument("--net-mask-frac", type=float, default=0.25, help="network: fraction of the nodes hidden per sample")
     g.add_argument("--net-ood-gain", type=float, default=2.0, help="network: coupling gain of the ood split")
     g.add_argument("--brain-window", type=int, default=16, help="brain3d: TRs (0.72 s each) of BOLD per token")
-    g.add_argument("--brain-stride", type=int, default=1, help="brain3d: TRs between the starts of consecutive training windows (evaluation windows do not overlap)")
-    g.add_argument("--brain-mask-frac", type=float, default=0.25, help="brain3d: fraction of the regions hidden in each sample")
+    g.add_argument("--brain-stride", type=int, default=1,
+                   help="brain3d: TRs between the starts of consecutive training windows (eval windows do not overlap)")
+    g.add_argument("--brain-mask-frac", type=float, default=0.25,
+                   help="brain3d: fraction of the regions hidden in each sample")
     g.add_argument("--data-seed", type=int, default=0, help="seed of the generated dataset and its splits")
     g.add_argument("--data-dir", default="data", help="cache of generated datasets")
     g = p.add_argument_group("positional encoding")
     g.add_argument("--pe", default="learned", choices=pe_lib.KINDS, help="positional encoding")
-    g.add_argument("--init", default="normal", choices=pe_lib.INITS, help="learned/random: distribution of the table's entries")
+    g.add_argument("--init", default="normal", choices=pe_lib.INITS, help="learned/random: distribution of the entries")
     g.add_argument("--init-std", type=float, default=0.02, help="learned/random: std sigma of each entry (0 = zeros)")
-    g.add_argument("--init-stds", type=floats, default=None, help="learned/random: one run per sigma, trained at once, e.g. 0.02,0.2 (replaces --init-std)")
-    g.add_argument("--pe-layers", default="input", choices=("input", "all"), help="additive PEs: added once at the input, or at every block with its own table (the paper)")
-    g.add_argument("--readout", default="query", choices=("query", "last"),
-                   help="grid2d: classify from the query cell's token, or from the last token (the paper's model)")
-    g.add_argument("--pe-weight-decay", type=float, default=0.0, help="AdamW decay of the PE table (decay shrinks the norm under study)")
+    g.add_argument("--init-stds", type=floats, default=None,
+                   help="learned/random: one run per sigma, trained at once, e.g. 0.02,0.2 (replaces --init-std)")
+    g.add_argument("--pe-layers", choices=("input", "all"), **default(
+        "pe_layers", "additive PEs: added once at the input, or at every block with its own table (the paper)"))
+    g.add_argument("--pe-weight-decay", type=float, default=0.0,
+                   help="AdamW decay of the PE table (decay shrinks the norm under study)")
     g = p.add_argument_group("model")
-    g.add_argument("--n-layer", type=int, default=4, help="transformer blocks")
-    g.add_argument("--n-head", type=int, default=1, help="attention heads (the paper: 1)")
-    g.add_argument("--n-embd", type=int, default=160, help="model width d (network: 64, brain3d: 60)")
-    g.add_argument("--norm", default="post", choices=("post", "pre"), help="LayerNorm after (paper) or before each sublayer")
+    g.add_argument("--n-layer", type=int, **default("n_layer", "transformer blocks"))
+    g.add_argument("--n-head", type=int, **default("n_head", "attention heads"))
+    g.add_argument("--n-embd", type=int, **default("n_embd", "model width d"))
+    g.add_argument("--norm", choices=("post", "pre"), **default("norm", "LayerNorm after or before each sublayer"))
     g.add_argument("--dropout", type=float, default=0.0, help="dropout on attention and MLP outputs")
-    g.add_argument("--embed-std", type=lambda s: None if s == "torch" else float(s), default=0.02,
-                   help="init std of the token embedding (nanoGPT's 0.02), or 'torch' for PyTorch's default (row norm ~3.2 at d=160, the paper's)")
+    g.add_argument("--embed-std", type=embed_std, **default("embed_std", "init std of the token embedding, "
+                   "or 'torch' (None) for PyTorch's default (embedded-token norm ~4.7 at d=160, the paper's)"))
+    g.add_argument("--readout", choices=("query", "last"), **default(
+        "readout", "grid2d: classify from the query cell's token, or from the last token (the paper's model)"))
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=3e-4, help="AdamW peak learning rate (network, brain3d: 1e-3)")
-    g.add_argument("--warmup-iters", type=int, default=0, help="linear warm-up steps before the cosine decay")
-    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay over --max-iters to lr * this (1 = constant)")
+    g.add_argument("--lr", type=float, **default("lr", "AdamW peak learning rate"))
+    g.add_argument("--warmup-iters", type=int, **default("warmup_iters", "linear warm-up steps"))
+    g.add_argument("--min-lr-ratio", type=float,
+                   **default("min_lr_ratio", "cosine decay over --max-iters to lr * this (1 = constant)"))
     g.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.999], help="AdamW beta1 beta2")
-    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay of the other weight matrices (token embedding included)")
-    g.add_argument("--batch-size", type=int, default=128)
-    g.add_argument("--max-iters", type=int, default=2500, help="training steps (the cap when --stop-train-acc is set; network: 2000, brain3d: 1500)")
-    g.add_argument("--stop-train-acc", type=float, default=None, help="stop at the first eval whose training accuracy reaches this (e.g. 0.999)")
-    g.add_argument("--eval-interval", type=int, default=250, help="steps between evals and checkpoints")
+    g.add_argument("--weight-decay", type=float,
+                   **default("weight_decay", "AdamW decay of the weight matrices (token embedding included)"))
+    g.add_argument("--batch-size", type=int, **default("batch_size", "samples per step"))
+    g.add_argument("--max-iters", type=int,
+                   **default("max_iters", "training steps (the cap when --stop-train-acc is set)"))
+    g.add_argument("--stop-train-acc", type=float, default=None,
+                   help="stop at the first eval whose training accuracy reaches this (e.g. 0.999)")
+    g.add_argument("--eval-interval", type=int, **default("eval_interval", "steps between evals and checkpoints"))
     g.add_argument("--seed", type=int, default=0, help="seed of the model's init and the data order")
-    g.add_argument("--seeds", type=ints, default=None, help="one run per seed, trained at once, e.g. 0,1,2 (replaces --seed; with --init-stds: every pair)")
+    g.add_argument("--seeds", type=ints, default=None,
+                   help="one run per seed, trained at once, e.g. 0,1,2 (replaces --seed; with --init-stds: every pair)")
     g = p.add_argument_group("run")
     g.add_argument("--preset", choices=sorted(PRESETS), help="a named recipe; flags given explicitly still override it")
-    g.add_argument("--out-dir", default=None, help="run directory, filled in with each run's flags ({seed}, {init_std}, ...), so several runs need those "
-                                                  "(default out/TASK-PE[-{init_std:g}]-s{seed}, TASK network-LAYOUT for network)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out-dir (start it if absent, skip it if finished)")
+    g.add_argument("--out-dir", default=None,
+                   help="run directory, filled in with each run's flags ({seed}, {init_std}, ...), so several runs "
+                        "need those (default out/TASK-PE[-{init_std:g}]-s{seed}, TASK network-LAYOUT for network)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out-dir (start it if absent, skip it if finished or diverged)")
     g.add_argument("--force", action="store_true", help="overwrite a run already in --out-dir")
     g.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), or a torch device")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on for CUDA)")
-    g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="autocast dtype (auto: bf16 on CUDA, fp32 elsewhere)")
-    g.add_argument("--vmap", action=argparse.BooleanOptionalAction, default=None, help="several runs: one vmap over the models' stacked weights, or a loop of plain calls (default: vmap on CUDA)")
-    g.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default; use 1 per process in sweeps)")
-    args = p.parse_args(argv)
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile (default: on for CUDA)")
+    g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="autocast dtype (auto: bf16 on CUDA, fp32 elsewhere)")
+    g.add_argument("--vmap", action=argparse.BooleanOptionalAction, default=None,
+                   help="several runs: one vmap over the models' stacked weights, or a loop of plain calls "
+                        "(default: vmap on CUDA)")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default; sweeps: 1 per process)")
+    return p
+
+
+def embed_std(text):
+    """--embed-std: a std, or 'torch' for PyTorch's default init (None)."""
+    return None if text == "torch" else float(text)
+
+
+def ints(text):
+    return [int(v) for v in text.split(",")]
+
+
+def floats(text):
+    return [float(v) for v in text.split(",")]
+
+
+def get_args(argv=None):
+    """The flags, with the task's and the preset's defaults filled in, checked: a bad one ends here with exit 2."""
+    args = parser().parse_args(argv)
     preset = {k: v for k, v in PRESETS.get(args.preset, {}).items() if k != "readout" or args.task == "grid2d"}
-    defaults = {**tasks.TASK_DEFAULTS.get(args.task, {}), **preset}  # a preset's readout is for classification only
-    if defaults:  # the task's, then a preset's values become the defaults, so explicit flags still win
-        p.set_defaults(**defaults)
-        args = p.parse_args(argv)
+    for k, v in {**DEFAULTS, **tasks.TASK_DEFAULTS.get(args.task, {}), **preset}.items():  # explicit flags win
+        if not hasattr(args, k):
+            setattr(args, k, v)
+    check(args)
+    if args.out_dir is None:  # a template: runs() fills in each run's sigma and seed
+        sigma = "-{init_std:g}" if args.pe in ("learned", "random") else ""
+        name = "network-{net_layout}" if args.task == "network" else "{task}"
+        args.out_dir = os.path.join("out", f"{name}-{{pe}}{sigma}-s{{seed}}")
+    return args
+
+
+def check(args):
+    """Refuse every flag that cannot make a run, before anything is written."""
+    for name, value in vars(args).items():  # NaN or inf in any float flag, lists included
+        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+            die(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     for name in ("init_std", "lr", "weight_decay", "pe_weight_decay", "noise_std", "dropout"):
         if getattr(args, name) < 0:
             die(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
@@ -141,36 +218,7 @@ def get_args(argv=None):
         check_network(args)
     if args.task == "brain3d":
         check_brain(args)
-    if args.out_dir is None:  # a template: runs() fills in each run's sigma and seed
-        sigma = "-{init_std:g}" if args.pe in ("learned", "random") else ""
-        name = "network-{net_layout}" if args.task == "network" else "{task}"
-        args.out_dir = os.path.join("out", f"{name}-{{pe}}{sigma}-s{{seed}}")
-    return args
-
-
-def ints(text):
-    return [int(v) for v in text.split(",")]
-
-
-def floats(text):
-    return [float(v) for v in text.split(",")]
-
-
-def runs(args):
-    """The runs args asks for: one per (init_std, seed) of --init-stds x --seeds (default: --init-std, --seed),
-    each the args that `--init-std STD --seed SEED` alone would give, with --out-dir filled in by its flags."""
-    out = []
-    for std in args.init_stds or [args.init_std]:
-        for seed in args.seeds or [args.seed]:
-            run = argparse.Namespace(**{**vars(args), "init_std": std, "seed": seed, "init_stds": None, "seeds": None})
-            try:
-                run.out_dir = args.out_dir.format(**vars(run))
-            except (KeyError, IndexError, ValueError) as e:
-                die(f"--out-dir {args.out_dir!r}: cannot fill in {e} (fields are flags, e.g. {{seed}}, {{init_std}})")
-            out.append(run)
-    if len({r.out_dir for r in out}) < len(out):
-        die(f"--out-dir {args.out_dir!r} gives {len(out)} runs fewer directories; put {{seed}} and {{init_std}} in it")
-    return out
+    check_device(args.device)
 
 
 def check_network(args):
@@ -210,6 +258,38 @@ def check_masked(args, name, n):
         die(f"--stop-train-acc needs a classification task; {args.task} is a regression")
 
 
+def check_device(name):
+    """Refuse a device this machine does not have, naming the ones it has."""
+    have = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    have += ["mps"] if torch.backends.mps.is_available() else []
+    try:
+        device = None if name == "auto" else torch.device(name)
+    except RuntimeError:
+        die(f"--device {name!r} is not a device; this machine has {', '.join(have)}")
+    if device is not None and not (device.type == "cpu" or (device.type == "cuda" and (device.index or 0) <
+                                   torch.cuda.device_count()) or (device.type == "mps" and "mps" in have)):
+        die(f"--device {name}: this machine has no such device; it has {', '.join(have)}")
+
+
+def runs(args):
+    """The runs args asks for: one per (init_std, seed) of --init-stds x --seeds (default: --init-std, --seed),
+    each the args that `--init-std STD --seed SEED` alone would give, with --out-dir filled in by its flags."""
+    out = []
+    for std in args.init_stds or [args.init_std]:
+        for seed in args.seeds or [args.seed]:
+            run = argparse.Namespace(**{**vars(args), "init_std": std, "seed": seed, "init_stds": None, "seeds": None})
+            try:
+                run.out_dir = args.out_dir.format(**vars(run))
+            except (KeyError, IndexError, ValueError) as e:
+                die(f"--out-dir {args.out_dir!r}: cannot fill in {e} (fields are flags, e.g. {{seed}}, {{init_std}})")
+            if why := tasks.unwritable(run.out_dir):
+                die(f"--out-dir {run.out_dir}: cannot be created or written ({why})")
+            out.append(run)
+    if len({r.out_dir for r in out}) < len(out):
+        die(f"--out-dir {args.out_dir!r} gives {len(out)} runs fewer directories; put {{seed}} and {{init_std}} in it")
+    return out
+
+
 def lr_at(it, args):
     """Linear warm-up over warmup_iters, then cosine decay from lr to lr * min_lr_ratio at max_iters."""
     if it < args.warmup_iters:
@@ -243,13 +323,6 @@ def training_batch(it, train, task, args):
     return batch
 
 
-def predict(models, batch, device, forward=forward_models):
-    """K models on a batch dict of (K, B, ...) tensors: classification reads its 'readout' token, masked
-    prediction its 'mask'. Returns (K, B, ...)."""
-    get = lambda k: batch[k].to(device) if k in batch else None  # noqa: E731
-    return forward(models, get("x"), get("readout"), get("mask"))
-
-
 @torch.no_grad()
 def evaluate(models, task, device, forward=forward_models, batch_size=1024):
     """Every split, for each of K models (a dict each): loss and accuracy, with accuracy per class, of a
@@ -258,11 +331,13 @@ def evaluate(models, task, device, forward=forward_models, batch_size=1024):
     for model in models:
         model.eval()
     out = [{} for _ in models]
-    share = lambda t: t.expand(len(models), *t.shape)  # noqa: E731  every model sees the same samples
     for name, s in task.splits.items():
-        preds = torch.cat([predict(models, {k: share(v[i:i + batch_size]) for k, v in s.items()}, device, forward).float()
-                           for i in range(0, len(s["y"]), batch_size)], dim=1).cpu()
-        for m, pred in zip(out, preds):
+        chunks = []
+        for i in range(0, len(s["y"]), batch_size):  # every model sees the same samples
+            x, readout, mask = (s[k][i:i + batch_size].expand(len(models), -1, *s[k].shape[1:]).to(device)
+                                if k in s else None for k in ("x", "readout", "mask"))
+            chunks.append(forward(models, x, readout, mask).float().cpu())
+        for m, pred in zip(out, torch.cat(chunks, dim=1)):
             if task.head == "token":
                 p, y = pred[s["mask"]], s["y"][s["mask"]]
                 m[f"{name}_mse"] = F.mse_loss(p, y).item()
@@ -278,180 +353,269 @@ def evaluate(models, task, device, forward=forward_models, batch_size=1024):
     return out
 
 
-def prepare_out_dir(args):
-    """Refuse to overwrite another run; returns the checkpoint to resume from, or None."""
-    files = [os.path.join(args.out_dir, f) for f in ("ckpt.pt", "metrics.jsonl", "summary.json")]
-    summary = files[2]
-    if args.resume and os.path.exists(files[0]):
-        ckpt = torch.load(files[0], map_location="cpu", weights_only=False)
-        diff = {k: (v, vars(args).get(k)) for k, v in ckpt["args"].items() if k not in RUNTIME_ARGS and vars(args).get(k) != v}
+@dataclass
+class Run:
+    """One run: its flags, model and optimiser, the state its checkpoint carries, and how it ended."""
+    args: argparse.Namespace
+    model: torch.nn.Module
+    ckpt: dict = None  # the checkpoint it resumes from
+    summary: dict = None  # set when it finished or diverged
+    opt: torch.optim.Optimizer = None
+    state: dict = field(default_factory=dict)  # iter, elapsed, pe_rsa_init, fit_iter: saved in every checkpoint
+    ratios: dict = field(default_factory=dict)  # its PE's norm over the tokens' and the stream's, at init
+    saved: int = None  # the step its latest checkpoint holds
+    last: dict = None  # its latest eval
+    t0: float = 0.0
+    stopped: bool = False  # fitted (--stop-train-acc)
+
+    def name(self, many):
+        """The prefix of a run's printed lines, when several runs share the output."""
+        return f"{self.args.out_dir}: " if many else ""
+
+
+def prepare_out_dir(run):
+    """Refuse to overwrite another run; load what --resume continues from (a checkpoint), or a summary that says
+    the run needs nothing more (finished or diverged)."""
+    ckpt, metrics, summary = (os.path.join(run.args.out_dir, f) for f in ("ckpt.pt", "metrics.jsonl", "summary.json"))
+    if run.args.resume and os.path.exists(summary):
+        run.summary = json.load(open(summary))
+        how = f"diverged at step {run.summary['diverged_at']}" if run.summary.get("diverged") else "finished"
+        return print(f"{run.args.out_dir} is {how}; nothing to do")
+    if run.args.resume and os.path.exists(ckpt):
+        run.ckpt = torch.load(ckpt, map_location="cpu", weights_only=False)
+        diff = {k: (v, vars(run.args).get(k)) for k, v in run.ckpt["args"].items()
+                if k not in RUNTIME_ARGS and vars(run.args).get(k) != v}
         if diff:
-            die(f"--resume: {args.out_dir} holds a run with other settings (saved, given): {diff}")
-        return ckpt
-    fresh = args.resume and not os.path.exists(summary)  # killed before its first checkpoint: nothing to resume, start it
-    if any(os.path.exists(f) for f in files) and not (args.force or fresh):
-        die(f"{args.out_dir} already holds a run; pass --resume to continue it or --force to overwrite it")
-    for f in files:  # --force: nothing of the old run may survive to be mistaken for the new one's
+            die(f"--resume: {run.args.out_dir} holds a run with other settings (saved, given): {diff}")
+        run.saved = run.ckpt["state"]["iter"]
+        return
+    if any(os.path.exists(f) for f in (ckpt, metrics, summary)) and not (run.args.force or run.args.resume):
+        die(f"{run.args.out_dir} already holds a run; pass --resume to continue it or --force to overwrite it")
+    for f in (ckpt, metrics, summary):  # nothing of an old run may survive to be mistaken for the new one's
         if os.path.exists(f):
             os.remove(f)
-    return None
 
 
 def build_model(args, task):
     """The run's model, built exactly as the run alone builds it: seeded by its seed, drawn with its sigma."""
-    cfg = ModelConfig(n_tokens=len(task.coords), in_dim=task.in_dim, n_out=task.n_out, head=task.head, readout=args.readout,
-                      masked=task.head == "token", n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
-                      dropout=args.dropout, norm=args.norm, embed_std=args.embed_std, pe=args.pe, pe_layers=args.pe_layers,
-                      init=args.init, init_std=args.init_std)
+    cfg = ModelConfig(n_tokens=len(task.coords), in_dim=task.in_dim, n_out=task.n_out, head=task.head,
+                      readout=args.readout, masked=task.head == "token", n_layer=args.n_layer, n_head=args.n_head,
+                      n_embd=args.n_embd, dropout=args.dropout, norm=args.norm, embed_std=args.embed_std, pe=args.pe,
+                      pe_layers=args.pe_layers, init=args.init, init_std=args.init_std)
     try:
         return init_model(cfg, task.coords, args.seed)
     except ValueError as e:
         die(str(e))
 
 
+def start(run, task, tokens, device):
+    """Put a run on the device with its optimiser, note its PE at init, and restore its checkpoint if resumed."""
+    args = run.args
+    run.model.to(device)
+    run.opt = torch.optim.AdamW(run.model.param_groups(args.weight_decay, args.pe_weight_decay), lr=args.lr,
+                                betas=tuple(args.betas), fused=torch.device(device).type == "cuda")
+    ident0 = analyze.identifiability(run.model, task.coords, task.references, task.twins, tokens)
+    run.ratios = analyze.norm_ratios(run.model, tokens)
+    run.state = {"iter": 0, "elapsed": 0.0, "pe_rsa_init": ident0["pe_rsa"], "fit_iter": None}
+    if run.ckpt is not None:
+        run.model.load_state_dict(run.ckpt["model"])
+        run.opt.load_state_dict(run.ckpt["optimizer"])
+        torch.set_rng_state(run.ckpt["rng"])  # runs resumed together were saved together, with one state
+        run.state = run.ckpt["state"]
+        print(f"resuming {args.out_dir} at step {run.state['iter']}")
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, "metrics.jsonl")
+    kept = open(path).readlines() if run.ckpt is not None and os.path.exists(path) else []
+    kept = [line for line in kept if json.loads(line)["iter"] <= run.state["iter"]]  # evals made after the checkpoint
+    tasks.atomic_save("".join(kept), path)
+    norm = "n/a" if ident0["pe_norm"] is None else f"{ident0['pe_norm']:.3f}"
+    return (f"PE row norm {norm} vs embedded-token norm {ident0['tok_norm']:.3f} (at init)"
+            + "".join(f"; {k} {v:.2f}" for k, v in run.ratios.items() if v is not None))
+
+
+def log_evals(due, task, args, device, forward, ctx, tokens):
+    """Evaluate the due runs at once; append each one's line to its metrics.jsonl and note its fit."""
+    if not due:
+        return
+    with ctx:
+        ms = evaluate([run.model for run in due], task, device, forward)
+    for run, m in zip(due, ms):
+        m.update({"iter": run.state["iter"], "lr": lr_at(run.state["iter"], args), "elapsed": run.state["elapsed"]},
+                 **analyze.identifiability(run.model, task.coords, task.references, task.twins, tokens))
+        with open(os.path.join(run.args.out_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(m) + "\n")
+        if run.state["fit_iter"] is None and fitted(m, args, task):
+            run.state["fit_iter"] = run.state["iter"]
+        run.last = m
+
+
 def fitted(m, args, task):
-    """Whether an eval fits the training set (--stop-train-acc, else 0.999); None for a regression, which has no fit criterion."""
-    return m["train_acc"] >= (args.stop_train_acc if args.stop_train_acc is not None else 0.999) if task.head == "cls" else None
+    """Whether an eval fits the training set (--stop-train-acc, else 0.999); None for a regression."""
+    if task.head != "cls":
+        return None
+    return m["train_acc"] >= (args.stop_train_acc if args.stop_train_acc is not None else 0.999)
 
 
 def save_checkpoint(run):
-    tasks.atomic_save({"model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "model_config": asdict(run.model.cfg),
-                       "args": vars(run.args), "state": run.state, "rng": torch.get_rng_state()},
-                      os.path.join(run.args.out_dir, "ckpt.pt"))
+    tasks.atomic_save({"model": run.model.state_dict(), "optimizer": run.opt.state_dict(),
+                       "model_config": asdict(run.model.cfg), "args": vars(run.args), "state": run.state,
+                       "rng": torch.get_rng_state()}, os.path.join(run.args.out_dir, "ckpt.pt"))
+    run.saved = run.state["iter"]
+
+
+def identity(args, run):
+    """What names a run in its summary: task, PE, its sigma and seed, and the model settings under study."""
+    return {"task": args.task, "pe": args.pe, "init": args.init, "init_std": run.args.init_std,
+            "pe_layers": args.pe_layers, "readout": args.readout, "embed_std": args.embed_std,
+            "weight_decay": args.weight_decay, "preset": args.preset, "seed": run.args.seed,
+            "data_seed": args.data_seed}
+
+
+def finish(run, args, task, n_params):
+    """The run's summary.json from its last eval (and a last checkpoint); prints its headline numbers."""
+    m, state = run.last, run.state
+    state["elapsed"] = time.time() - run.t0
+    run.summary = identity(args, run) | {
+        "iters": state["iter"], "wall_s": round(state["elapsed"], 1), "fitted": fitted(m, args, task),
+        "fit_iter": state["fit_iter"], "n_params": n_params,
+        **{k: v for k, v in m.items() if k.endswith(("_acc", "_mse", "_r2")) or "_acc_" in k},
+        **{k: v for k, v in m.items() if k.startswith("pe_") or k == "tok_norm"}, **run.ratios,
+        "pe_rsa_init": state["pe_rsa_init"],
+        "pe_rsa_delta": None if m["pe_rsa"] is None else m["pe_rsa"] - state["pe_rsa_init"],
+        "out_dir": run.args.out_dir}
+    save_checkpoint(run)
+    tasks.atomic_save(json.dumps(run.summary, indent=1) + "\n", os.path.join(run.args.out_dir, "summary.json"))
+    return json.dumps({k: v for k, v in run.summary.items() if k.endswith(("acc", "_r2")) or k.startswith("pe_rsa")
+                       or k in ("iters", "wall_s", "fitted")})
+
+
+def diverge(run, args, loss):
+    """Stop a run whose loss is no longer finite: its last checkpoint and metrics.jsonl stay as they are, and its
+    summary says where it diverged, so --table lists it as diverged and --resume skips it."""
+    step = run.state["iter"] + 1
+    run.summary = identity(args, run) | {"diverged": True, "diverged_at": step, "loss": str(loss), "iters": run.saved,
+                                         "fitted": False, "out_dir": run.args.out_dir}
+    tasks.atomic_save(json.dumps(run.summary, indent=1) + "\n", os.path.join(run.args.out_dir, "summary.json"))
+    kept = "its metrics.jsonl is kept (no checkpoint yet)" if run.saved is None else \
+        f"its checkpoint (step {run.saved}) and metrics.jsonl are kept"
+    return (f"train.py: {run.args.out_dir}: loss is {loss} at step {step}; the run diverged (is --lr {args.lr:g} too "
+            f"high?); {kept}")
 
 
 def main(argv=None):
     """Train every run the flags ask for (one unless --seeds/--init-stds) in one loop; returns their summaries."""
-    runs_args = runs(get_args(argv))
-    args = runs_args[0]  # what the runs share: everything but seed, init_std and out_dir
+    # setup: flags, threads, device; a bad flag ends here, before anything is written
+    all_runs_args = runs(get_args(argv))
+    args = all_runs_args[0]  # what the runs share: everything but seed, init_std and out_dir
     torch.set_flush_denormal(True)  # tiny (small-sigma) PE values would otherwise become slow denormals
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype, use_compile, use_vmap = settings(args.device, args.dtype, args.compile, args.vmap)
     ctx = torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
-
-    # validate everything before a single file is written
     try:
         task = tasks.get_task(args.task, args, with_data=False)
     except (FileNotFoundError, ValueError) as e:  # brain3d: data not installed, or a window longer than a run
         die(str(e))
-    all_runs = [SimpleNamespace(args=a, model=build_model(a, task), summary=None) for a in runs_args]
-    for run in all_runs:
-        run.ckpt = prepare_out_dir(run.args)
-        summary_path = os.path.join(run.args.out_dir, "summary.json")
-        if run.ckpt is not None and os.path.exists(summary_path):
-            print(f"{run.args.out_dir} is finished; nothing to do")
-            run.summary = json.load(open(summary_path))
-    active = [run for run in all_runs if run.summary is None]
-    if not active:
-        return [run.summary for run in all_runs]
+    all_runs = [Run(a, build_model(a, task)) for a in all_runs_args]
+    many = len(all_runs) > 1
 
-    task = tasks.get_task(args.task, args)
+    # resume: what each run continues from; finished and diverged runs need nothing
+    for run in all_runs:
+        prepare_out_dir(run)
+    active = [run for run in all_runs if run.summary is None]
+    try:
+        if active:
+            train(active, args, many, device, dtype, use_compile, use_vmap, ctx)
+    except KeyboardInterrupt:  # checkpoints are written atomically: each run continues from its latest
+        for run in active:
+            if run.summary is None:
+                where = "starts it afresh" if run.saved is None else f"continues from step {run.saved}"
+                print(f"train.py: {run.args.out_dir}: interrupted at step {run.state.get('iter', 0)}; --resume {where}",
+                      file=sys.stderr)
+        sys.exit(INTERRUPTED)
+    if any(run.summary.get("diverged") for run in active):
+        sys.exit(DIVERGED)
+    return [run.summary for run in all_runs]
+
+
+def train(active, args, many, device, dtype, use_compile, use_vmap, ctx):
+    """The training loop of the runs that are not done yet, each to its own end: max_iters, a fit, or divergence."""
+    try:
+        task = tasks.get_task(args.task, args)
+    except ValueError as e:  # a dataset cache that cannot be written
+        die(str(e))
     n_params = sum(p.numel() for p in active[0].model.parameters())
-    sizes = ", ".join(f"{k} {len(v['y'])}" for k, v in task.splits.items())
-    print(f"{args.task}: {len(task.coords)} tokens; {sizes}")
-    print(f"model: {n_params / 1e6:.2f} M parameters, pe={args.pe} ({args.pe_layers}), device={device}, dtype={dtype}, compile={use_compile}"
-          + (f"; {len(active)} runs at once ({'vmap' if use_vmap else 'loop'})" if len(active) > 1 else ""))
-    tokens = analyze.training_tokens(task)  # for the token embedding's norm, the unit of a PE's
-    identifiability = lambda model: analyze.identifiability(model, task.coords, task.references, task.twins, tokens)  # noqa: E731
-    name = lambda run: f"{run.args.out_dir}: " if len(all_runs) > 1 else ""  # noqa: E731  whose line it is
+    print(f"{args.task}: {len(task.coords)} tokens; " + ", ".join(f"{k} {len(v['y'])}" for k, v in task.splits.items()))
+    at_once = f"; {len(active)} runs at once ({'vmap' if use_vmap else 'loop'})" if many else ""
+    print(f"model: {n_params / 1e6:.2f} M parameters, pe={args.pe} ({args.pe_layers}), device={device}, dtype={dtype}, "
+          f"compile={use_compile}{at_once}")
+    tokens = analyze.training_tokens(task)  # the embedded tokens' norm is the unit of a PE's
     for run in active:
-        run.model.to(device)
-        run.opt = torch.optim.AdamW(run.model.param_groups(args.weight_decay, args.pe_weight_decay), lr=args.lr, betas=tuple(args.betas),
-                                    fused=torch.device(device).type == "cuda")  # fused: a few kernels per step, however many runs
-        ident0, run.ratios = identifiability(run.model), analyze.norm_ratios(run.model, tokens)  # at init
-        run.state, run.last, run.stopped = {"iter": 0, "elapsed": 0.0, "pe_rsa_init": ident0["pe_rsa"], "fit_iter": None}, None, False
-        if run.ckpt is not None:
-            run.model.load_state_dict(run.ckpt["model"])
-            run.opt.load_state_dict(run.ckpt["optimizer"])
-            torch.set_rng_state(run.ckpt["rng"])  # runs resumed together were saved together, with one state
-            run.state = run.ckpt["state"]
-            print(f"resuming {run.args.out_dir} at step {run.state['iter']}")
-        os.makedirs(run.args.out_dir, exist_ok=True)
-        metrics_path = os.path.join(run.args.out_dir, "metrics.jsonl")
-        kept = [l for l in open(metrics_path)] if run.ckpt is not None and os.path.exists(metrics_path) else []
-        kept = [l for l in kept if json.loads(l)["iter"] <= run.state["iter"]]  # drop evals made after the checkpoint
-        tasks.atomic_save("".join(kept), metrics_path, save=analyze.write_text)
-        pe_norm = "n/a" if ident0["pe_norm"] is None else f"{ident0['pe_norm']:.3f}"
-        print(f"{name(run)}PE row norm {pe_norm} vs embedded-token norm {ident0['tok_norm']:.3f} (at init)"
-              + "".join(f"; {k} {v:.2f}" for k, v in run.ratios.items() if v is not None))
-    forward = functools.partial(forward_models, vmap=use_vmap)
+        print(run.name(many) + start(run, task, tokens, device))
+    forward = forward_models if not use_vmap else vmapped
     # one static graph for the training step; evaluation runs eager, since each of its chunk sizes would need a graph
     # of its own (a vmap compiled with dynamic shapes fails in torch 2.13)
     step_forward = torch.compile(forward, dynamic=False) if use_compile else forward
-    train = task.splits["train"]
+    train_split = task.splits["train"]
     key = "acc" if task.head == "cls" else "r2"  # the headline metric per split
-
-    def run_evals(due):
-        if not due:
-            return
-        with ctx:
-            ms = evaluate([run.model for run in due], task, device, forward)
-        for run, m in zip(due, ms):
-            m.update({"iter": run.state["iter"], "lr": lr_at(run.state["iter"], args), "elapsed": run.state["elapsed"]},
-                     **identifiability(run.model))
-            with open(os.path.join(run.args.out_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(m) + "\n")
-            if run.state["fit_iter"] is None and fitted(m, args, task):
-                run.state["fit_iter"] = run.state["iter"]
-            run.last = m
-
-    def finish(run):
-        if run.last is None:  # a run interrupted after its last step but before its summary
-            run_evals([run])
-        m, state = run.last, run.state
-        state["elapsed"] = time.time() - run.t0
-        run.summary = {"task": args.task, "pe": args.pe, "init": args.init, "init_std": run.args.init_std, "pe_layers": args.pe_layers,
-                       "readout": args.readout, "embed_std": args.embed_std, "weight_decay": args.weight_decay, "preset": args.preset,
-                       "seed": run.args.seed, "data_seed": args.data_seed, "iters": state["iter"], "wall_s": round(state["elapsed"], 1),
-                       "fitted": fitted(m, args, task), "fit_iter": state["fit_iter"], "n_params": n_params,
-                       **{k: v for k, v in m.items() if k.endswith(("_acc", "_mse", "_r2")) or "_acc_" in k},
-                       **{k: v for k, v in m.items() if k.startswith("pe_") or k == "tok_norm"}, **run.ratios,
-                       "pe_rsa_init": state["pe_rsa_init"],
-                       "pe_rsa_delta": None if m["pe_rsa"] is None else m["pe_rsa"] - state["pe_rsa_init"], "out_dir": run.args.out_dir}
-        save_checkpoint(run)
-        tasks.atomic_save(json.dumps(run.summary, indent=1) + "\n", os.path.join(run.args.out_dir, "summary.json"), save=analyze.write_text)
-        tqdm.write(name(run) + json.dumps({k: v for k, v in run.summary.items() if k.endswith(("acc", "_r2")) or k.startswith("pe_rsa")
-                                           or k in ("iters", "wall_s", "fitted")}))
-
-    going = lambda run: run.state["iter"] < args.max_iters and not run.stopped  # noqa: E731
-    bar = tqdm(total=args.max_iters, initial=min(run.state["iter"] for run in active),
-               desc=os.path.basename(args.out_dir) if len(all_runs) == 1 else f"{len(active)} runs", dynamic_ncols=True)
+    bar = tqdm(total=args.max_iters, initial=min(run.state["iter"] for run in active), dynamic_ncols=True,
+               desc=os.path.basename(args.out_dir) if not many else f"{len(active)} runs",
+               disable=not sys.stderr.isatty())  # in a log file, the eval lines below are the progress
     for run in active:
         run.t0 = time.time() - run.state["elapsed"]
-    run_evals([run for run in active if run.state["iter"] == 0])
+    log_evals([run for run in active if run.state["iter"] == 0], task, args, device, forward, ctx, tokens)
+    training = [run for run in active if run.state["iter"] < args.max_iters]
     for run in active:
-        if not going(run):
-            finish(run)
-    training = [run for run in active if going(run)]
+        if run not in training:  # interrupted after its last step but before its summary
+            if run.last is None:
+                log_evals([run], task, args, device, forward, ctx, tokens)
+            tqdm.write(run.name(many) + finish(run, args, task, n_params))
     while training:  # one step of every run still training: one forward and one backward for all
-        batches = [training_batch(run.state["iter"], train, task, run.args) for run in training]
-        batch = {k: torch.stack([b[k] for b in batches]).to(device) for k in batches[0]}
+        # lr: each run's schedule at its own step
         for run in training:
             for g in run.opt.param_groups:
                 g["lr"] = lr_at(run.state["iter"], args)
-        out, losses = train_step([run.model for run in training], [run.opt for run in training], batch, task.head, step_forward, ctx)
+        # batch: each run's own data order, stacked into (K, B, ...)
+        batches = [training_batch(run.state["iter"], train_split, task, run.args) for run in training]
+        batch = {k: torch.stack([b[k] for b in batches]).to(device) for k in batches[0]}
+        # step
+        out, losses = train_step([run.model for run in training], [run.opt for run in training], batch, task.head,
+                                 step_forward, ctx)
+        # a loss that is no longer finite ends its run here, before its broken weights are evaluated or saved
+        for run, loss in zip(training, losses.tolist()):
+            if not math.isfinite(loss):
+                tqdm.write(diverge(run, args, loss), file=sys.stderr)
         for run in training:
             run.state["iter"] += 1
+        # log
         bar.update(1)
-        if bar.n % 10 == 0:
+        if bar.n % 10 == 0 and not bar.disable:
             acc = {"acc": f"{(out.argmax(-1) == batch['y']).float().mean().item():.3f}"} if task.head == "cls" else {}
             bar.set_postfix(loss=f"{losses.mean().item():.4f}", **acc)
-        due = [run for run in training if run.state["iter"] % args.eval_interval == 0 or run.state["iter"] == args.max_iters]
+        # eval + checkpoint
+        due = [run for run in training if run.summary is None and
+               (run.state["iter"] % args.eval_interval == 0 or run.state["iter"] == args.max_iters)]
         for run in due:
             run.state["elapsed"] = time.time() - run.t0
-        run_evals(due)
+        log_evals(due, task, args, device, forward, ctx, tokens)
         for run in due:
             m = run.last
-            tqdm.write(f"{name(run)}step {run.state['iter']}: " + " ".join(f"{s} {m[f'{s}_{key}']:.4f}" for s in task.splits) +
-                       f" pe_rsa {m['pe_rsa'] if m['pe_rsa'] is None else round(m['pe_rsa'], 3)}")
+            tqdm.write(f"{run.name(many)}step {run.state['iter']}: " + " ".join(
+                f"{s} {m[f'{s}_{key}']:.4f}" for s in task.splits)
+                + f" pe_rsa {m['pe_rsa'] if m['pe_rsa'] is None else round(m['pe_rsa'], 3)}")
             save_checkpoint(run)
             run.stopped = args.stop_train_acc is not None and m["train_acc"] >= args.stop_train_acc
-            if not going(run):
-                finish(run)
-        training = [run for run in training if going(run)]
+        # stop: a run leaves the batch when it reached max_iters, fitted or diverged
+        for run in due:
+            if run.stopped or run.state["iter"] >= args.max_iters:
+                tqdm.write(run.name(many) + finish(run, args, task, n_params))
+        training = [run for run in training if run.summary is None]
     bar.close()
-    return [run.summary for run in all_runs]
+
+
+def vmapped(models, x, readout=None, mask=None):
+    """forward_models as one vmap over the models' stacked weights."""
+    return forward_models(models, x, readout, mask, vmap=True)
 
 
 if __name__ == "__main__":
