@@ -18,6 +18,7 @@ import glob
 import io
 import json
 import os
+import pickle
 import re
 import sys
 from types import SimpleNamespace
@@ -222,7 +223,7 @@ def identifiability(model, coords, references=None, twins=None, tokens=None):
     --pe-layers all), pe_rsa per table, and, given the training tokens, their embedding's mean norm."""
     tok = {} if tokens is None else {"tok_norm": token_norm(model, tokens)}
     tables = pe_tables(model)
-    if tables is None:
+    if tables is None or not np.isfinite(tables).all():  # no table, or a broken one: nothing to measure
         return {"pe_rsa": None, "pe_rsa_tables": None, "pe_norm": 0.0 if model.pe is None else None} | tok
     per_table = [pe_metrics(t, coords.numpy(), references, twins) for t in tables]
     mean = {f"pe_{k}": float(np.mean([m[k] for m in per_table])) for k in per_table[0]}
@@ -284,29 +285,50 @@ def load_run(run_dir):
     path = os.path.join(run_dir, "ckpt.pt")
     if not os.path.exists(path):
         raise ValueError(f"no checkpoint at {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    args = SimpleNamespace(**ckpt["args"])
-    task = tasks.get_task(args.task, args, with_data=False)
-    model = Transformer(ModelConfig(**ckpt["model_config"]), task.coords)
-    model.load_state_dict(ckpt["model"])
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        args = SimpleNamespace(**ckpt["args"])
+        task = tasks.get_task(args.task, args, with_data=False)
+        model = Transformer(ModelConfig(**ckpt["model_config"]), task.coords)
+        model.load_state_dict(ckpt["model"])
+    except (OSError, RuntimeError, EOFError, KeyError, TypeError, pickle.UnpicklingError) as e:
+        reason = str(e).split(". ")[0][:150]
+        raise ValueError(f"{path} cannot be read: a truncated or corrupt checkpoint? ({type(e).__name__}: {reason})")
     return model.eval(), task, args
 
 
 def read_json(path, lines=False):
+    """A JSON file (None if absent), or a JSON-lines file as a list, without its last line when that one is cut
+    short (a run still writing it, or killed while it did); any other bad line is a ValueError naming it."""
     if not os.path.exists(path):
         return [] if lines else None
     with open(path) as f:
-        return [json.loads(line) for line in f] if lines else json.load(f)
+        text = f.read()
+    rows = text.split("\n") if lines else [text]
+    out = []
+    for i, row in enumerate(rows, start=1):
+        if not row.strip():
+            continue
+        try:
+            out.append(json.loads(row))
+        except json.JSONDecodeError as e:
+            if lines and i == len(rows):  # a last line without its newline: still being written
+                break
+            raise ValueError(f"{path}{f' line {i}' if lines else ''} is not valid JSON ({e})") from None
+    return out if lines else out[0]
 
 
 def find_runs(paths):
-    """Run directories among paths: each path is a run (holds ckpt.pt) or a folder of runs."""
+    """Run directories among paths: each path is a run (holds ckpt.pt, or a summary.json: a run that diverged
+    before its first checkpoint) or a folder of runs."""
     runs = []
     for p in paths:
-        inside = sorted(os.path.dirname(c) for c in glob.glob(os.path.join(p, "*", "ckpt.pt")))
-        if not os.path.exists(os.path.join(p, "ckpt.pt")) and not inside:
+        inside = sorted({os.path.dirname(c) for f in ("ckpt.pt", "summary.json")
+                         for c in glob.glob(os.path.join(p, "*", f))})
+        is_run = any(os.path.exists(os.path.join(p, f)) for f in ("ckpt.pt", "summary.json"))
+        if not is_run and not inside:
             raise ValueError(f"{p} is neither a run directory (no ckpt.pt) nor a folder of runs")
-        runs += [p] if os.path.exists(os.path.join(p, "ckpt.pt")) else inside
+        runs += [p] if is_run else inside
     return runs
 
 
@@ -333,8 +355,8 @@ def run_summary(run_dir):
     so runs trained by an older train.py are scored by the same metrics as new ones, and what such runs lack
     computed now: the human puzzles' accuracy, and the norm ratios of the initial PE (rebuilt from its seed)."""
     s = read_json(os.path.join(run_dir, "summary.json"))
-    if s is None:
-        return None
+    if s is None or s.get("diverged"):  # a diverged run's summary says where, and nothing more
+        return s
     model, task, args = load_run(run_dir)
     tables = pe_tables(model)
     s = s | {"layout": args.net_layout} if task.name == "network" else s  # one network task, many geometries
@@ -379,11 +401,14 @@ def chance_of(run_dir, shape):
 def summary_table(run_dirs):
     """Markdown table of the runs' summary.json, one row per (pe, init_std, pe_layers): mean +- sd
     over the runs in it (seeds), and how many of them fitted the training set."""
-    groups, chance = {}, {}
+    groups, chance, diverged = {}, {}, []
     for d in run_dirs:
         s = run_summary(d)
         if s is None:
             raise ValueError(f"no summary.json in {d} (unfinished run?)")
+        if s.get("diverged"):
+            diverged.append(s)
+            continue
         groups.setdefault(label(s), []).append(s)
         if s["pe_shape"] and tuple(s["pe_shape"]) not in chance:
             chance[tuple(s["pe_shape"])] = chance_of(d, s["pe_shape"])
@@ -406,6 +431,9 @@ def summary_table(run_dirs):
         cells = [cell(c, v) for c, v in zip(columns, vals)]
         fitted = "–" if runs[0]["fitted"] is None else sum(r["fitted"] for r in runs)  # regression has no fit criterion
         lines.append(f"| {name} | {len(runs)} | {fitted} | " + " | ".join(cells) + " |")
+    for s in diverged:  # not averaged with anything: its loss became NaN or infinite
+        lines.append(f"| {label(s)} | diverged at step {s['diverged_at']} (seed {s['seed']}) | – | "
+                     + " | ".join("–" for _ in columns) + " |")
     for shape, levels in chance.items():  # the level each PE metric reaches by chance: mean ± sd (95th percentile)
         cells = [f"{levels[c]['mean']:.2f} ± {levels[c]['sd']:.2f} ({levels[c]['p95']:.2f})" if c in levels else "–"
                  for c in columns]
@@ -744,8 +772,9 @@ def main(argv=None):
         if a.linear:
             return score_linear(runs)
         for run in tqdm(runs, desc="runs", disable=len(runs) < 2):
-            analyze_run(run)
-        done = [(run, s) for run in runs if (s := run_summary(run))]
+            if os.path.exists(os.path.join(run, "ckpt.pt")):  # a run that diverged at once has nothing to draw
+                analyze_run(run)
+        done = [(run, s) for run in runs if (s := run_summary(run)) and not s.get("diverged")]
         summaries = [s for _, s in done]
         if len(summaries) > 1:
             parents = [os.path.dirname(os.path.abspath(r)) for r in runs]
@@ -753,7 +782,7 @@ def main(argv=None):
             shaped = [(run, s["pe_shape"]) for run, s in done if s["pe_shape"]]  # the band: the first table's shape
             sweep_figures(summaries, out_dir, a.x, chance_of(*shaped[0]) if shaped else None)
             print(f"{len(runs)} runs analysed; sweep figures in {out_dir} "
-                  f"({len(runs) - len(summaries)} unfinished runs left out)")
+                  f"({len(runs) - len(summaries)} unfinished or diverged runs left out)")
     except ValueError as e:
         print(f"analyze.py: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -425,9 +425,9 @@ def start(run, task, tokens, device):
         print(f"resuming {args.out_dir} at step {run.state['iter']}")
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, "metrics.jsonl")
-    kept = open(path).readlines() if run.ckpt is not None and os.path.exists(path) else []
-    kept = [line for line in kept if json.loads(line)["iter"] <= run.state["iter"]]  # evals made after the checkpoint
-    tasks.atomic_save("".join(kept), path)
+    kept = analyze.read_json(path, lines=True) if run.ckpt is not None else []
+    kept = [m for m in kept if m["iter"] <= run.state["iter"]]  # not the evals made after the checkpoint
+    tasks.atomic_save("".join(json.dumps(m) + "\n" for m in kept), path)
     norm = "n/a" if ident0["pe_norm"] is None else f"{ident0['pe_norm']:.3f}"
     return (f"PE row norm {norm} vs embedded-token norm {ident0['tok_norm']:.3f} (at init)"
             + "".join(f"; {k} {v:.2f}" for k, v in run.ratios.items() if v is not None))
