@@ -109,13 +109,26 @@ def offset_index(coords, decimals=4):
     return inv.reshape(coords.shape[0], coords.shape[0]), uniq.shape[0]
 
 
+def distance_buckets(coords, n_buckets=16):
+    """T5's bucketing of relative position, by Euclidean distance in nearest-neighbour steps: one bucket per step
+    below n_buckets/2, then logarithmic up to the largest distance. Returns (index (N, N), n_buckets)."""
+    d = unit_distances(coords)
+    exact = n_buckets // 2
+    span = max(d.max().item(), exact + 1.0)
+    far = exact + torch.log(d.clamp(min=exact) / exact) / math.log(span / exact) * (n_buckets - exact - 1)
+    index = torch.where(d < exact, d.round(), far.floor()).long().clamp(max=n_buckets - 1)
+    return index, n_buckets
+
+
 class RelativeBias(nn.Module):
-    """T5-style learned relative bias, bidirectional: one scalar per head for each distinct
-    coordinate offset (a (2n-1)^2 table on an n x n grid), shared by all blocks, zero at init."""
+    """T5-style learned relative bias, shared by all blocks, zero at init: one scalar per head for each distinct
+    coordinate offset on an integer lattice (bidirectional: a (2n-1)^2 table on an n x n grid); elsewhere (a brain,
+    a point cloud: every pair its own offset) one per T5 distance bucket, so it stays relative."""
 
     def __init__(self, coords, n_head):
         super().__init__()
-        index, n_off = offset_index(coords)
+        lattice = torch.equal(coords, coords.round())
+        index, n_off = offset_index(coords) if lattice else distance_buckets(coords)
         self.register_buffer("index", index, persistent=False)
         self.weight = nn.Parameter(torch.zeros(n_off, n_head))
 
