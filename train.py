@@ -377,10 +377,6 @@ def prepare_out_dir(run):
     """Refuse to overwrite another run; load what --resume continues from (a checkpoint), or a summary that says
     the run needs nothing more (finished or diverged)."""
     ckpt, metrics, summary = (os.path.join(run.args.out_dir, f) for f in ("ckpt.pt", "metrics.jsonl", "summary.json"))
-    if run.args.resume and os.path.exists(summary):
-        run.summary = json.load(open(summary))
-        how = f"diverged at step {run.summary['diverged_at']}" if run.summary.get("diverged") else "finished"
-        return print(f"{run.args.out_dir} is {how}; nothing to do")
     if run.args.resume and os.path.exists(ckpt):
         run.ckpt = torch.load(ckpt, map_location="cpu", weights_only=False)
         diff = {k: (v, vars(run.args).get(k)) for k, v in run.ckpt["args"].items()
@@ -388,6 +384,11 @@ def prepare_out_dir(run):
         if diff:
             die(f"--resume: {run.args.out_dir} holds a run with other settings (saved, given): {diff}")
         run.saved = run.ckpt["state"]["iter"]
+    if run.args.resume and os.path.exists(summary):
+        run.summary = json.load(open(summary))
+        how = f"diverged at step {run.summary['diverged_at']}" if run.summary.get("diverged") else "finished"
+        return print(f"{run.args.out_dir} is {how}; nothing to do")
+    if run.ckpt is not None:
         return
     if any(os.path.exists(f) for f in (ckpt, metrics, summary)) and not (run.args.force or run.args.resume):
         die(f"{run.args.out_dir} already holds a run; pass --resume to continue it or --force to overwrite it")
