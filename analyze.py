@@ -597,7 +597,8 @@ def plot_classes(summary, classes, puzzles, path):
     fig, ax = plt.subplots(figsize=(1.2 + 1.6 * len(classes), 3.2))
     w = 0.8 / len(bars)
     for b, (name, v) in enumerate(bars.items()):
-        ax.bar(np.arange(len(classes)) + (b - (len(bars) - 1) / 2) * w, v, w, label=name)
+        shown = "human puzzles" if name == "human" else name  # the model on them, beside the people
+        ax.bar(np.arange(len(classes)) + (b - (len(bars) - 1) / 2) * w, v, w, label=shown)
     ax.set_xticks(range(len(classes)), [c.capitalize() for c in classes])
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("accuracy")
@@ -625,6 +626,8 @@ def analyze_run(run_dir):
         plot_curves(metrics, os.path.join(run_dir, "curves.png"))
         out["curves"] = metrics
     if summary and task.classes:
+        if args.grid_n == 4 and "human_acc" not in summary:  # a run trained before the human split existed
+            summary |= human_accuracy(model)
         scored = sorted(glob.glob(os.path.join(run_dir, "puzzles-*.json")))
         puzzles = {os.path.basename(p)[8:-5]: read_json(p) for p in scored}  # puzzles-NAME.json -> NAME
         out["classes"] = plot_classes(summary, task.classes, puzzles, os.path.join(run_dir, "classes.png"))
