@@ -287,13 +287,15 @@ def load_run(run_dir):
         raise ValueError(f"no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        args = SimpleNamespace(**ckpt["args"])
-        task = tasks.get_task(args.task, args, with_data=False)
-        model = Transformer(ModelConfig(**ckpt["model_config"]), task.coords)
-        model.load_state_dict(ckpt["model"])
+        args, config = SimpleNamespace(**ckpt["args"]), ckpt["model_config"]
     except (OSError, RuntimeError, EOFError, KeyError, TypeError, pickle.UnpicklingError) as e:
-        reason = str(e).split(". ")[0][:150]
-        raise ValueError(f"{path} cannot be read: a truncated or corrupt checkpoint? ({type(e).__name__}: {reason})")
+        raise ValueError(f"{path} cannot be read: a truncated or corrupt checkpoint? ({type(e).__name__})")
+    task = tasks.get_task(args.task, args, with_data=False)
+    model = Transformer(ModelConfig(**config), task.coords)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:  # e.g. a relative PE saved before its offsets were bucketed off the lattice
+        raise ValueError(f"{path} does not fit this code's model: {str(e).splitlines()[-1].strip()[:150]}")
     return model.eval(), task, args
 
 
@@ -344,7 +346,7 @@ def score_puzzles(model, grids, answers, conditions, n):
 @torch.no_grad()
 def human_accuracy(model):
     """Accuracy of a 4 x 4 grid2d model on the 108 puzzles people solved (the split `human`), overall and per class."""
-    s = tasks.puzzle_split(*tasks.load_puzzle_csv(tasks.HUMAN_PUZZLES, 4), 4)
+    s = tasks.human_split()
     correct = (model(s["x"], s["readout"]).argmax(1) == s["y"]).float()
     return {"human_acc": correct.mean().item()} | {f"human_acc_{c}": correct[s["cls"] == k].mean().item()
                                                    for k, c in enumerate(tasks.GRID_CLASSES)}
@@ -363,26 +365,27 @@ def run_summary(run_dir):
     s = s | {"readout": getattr(args, "readout", "query"), "embed_std": getattr(args, "embed_std", 0.02),
              "weight_decay": args.weight_decay, "preset": getattr(args, "preset", None),
              "pe_shape": None if tables is None else list(tables.shape)}
-    s |= identifiability(model, task.coords, task.references, task.twins)
+    tokens = None
+    if "pe_tok_ratio" not in s:  # an older run: the ratios and tok_norm (once a row norm of W) need its data
+        tokens = training_tokens(tasks.get_task(args.task, args))
+        s |= norm_ratios(init_model(model.cfg, task.coords, args.seed), tokens)
+    s |= identifiability(model, task.coords, task.references, task.twins, tokens)
     if task.name == "grid2d" and args.grid_n == 4 and "human_acc" not in s:
         s |= human_accuracy(model)
-    if "pe_tok_ratio" not in s:
-        data = tasks.get_task(args.task, args)
-        s |= norm_ratios(init_model(model.cfg, task.coords, args.seed), training_tokens(data))
     return s
 
 
 def label(s):
-    """How a run is named in tables and legends: its layout (network), PE, σ for table PEs, and its preset or
-    the model settings that differ from the defaults (a table per block, last-token readout, PyTorch's embedding,
-    no decay)."""
+    """How a run is named in tables and legends: its layout (network), PE, σ for table PEs, its preset and the model
+    settings that differ from our defaults (a table per block, last-token readout, PyTorch's embedding, no decay),
+    so runs of different models never share a row."""
     table = s["pe"] in pe_lib.ADDITIVE and s["pe"] != "none"
-    tags = [s["preset"]] if s.get("preset") else [
+    tags = ([s["preset"]] if s.get("preset") else []) + [
         tag for tag, on in (("all", s["pe_layers"] == "all" and table), ("last", s.get("readout") == "last"),
                             ("emb torch", "embed_std" in s and s["embed_std"] is None),
                             ("wd 0", s.get("weight_decay") == 0)) if on]
-    return (f"{s['layout']}: " if "layout" in s else "") + s["pe"] + \
-        (f" σ={s['init_std']:g}" if s["pe"] in ("learned", "random") else "") + "".join(f" ({t})" for t in tags)
+    sigma = f" σ={s['init_std']:g}" if s["pe"] in ("learned", "random") else ""
+    return (f"{s['layout']}: " if "layout" in s else "") + s["pe"] + sigma + (f" ({', '.join(tags)})" if tags else "")
 
 
 TABLE_COLUMNS = ("iters", "wall_s", "train_acc", "test_acc", "ood_acc", "human_acc", "human_acc_binary",
@@ -410,8 +413,9 @@ def summary_table(run_dirs):
             diverged.append(s)
             continue
         groups.setdefault(label(s), []).append(s)
-        if s["pe_shape"] and tuple(s["pe_shape"]) not in chance:
-            chance[tuple(s["pe_shape"])] = chance_of(d, s["pe_shape"])
+        where = (s.get("layout"), tuple(s["pe_shape"] or ()))  # chance depends on the coordinates and the shape
+        if s["pe_shape"] and where not in chance:
+            chance[where] = chance_of(d, s["pe_shape"])
     columns = [c for c in TABLE_COLUMNS if any(c in r for runs in groups.values() for r in runs)]
 
     def cell(c, v):
@@ -434,10 +438,11 @@ def summary_table(run_dirs):
     for s in diverged:  # not averaged with anything: its loss became NaN or infinite
         lines.append(f"| {label(s)} | diverged at step {s['diverged_at']} (seed {s['seed']}) | – | "
                      + " | ".join("–" for _ in columns) + " |")
-    for shape, levels in chance.items():  # the level each PE metric reaches by chance: mean ± sd (95th percentile)
+    for (layout, shape), levels in chance.items():  # each PE metric's level by chance: mean ± sd (95th percentile)
         cells = [f"{levels[c]['mean']:.2f} ± {levels[c]['sd']:.2f} ({levels[c]['p95']:.2f})" if c in levels else "–"
                  for c in columns]
-        lines.append(f"| chance: random {'×'.join(map(str, shape))} | 100 draws | – | " + " | ".join(cells) + " |")
+        on = f"{layout}: " if layout else ""
+        lines.append(f"| {on}chance: random {'×'.join(map(str, shape))} | 100 draws | – | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -625,7 +630,7 @@ def analyze_run(run_dir):
     if metrics:
         plot_curves(metrics, os.path.join(run_dir, "curves.png"))
         out["curves"] = metrics
-    if summary and task.classes:
+    if summary and task.classes and not summary.get("diverged"):
         if args.grid_n == 4 and "human_acc" not in summary:  # a run trained before the human split existed
             summary |= human_accuracy(model)
         scored = sorted(glob.glob(os.path.join(run_dir, "puzzles-*.json")))

@@ -116,7 +116,8 @@ def distance_buckets(coords, n_buckets=16):
     exact = n_buckets // 2
     span = max(d.max().item(), exact + 1.0)
     far = exact + torch.log(d.clamp(min=exact) / exact) / math.log(span / exact) * (n_buckets - exact - 1)
-    index = torch.where(d < exact, d.round(), far.floor()).long().clamp(max=n_buckets - 1)
+    near = torch.where(d > 0, d.round().clamp(min=1), 0)  # bucket 0 is the token itself, however close the rest
+    index = torch.where(d < exact, near, far.floor()).long().clamp(max=n_buckets - 1)
     return index, n_buckets
 
 

@@ -307,8 +307,13 @@ def grid2d(n=4, n_per_class=4000, data_seed=0, noise_std=0.2, data_dir="data", w
     noise = torch.randn(task.splits["test"]["x"].shape, generator=torch.Generator().manual_seed(data_seed))
     task.splits["noise"] = dict(task.splits["test"], x=task.splits["test"]["x"] + noise_std * noise)
     if n == 4:  # the people's puzzles exist for the 4 x 4 task only
-        task.splits["human"] = puzzle_split(*load_puzzle_csv(HUMAN_PUZZLES, n), n)
+        task.splits["human"] = human_split()
     return task
+
+
+def human_split():
+    """The 108 puzzles people solved (4 x 4), the paper's out-of-distribution set, as a grid2d split."""
+    return puzzle_split(*load_puzzle_csv(HUMAN_PUZZLES, 4), 4)
 
 
 def puzzle_split(grids, answers, conditions, n):

@@ -1418,9 +1418,11 @@ def test_labels_tell_presets_and_model_settings_apart():
     base = {"pe": "learned", "init_std": 0.2, "pe_layers": "input", "readout": "query", "embed_std": 0.02,
             "weight_decay": 0.1, "preset": None}
     assert analyze.label(base) == "learned σ=0.2"
-    assert analyze.label(base | {"preset": "paper-short", "pe_layers": "all"}) == "learned σ=0.2 (paper-short)"
-    assert analyze.label(base | {"pe_layers": "all", "readout": "last"}) == "learned σ=0.2 (all) (last)"
-    assert analyze.label(base | {"embed_std": None, "weight_decay": 0.0}) == "learned σ=0.2 (emb torch) (wd 0)"
+    paper = base | {"preset": "paper-short", "pe_layers": "all", "readout": "last", "embed_std": None,
+                    "weight_decay": 0.0}
+    assert analyze.label(paper) == "learned σ=0.2 (paper-short, all, last, emb torch, wd 0)"
+    assert analyze.label(paper | {"readout": "query"}) == "learned σ=0.2 (paper-short, all, emb torch, wd 0)"
+    assert analyze.label(base | {"pe_layers": "all", "readout": "last"}) == "learned σ=0.2 (all, last)"
 
 
 def test_sweep_figure_takes_sigma_or_the_norm_ratio_on_its_x_axis(tmp_path):
@@ -1447,6 +1449,9 @@ def test_sweep_figure_takes_sigma_or_the_norm_ratio_on_its_x_axis(tmp_path):
     (["--init-stds", "0.1,inf"], "--init-stds must be a finite number"),
     (NET_TINY + ["--net-gain", "nan"], "--net-gain must be a finite number"),
     (NET_TINY + ["--readout", "last"], "--readout last needs a classification task"),
+    (["--embed-std", "-1"], "--embed-std must be >= 0 or 'torch'"),
+    (["--betas", "1.5", "0.9"], "--betas must be in [0, 1)"),
+    (["--min-lr-ratio=-0.1"], "--min-lr-ratio must be >= 0"),
     (["--out-dir", "afile/run"], "cannot be created or written"),
     (["--data-dir", "afile/data"], "cannot cache the generated dataset there"),
 ])
@@ -1546,6 +1551,55 @@ def test_relative_bias_off_a_lattice_buckets_distances_and_ignores_rotation():
     rel, moved = pe_lib.RelativeBias(points, 2), pe_lib.RelativeBias(points @ turn.T + 7.5, 2)
     assert rel.weight.shape == (16, 2) and torch.equal(rel.index, moved.index)
     d = pe_lib.unit_distances(points)
-    assert torch.equal(rel.index[d < 7.5], d[d < 7.5].round().long())  # one bucket per step up close
+    near = d[d < 7.5].round().clamp(min=1) * (d[d < 7.5] > 0)  # one bucket per step up close; 0: the token itself
+    assert torch.equal(rel.index[d < 7.5], near.long())
     assert rel.index.max() == 15 and (rel.index[d >= 8] >= 8).all()  # then logarithmic, out to the farthest pair
     assert pe_lib.RelativeBias(tasks.grid_coords(3, 4), 1).weight.shape == (35, 1)  # a lattice keeps every offset
+
+
+def test_an_unwritable_data_dir_leaves_a_forced_run_s_old_files_alone(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("nothing can be created below a regular file")
+    train.main(TINY + ["--out-dir", "run", "--data-dir", "data"])
+    before = {f: (tmp_path / "run" / f).read_bytes() for f in train.RUN_FILES}
+    with pytest.raises(SystemExit) as e:  # other data must be generated, and cannot be cached
+        train.main(TINY + ["--out-dir", "run", "--data-dir", "afile/data", "--force"])
+    assert e.value.code == 2 and "cannot cache the generated dataset" in capsys.readouterr().err
+    assert before == {f: (tmp_path / "run" / f).read_bytes() for f in train.RUN_FILES}
+
+
+@pytest.mark.parametrize("extra", [[], ["--stop-train-acc", "0.2"]])
+def test_resume_after_the_last_eval_but_before_the_summary_adds_nothing(tmp_path, extra):
+    """Killed between its last checkpoint (at max_iters, or at its fit) and its summary: the run is finished as it
+    was, with no second eval of that step and no training past the fit."""
+    whole = run_train(tmp_path, *extra)
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    os.remove(tmp_path / "run" / "summary.json")
+    resumed = run_train(tmp_path, *extra, "--resume")
+    drop = ("wall_s", "out_dir")
+    assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in whole.items() if k not in drop}
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
+    assert not extra or whole["iters"] < 6  # the fit stopped it early
+
+
+def test_ctrl_c_before_a_resumed_run_starts_names_its_checkpoint_step(tmp_path, monkeypatch, capsys):
+    interrupt_at_call(monkeypatch, 4)  # init, then evals at 0, 2: the checkpoint holds step 2
+    with pytest.raises(SystemExit):
+        run_train(tmp_path)
+    monkeypatch.undo()
+    interrupt_at_call(monkeypatch, 1)  # at once, in the resumed run's start
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path, "--resume")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 130 and err[-1].endswith("interrupted at step 2; --resume continues from step 2")
+
+
+def test_resume_refuses_a_corrupt_checkpoint_with_one_line(tmp_path, capsys):
+    run_train(tmp_path, "--max-iters", "2")
+    ckpt = tmp_path / "run" / "ckpt.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    os.remove(tmp_path / "run" / "summary.json")
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path, "--max-iters", "4", "--resume")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "cannot be read" in err

@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -49,6 +50,7 @@ PRESETS = {"paper": PAPER_MODEL | dict(lr=1e-4, warmup_iters=0, min_lr_ratio=1.0
 MASK_SEEDS = 2**40  # offsets the training masks' seeds from batch_indices' epoch seeds
 RUNTIME_ARGS = ("resume", "force", "device", "compile", "dtype", "vmap", "threads", "out_dir", "data_dir")
 DIVERGED, INTERRUPTED = 3, 130  # exit statuses
+RUN_FILES = ("ckpt.pt", "metrics.jsonl", "summary.json")
 
 
 def die(msg):
@@ -68,7 +70,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 def default(key, text):
     """argparse keywords of a flag whose default the task or a preset may change: none given to argparse, and a
     help text that names them all."""
-    others = "".join(f"; {name}: {d[key]}" for name, d in {**tasks.TASK_DEFAULTS, **PRESETS}.items() if key in d)
+    shown = {None: "torch"}  # --embed-std's None is spelled 'torch'
+    others = "".join(f"; {name}: {shown.get(d[key], d[key])}" for name, d in {**tasks.TASK_DEFAULTS, **PRESETS}.items()
+                     if key in d)
     return dict(default=argparse.SUPPRESS, help=f"{text} (default: {DEFAULTS[key]}{others})")
 
 
@@ -202,9 +206,13 @@ def check(args):
     for name, value in vars(args).items():  # NaN or inf in any float flag, lists included
         if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
             die(f"--{name.replace('_', '-')} must be a finite number, got {value}")
-    for name in ("init_std", "lr", "weight_decay", "pe_weight_decay", "noise_std", "dropout"):
+    for name in ("init_std", "lr", "weight_decay", "pe_weight_decay", "noise_std", "dropout", "min_lr_ratio"):
         if getattr(args, name) < 0:
             die(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.embed_std is not None and args.embed_std < 0:
+        die(f"--embed-std must be >= 0 or 'torch', got {args.embed_std}")
+    if not all(0 <= b < 1 for b in args.betas):
+        die(f"--betas must be in [0, 1), got {args.betas}")
     if args.init_stds is not None and (min(args.init_stds) < 0 or args.pe not in ("learned", "random")):
         die(f"--init-stds takes stds >= 0 of --pe learned or random, got {args.init_stds} for {args.pe}")
     for name in ("max_iters", "eval_interval", "batch_size", "n_layer", "n_head", "n_embd", "n_per_class"):
@@ -366,7 +374,6 @@ class Run:
     saved: int = None  # the step its latest checkpoint holds
     last: dict = None  # its latest eval
     t0: float = 0.0
-    stopped: bool = False  # fitted (--stop-train-acc)
 
     def name(self, many):
         """The prefix of a run's printed lines, when several runs share the output."""
@@ -375,26 +382,28 @@ class Run:
 
 def prepare_out_dir(run):
     """Refuse to overwrite another run; load what --resume continues from (a checkpoint), or a summary that says
-    the run needs nothing more (finished or diverged)."""
-    ckpt, metrics, summary = (os.path.join(run.args.out_dir, f) for f in ("ckpt.pt", "metrics.jsonl", "summary.json"))
+    the run needs nothing more (finished or diverged). Reads only: an old run is cleared by start()."""
+    ckpt, metrics, summary = (os.path.join(run.args.out_dir, f) for f in RUN_FILES)
     if run.args.resume and os.path.exists(ckpt):
-        run.ckpt = torch.load(ckpt, map_location="cpu", weights_only=False)
+        try:
+            run.ckpt = torch.load(ckpt, map_location="cpu", weights_only=False)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+            die(f"--resume: {ckpt} cannot be read, a truncated or corrupt checkpoint? ({type(e).__name__})")
         diff = {k: (v, vars(run.args).get(k)) for k, v in run.ckpt["args"].items()
                 if k not in RUNTIME_ARGS and vars(run.args).get(k) != v}
         if diff:
             die(f"--resume: {run.args.out_dir} holds a run with other settings (saved, given): {diff}")
         run.saved = run.ckpt["state"]["iter"]
     if run.args.resume and os.path.exists(summary):
-        run.summary = json.load(open(summary))
+        try:
+            run.summary = analyze.read_json(summary)
+        except ValueError as e:
+            die(f"--resume: {e}")
         how = f"diverged at step {run.summary['diverged_at']}" if run.summary.get("diverged") else "finished"
         return print(f"{run.args.out_dir} is {how}; nothing to do")
-    if run.ckpt is not None:
-        return
-    if any(os.path.exists(f) for f in (ckpt, metrics, summary)) and not (run.args.force or run.args.resume):
+    if run.ckpt is None and any(os.path.exists(f) for f in (ckpt, metrics, summary)) and not (
+            run.args.force or run.args.resume):
         die(f"{run.args.out_dir} already holds a run; pass --resume to continue it or --force to overwrite it")
-    for f in (ckpt, metrics, summary):  # nothing of an old run may survive to be mistaken for the new one's
-        if os.path.exists(f):
-            os.remove(f)
 
 
 def build_model(args, task):
@@ -412,12 +421,15 @@ def build_model(args, task):
 def start(run, task, tokens, device):
     """Put a run on the device with its optimiser, note its PE at init, and restore its checkpoint if resumed."""
     args = run.args
+    for f in RUN_FILES if run.ckpt is None else ():  # a fresh start: nothing of an old run may survive
+        if os.path.exists(os.path.join(args.out_dir, f)):
+            os.remove(os.path.join(args.out_dir, f))
     run.model.to(device)
     run.opt = torch.optim.AdamW(run.model.param_groups(args.weight_decay, args.pe_weight_decay), lr=args.lr,
                                 betas=tuple(args.betas), fused=torch.device(device).type == "cuda")
     ident0 = analyze.identifiability(run.model, task.coords, task.references, task.twins, tokens)
     run.ratios = analyze.norm_ratios(run.model, tokens)
-    run.state = {"iter": 0, "elapsed": 0.0, "pe_rsa_init": ident0["pe_rsa"], "fit_iter": None}
+    run.state = {"iter": 0, "elapsed": 0.0, "pe_rsa_init": ident0["pe_rsa"], "fit_iter": None, "stopped": False}
     if run.ckpt is not None:
         run.model.load_state_dict(run.ckpt["model"])
         run.opt.load_state_dict(run.ckpt["optimizer"])
@@ -426,9 +438,13 @@ def start(run, task, tokens, device):
         print(f"resuming {args.out_dir} at step {run.state['iter']}")
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, "metrics.jsonl")
-    kept = analyze.read_json(path, lines=True) if run.ckpt is not None else []
+    try:
+        kept = analyze.read_json(path, lines=True) if run.ckpt is not None else []
+    except ValueError as e:
+        die(f"--resume: {e}")
     kept = [m for m in kept if m["iter"] <= run.state["iter"]]  # not the evals made after the checkpoint
     tasks.atomic_save("".join(json.dumps(m) + "\n" for m in kept), path)
+    run.last = kept[-1] if kept and kept[-1]["iter"] == run.state["iter"] else None  # the checkpoint's own eval
     norm = "n/a" if ident0["pe_norm"] is None else f"{ident0['pe_norm']:.3f}"
     return (f"PE row norm {norm} vs embedded-token norm {ident0['tok_norm']:.3f} (at init)"
             + "".join(f"; {k} {v:.2f}" for k, v in run.ratios.items() if v is not None))
@@ -485,21 +501,24 @@ def finish(run, args, task, n_params):
         "pe_rsa_delta": None if m["pe_rsa"] is None else m["pe_rsa"] - state["pe_rsa_init"],
         "out_dir": run.args.out_dir}
     save_checkpoint(run)
-    tasks.atomic_save(json.dumps(run.summary, indent=1) + "\n", os.path.join(run.args.out_dir, "summary.json"))
+    write_summary(run)
     return json.dumps({k: v for k, v in run.summary.items() if k.endswith(("acc", "_r2")) or k.startswith("pe_rsa")
                        or k in ("iters", "wall_s", "fitted")})
 
 
-def diverge(run, args, loss):
-    """Stop a run whose loss is no longer finite: its last checkpoint and metrics.jsonl stay as they are, and its
-    summary says where it diverged, so --table lists it as diverged and --resume skips it."""
-    step = run.state["iter"] + 1
-    run.summary = identity(args, run) | {"diverged": True, "diverged_at": step, "loss": str(loss), "iters": run.saved,
-                                         "fitted": False, "out_dir": run.args.out_dir}
+def write_summary(run):
     tasks.atomic_save(json.dumps(run.summary, indent=1) + "\n", os.path.join(run.args.out_dir, "summary.json"))
+
+
+def diverge(run, args, what, step):
+    """Stop a run whose loss (or weights) is no longer finite at `step`: its last checkpoint and metrics.jsonl stay
+    as they are, and its summary says where it diverged, so --table lists it as diverged and --resume skips it."""
+    run.summary = identity(args, run) | {"diverged": True, "diverged_at": step, "why": what, "iters": run.saved,
+                                         "fitted": False, "out_dir": run.args.out_dir}
+    write_summary(run)
     kept = "its metrics.jsonl is kept (no checkpoint yet)" if run.saved is None else \
         f"its checkpoint (step {run.saved}) and metrics.jsonl are kept"
-    return (f"train.py: {run.args.out_dir}: loss is {loss} at step {step}; the run diverged (is --lr {args.lr:g} too "
+    return (f"train.py: {run.args.out_dir}: {what} at step {step}; the run diverged (is --lr {args.lr:g} too "
             f"high?); {kept}")
 
 
@@ -531,8 +550,8 @@ def main(argv=None):
         for run in active:
             if run.summary is None:
                 where = "starts it afresh" if run.saved is None else f"continues from step {run.saved}"
-                print(f"train.py: {run.args.out_dir}: interrupted at step {run.state.get('iter', 0)}; --resume {where}",
-                      file=sys.stderr)
+                step = run.state.get("iter", run.saved or 0)  # before start(), where its checkpoint left it
+                print(f"train.py: {run.args.out_dir}: interrupted at step {step}; --resume {where}", file=sys.stderr)
         sys.exit(INTERRUPTED)
     if any(run.summary.get("diverged") for run in active):
         sys.exit(DIVERGED)
@@ -565,9 +584,9 @@ def train(active, args, many, device, dtype, use_compile, use_vmap, ctx):
     for run in active:
         run.t0 = time.time() - run.state["elapsed"]
     log_evals([run for run in active if run.state["iter"] == 0], task, args, device, forward, ctx, tokens)
-    training = [run for run in active if run.state["iter"] < args.max_iters]
+    training = [run for run in active if run.state["iter"] < args.max_iters and not run.state.get("stopped")]
     for run in active:
-        if run not in training:  # interrupted after its last step but before its summary
+        if run not in training:  # interrupted after its last step or its fit, before its summary
             if run.last is None:
                 log_evals([run], task, args, device, forward, ctx, tokens)
             tqdm.write(run.name(many) + finish(run, args, task, n_params))
@@ -585,7 +604,7 @@ def train(active, args, many, device, dtype, use_compile, use_vmap, ctx):
         # a loss that is no longer finite ends its run here, before its broken weights are evaluated or saved
         for run, loss in zip(training, losses.tolist()):
             if not math.isfinite(loss):
-                tqdm.write(diverge(run, args, loss), file=sys.stderr)
+                tqdm.write(diverge(run, args, f"loss is {loss}", run.state["iter"] + 1), file=sys.stderr)
         for run in training:
             run.state["iter"] += 1
         # log
@@ -593,9 +612,13 @@ def train(active, args, many, device, dtype, use_compile, use_vmap, ctx):
         if bar.n % 10 == 0 and not bar.disable:
             acc = {"acc": f"{(out.argmax(-1) == batch['y']).float().mean().item():.3f}"} if task.head == "cls" else {}
             bar.set_postfix(loss=f"{losses.mean().item():.4f}", **acc)
-        # eval + checkpoint
+        # eval + checkpoint (never of weights a non-finite gradient broke while the loss was still finite)
         due = [run for run in training if run.summary is None and
                (run.state["iter"] % args.eval_interval == 0 or run.state["iter"] == args.max_iters)]
+        for run in due:
+            if not all(p.isfinite().all() for p in run.model.parameters()):
+                tqdm.write(diverge(run, args, "the weights are no longer finite", run.state["iter"]), file=sys.stderr)
+        due = [run for run in due if run.summary is None]
         for run in due:
             run.state["elapsed"] = time.time() - run.t0
         log_evals(due, task, args, device, forward, ctx, tokens)
@@ -604,11 +627,11 @@ def train(active, args, many, device, dtype, use_compile, use_vmap, ctx):
             tqdm.write(f"{run.name(many)}step {run.state['iter']}: " + " ".join(
                 f"{s} {m[f'{s}_{key}']:.4f}" for s in task.splits)
                 + f" pe_rsa {m['pe_rsa'] if m['pe_rsa'] is None else round(m['pe_rsa'], 3)}")
+            run.state["stopped"] = args.stop_train_acc is not None and fitted(m, args, task)  # resumed as stopped
             save_checkpoint(run)
-            run.stopped = args.stop_train_acc is not None and m["train_acc"] >= args.stop_train_acc
         # stop: a run leaves the batch when it reached max_iters, fitted or diverged
         for run in due:
-            if run.stopped or run.state["iter"] >= args.max_iters:
+            if run.state["stopped"] or run.state["iter"] >= args.max_iters:
                 tqdm.write(run.name(many) + finish(run, args, task, n_params))
         training = [run for run in training if run.summary is None]
     bar.close()
