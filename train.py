@@ -38,15 +38,17 @@ from model import ModelConfig, forward_models, init_model, settings, train_step
 # filled in: the task's values over these, a preset's over both, an explicit flag over all.
 DEFAULTS = dict(n_layer=4, n_head=1, n_embd=160, norm="post", pe_layers="input", embed_std=0.02, readout="query",
                 lr=3e-4, warmup_iters=0, min_lr_ratio=0.1, weight_decay=0.1, batch_size=128, max_iters=2500,
-                eval_interval=250)
+                eval_interval=250, stop_train_acc=None)
 # The paper's model: a table in every block, PyTorch's default token embedding, last-token readout, no weight decay
 # (the width is the task's: d = 160 for grid2d). Its recipe: AdamW lr 1e-4 constant, batch 128, 4,000 epochs of our
-# default grid2d training split (8,040 puzzles: 62 steps an epoch). paper-short: the same model on a schedule this
-# CPU can sweep (RESULTS.md, grid2d: the paper's model).
+# default grid2d training split (8,040 puzzles: 62 steps an epoch). paper-short: the same run stopped at its fit (a
+# 20,000-step cap): with a constant lr it is the paper's run up to there; the 2,500-step cosine schedule that fits our
+# model left the paper's unfitted (RESULTS.md, grid2d: the paper's claim under the paper's conditions).
 PAPER_MODEL = dict(n_layer=4, n_head=1, norm="post", pe_layers="all", embed_std=None, readout="last", weight_decay=0.0)
 PRESETS = {"paper": PAPER_MODEL | dict(lr=1e-4, warmup_iters=0, min_lr_ratio=1.0, batch_size=128,
                                        max_iters=4000 * 62, eval_interval=2_000),
-           "paper-short": PAPER_MODEL | dict(lr=3e-4, warmup_iters=0, min_lr_ratio=0.1, batch_size=128, max_iters=2500)}
+           "paper-short": PAPER_MODEL | dict(lr=1e-4, warmup_iters=0, min_lr_ratio=1.0, batch_size=128,
+                                             max_iters=20_000, eval_interval=500, stop_train_acc=0.999)}
 MASK_SEEDS = 2**40  # offsets the training masks' seeds from batch_indices' epoch seeds
 RUNTIME_ARGS = ("resume", "force", "device", "compile", "dtype", "vmap", "threads", "out_dir", "data_dir")
 DIVERGED, INTERRUPTED = 3, 130  # exit statuses
@@ -147,8 +149,8 @@ def parser():
     g.add_argument("--batch-size", type=int, **default("batch_size", "samples per step"))
     g.add_argument("--max-iters", type=int,
                    **default("max_iters", "training steps (the cap when --stop-train-acc is set)"))
-    g.add_argument("--stop-train-acc", type=float, default=None,
-                   help="stop at the first eval whose training accuracy reaches this (e.g. 0.999)")
+    g.add_argument("--stop-train-acc", type=float, **default(
+        "stop_train_acc", "stop at the first eval whose training accuracy reaches this (e.g. 0.999)"))
     g.add_argument("--eval-interval", type=int, **default("eval_interval", "steps between evals and checkpoints"))
     g.add_argument("--seed", type=int, default=0, help="seed of the model's init and the data order")
     g.add_argument("--seeds", type=ints, default=None,
@@ -189,7 +191,8 @@ def floats(text):
 def get_args(argv=None):
     """The flags, with the task's and the preset's defaults filled in, checked: a bad one ends here with exit 2."""
     args = parser().parse_args(argv)
-    preset = {k: v for k, v in PRESETS.get(args.preset, {}).items() if k != "readout" or args.task == "grid2d"}
+    preset = {k: v for k, v in PRESETS.get(args.preset, {}).items()  # readout and fit: classification only
+              if k not in ("readout", "stop_train_acc") or args.task == "grid2d"}
     for k, v in {**DEFAULTS, **tasks.TASK_DEFAULTS.get(args.task, {}), **preset}.items():  # explicit flags win
         if not hasattr(args, k):
             setattr(args, k, v)
