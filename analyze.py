@@ -701,9 +701,10 @@ def sweep_figures(summaries, out_dir, x="sigma", chance=None):
             ax.axhspan(chance[k]["mean"], chance[k]["p95"], color="0.8", alpha=0.6, lw=0, zorder=0,
                        label="chance (random table)")
         ax.set_xscale("log")
-        ticks = sorted({round(g[xkey], 2 if x == "ratio" else 6) for g in tabled if np.isfinite(g[xkey])})
-        ax.set_xticks(ticks, [f"{t:g}" for t in ticks], minor=False, rotation=45)
-        ax.set_xticks([], minor=True)
+        if x == "sigma":  # the σ values run; ratios of two regimes crowd, so they keep the log axis' own ticks
+            sigmas = sorted({g["init_std"] for g in tabled})
+            ax.set_xticks(sigmas, [f"{t:g}" for t in sigmas], minor=False, rotation=45)
+            ax.set_xticks([], minor=True)
         ax.set_xlabel("init std σ of the PE" if x == "sigma" else "PE norm / token-embedding norm at init")
         ax.set_title(TITLES.get(k, k), fontsize=10)
     handles = {lbl: h for ax in axes for h, lbl in zip(*ax.get_legend_handles_labels())}  # every series once
