@@ -343,13 +343,10 @@ def score_puzzles(model, grids, answers, conditions, n):
     return {"n": int(len(correct)), "acc": float(correct.mean()), "by_condition": by}
 
 
-@torch.no_grad()
 def human_accuracy(model):
     """Accuracy of a 4 x 4 grid2d model on the 108 puzzles people solved (the split `human`), overall and per class."""
-    s = tasks.human_split()
-    correct = (model(s["x"], s["readout"]).argmax(1) == s["y"]).float()
-    return {"human_acc": correct.mean().item()} | {f"human_acc_{c}": correct[s["cls"] == k].mean().item()
-                                                   for k, c in enumerate(tasks.GRID_CLASSES)}
+    scores = score_puzzles(model, *tasks.load_puzzle_csv(tasks.HUMAN_PUZZLES, 4), 4)
+    return {"human_acc": scores["acc"]} | {f"human_acc_{c.lower()}": v for c, v in scores["by_condition"].items()}
 
 
 def run_summary(run_dir):
