@@ -285,10 +285,10 @@ def load_run(run_dir):
     path = os.path.join(run_dir, "ckpt.pt")
     if not os.path.exists(path):
         raise ValueError(f"no checkpoint at {path}")
+    ckpt = read_checkpoint(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
         args, config = SimpleNamespace(**ckpt["args"]), ckpt["model_config"]
-    except (OSError, RuntimeError, EOFError, KeyError, TypeError, pickle.UnpicklingError) as e:
+    except (KeyError, TypeError) as e:
         raise ValueError(f"{path} cannot be read: a truncated or corrupt checkpoint? ({type(e).__name__})")
     task = tasks.get_task(args.task, args, with_data=False)
     model = Transformer(ModelConfig(**config), task.coords)
@@ -297,6 +297,14 @@ def load_run(run_dir):
     except RuntimeError as e:  # e.g. a relative PE saved before its offsets were bucketed off the lattice
         raise ValueError(f"{path} does not fit this code's model: {str(e).splitlines()[-1].strip()[:150]}")
     return model.eval(), task, args
+
+
+def read_checkpoint(path):
+    """A checkpoint as train.py saved it, or a ValueError saying that it cannot be read."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise ValueError(f"{path} cannot be read: a truncated or corrupt checkpoint? ({type(e).__name__})") from None
 
 
 def read_json(path, lines=False):

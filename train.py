@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import os
-import pickle
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -389,9 +388,9 @@ def prepare_out_dir(run):
     ckpt, metrics, summary = (os.path.join(run.args.out_dir, f) for f in RUN_FILES)
     if run.args.resume and os.path.exists(ckpt):
         try:
-            run.ckpt = torch.load(ckpt, map_location="cpu", weights_only=False)
-        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
-            die(f"--resume: {ckpt} cannot be read, a truncated or corrupt checkpoint? ({type(e).__name__})")
+            run.ckpt = analyze.read_checkpoint(ckpt)
+        except ValueError as e:
+            die(f"--resume: {e}")
         diff = {k: (v, vars(run.args).get(k)) for k, v in run.ckpt["args"].items()
                 if k not in RUNTIME_ARGS and vars(run.args).get(k) != v}
         if diff:
