@@ -357,6 +357,13 @@ def human_accuracy(model):
     return {"human_acc": scores["acc"]} | {f"human_acc_{c.lower()}": v for c, v in scores["by_condition"].items()}
 
 
+def with_human_accuracy(summary, model, task, args):
+    """A summary with the human puzzles' accuracy added when a 4 x 4 grid2d run was trained before that split."""
+    if task.name == "grid2d" and args.grid_n == 4 and "human_acc" not in summary:
+        return summary | human_accuracy(model)
+    return summary
+
+
 def run_summary(run_dir):
     """summary.json of a finished run (None if unfinished) with its PE metrics recomputed from the final checkpoint,
     so runs trained by an older train.py are scored by the same metrics as new ones, and what such runs lack
@@ -375,9 +382,7 @@ def run_summary(run_dir):
         tokens = training_tokens(tasks.get_task(args.task, args))
         s |= norm_ratios(init_model(model.cfg, task.coords, args.seed), tokens)
     s |= identifiability(model, task.coords, task.references, task.twins, tokens)
-    if task.name == "grid2d" and args.grid_n == 4 and "human_acc" not in s:
-        s |= human_accuracy(model)
-    return s
+    return with_human_accuracy(s, model, task, args)
 
 
 def label(s):
@@ -636,8 +641,7 @@ def analyze_run(run_dir):
         plot_curves(metrics, os.path.join(run_dir, "curves.png"))
         out["curves"] = metrics
     if summary and task.classes and not summary.get("diverged"):
-        if args.grid_n == 4 and "human_acc" not in summary:  # a run trained before the human split existed
-            summary |= human_accuracy(model)
+        summary = with_human_accuracy(summary, model, task, args)
         scored = sorted(glob.glob(os.path.join(run_dir, "puzzles-*.json")))
         puzzles = {os.path.basename(p)[8:-5]: read_json(p) for p in scored}  # puzzles-NAME.json -> NAME
         out["classes"] = plot_classes(summary, task.classes, puzzles, os.path.join(run_dir, "classes.png"))
