@@ -187,8 +187,11 @@ def pe_metrics(P, C, references=None, twins=None):
 
 
 def pe_tables(model):
-    """The additive PE tables (T, N, d) of a model as numpy, or None for a PE without a table."""
-    return model.pe.weight.detach().float().cpu().numpy() if isinstance(model.pe, pe_lib.AdditivePE) else None
+    """The additive PE tables (T, N, d) of a model's N tokens with coordinates (an appended readout token's row left
+    out) as numpy, or None for a PE without a table."""
+    if not isinstance(model.pe, pe_lib.AdditivePE):
+        return None
+    return model.pe.weight[:, :model.cfg.n_tokens].detach().float().cpu().numpy()
 
 
 def training_tokens(task, n_samples=256, seed=0):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import pe as pe_lib
 
+READOUTS = ("query", "last", "cls")
 
 @dataclass
 class ModelConfig:
@@ -23,7 +24,8 @@ class ModelConfig:
     vocab_size: int = 0  # > 0: discrete tokens (integer ids) through an embedding table instead
     n_out: int = 4  # classes (head="cls") or regression targets per token (head="token")
     head: str = "cls"  # cls: classify from the readout token; token: per-token regression
-    readout: str = "query"  # cls: read the sample's query token (its readout index), or the last token (the paper)
+    readout: str = "query"  # cls head: the sample's query token, the last cell (the paper's public code), or "cls": an
+    # appended readout token (the authors' logged BERT model): one more input channel, 1 on that token alone
     masked: bool = False  # masked-token prediction: a learned embedding replaces the tokens a mask hides
     n_layer: int = 4
     n_head: int = 1
@@ -36,6 +38,14 @@ class ModelConfig:
     init: str = "normal"
     init_std: float = 0.02
     embed_std: float = None  # None: PyTorch's default init of the token embedding; else N(0, embed_std^2), zero bias
+    mlp_out_gelu: bool = False  # a GELU after the MLP's output projection too, as in the authors' block
+    attn_init: str = "linear"  # linear: nn.Linear's default; mha: nn.MultiheadAttention's (xavier in-proj, zero biases)
+
+
+# The authors' model (Ito et al.'s companion code): 4 post-LN blocks, 1 head, a PE table per block, PyTorch's default
+# token embedding, their block (trailing GELU, MultiheadAttention's init) and their readout; the width is the task's.
+PAPER_MODEL = dict(n_layer=4, n_head=1, norm="post", pe_layers="all", embed_std=None, readout="last",
+                   mlp_out_gelu=True, attn_init="mha")
 
 
 class Attention(nn.Module):
@@ -45,6 +55,10 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.dropout = cfg.dropout
+        if cfg.attn_init == "mha":  # nn.MultiheadAttention: xavier over the whole (3d, d) in-projection, zero biases
+            nn.init.xavier_uniform_(self.qkv.weight)
+            nn.init.zeros_(self.qkv.bias)
+            nn.init.zeros_(self.proj.bias)
 
     def forward(self, x, rotary=None, bias=None):
         B, N, D = x.shape
@@ -64,7 +78,8 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.mlp = nn.Sequential(
             nn.Linear(cfg.n_embd, cfg.mlp_ratio * cfg.n_embd), nn.GELU(),
-            nn.Linear(cfg.mlp_ratio * cfg.n_embd, cfg.n_embd), nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.mlp_ratio * cfg.n_embd, cfg.n_embd), *([nn.GELU()] if cfg.mlp_out_gelu else []),
+            nn.Dropout(cfg.dropout),
         )
 
     def forward(self, x, rotary=None, bias=None):
@@ -82,12 +97,19 @@ class Transformer(nn.Module):
             raise ValueError(f"norm must be 'post' or 'pre', got {cfg.norm!r}")
         if cfg.pe_layers not in ("input", "all"):
             raise ValueError(f"pe_layers must be 'input' or 'all', got {cfg.pe_layers!r}")
-        if cfg.readout not in ("query", "last"):
-            raise ValueError(f"readout must be 'query' or 'last', got {cfg.readout!r}")
+        if cfg.readout not in READOUTS:
+            raise ValueError(f"readout must be one of {READOUTS}, got {cfg.readout!r}")
+        if cfg.attn_init not in ("linear", "mha"):
+            raise ValueError(f"attn_init must be 'linear' or 'mha', got {cfg.attn_init!r}")
+        if cfg.readout == "cls" and (cfg.vocab_size or cfg.head != "cls"):
+            raise ValueError("readout 'cls' appends a token to continuous inputs of a classifier")
         self.cfg = cfg
         n_tables = cfg.n_layer if cfg.pe_layers == "all" else 1
-        self.pe = pe_lib.build(cfg.pe, cfg.n_tokens, coords, cfg.n_embd, cfg.n_head, n_tables, cfg.init, cfg.init_std)
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd) if cfg.vocab_size else nn.Linear(cfg.in_dim, cfg.n_embd)
+        extra = int(cfg.readout == "cls")  # the readout token has no coordinate: pe.build gives it its own row
+        self.pe = pe_lib.build(cfg.pe, cfg.n_tokens, coords, cfg.n_embd, cfg.n_head, n_tables, cfg.init, cfg.init_std,
+                               n_extra=extra)
+        self.embed = (nn.Embedding(cfg.vocab_size, cfg.n_embd) if cfg.vocab_size
+                      else nn.Linear(cfg.in_dim + extra, cfg.n_embd))
         if cfg.embed_std is not None:
             nn.init.normal_(self.embed.weight, std=cfg.embed_std)
             if not cfg.vocab_size:
@@ -103,6 +125,9 @@ class Transformer(nn.Module):
         when cfg.readout is 'last').
         mask: (B, N) bools, True where the token's content is hidden (needs cfg.masked).
         Returns (B, n_out) logits for 'cls', (B, N, n_out) for 'token'."""
+        if self.cfg.readout == "cls":  # one more token and one more channel, set on that token only
+            x = F.pad(x, (0, 1, 0, 1))
+            x[:, -1, -1] = 1
         h = self.embed(x)
         if mask is not None:  # replaced, not added to: nothing of a hidden token's content gets through
             h = torch.where(mask[..., None], self.mask_embd.to(h.dtype), h)
@@ -115,7 +140,7 @@ class Transformer(nn.Module):
             h = block(h, rotary, bias)
         h = self.ln_f(h)
         if self.cfg.head == "cls":
-            h = h[:, -1] if self.cfg.readout == "last" else h[torch.arange(h.shape[0], device=h.device), readout]
+            h = h[:, -1] if self.cfg.readout in ("last", "cls") else h[torch.arange(h.shape[0], device=h.device), readout]
         return self.head(h)
 
     def param_groups(self, weight_decay, pe_weight_decay):

@@ -8,6 +8,9 @@ non-square layouts. Three families, by where they enter the transformer:
             T = 1 (added once at the input) or T = n_layer (each block its own table).
   rotary    (rope/ropend): rotates queries and keys inside attention.
   bias      (relative/alibi): an additive (H, N, N) term on the attention scores.
+A token without a coordinate (an appended readout token, n_extra) comes after the N tokens: a learned/random table
+draws its row like the others; a fixed table gives it zeros, rotary leaves it unrotated, a bias adds nothing to its
+scores, so a fixed PE tells it nothing.
 """
 import math
 
@@ -56,13 +59,14 @@ class AdditivePE(nn.Module):
     """A (T, N, d) table added to the residual stream; table(i) is what block i receives.
     learned: an nn.Parameter; random/sin1d/sinnd: a fixed buffer (saved in the state dict)."""
 
-    def __init__(self, kind, coords, d, n_tables, init="normal", std=0.02):
+    def __init__(self, kind, coords, d, n_tables, init="normal", std=0.02, n_extra=0):
         super().__init__()
         n = coords.shape[0]
         if kind in ("learned", "random"):
-            table = init_table((n_tables, n, d), init, std)
+            table = init_table((n_tables, n + n_extra, d), init, std)
         else:
-            table = sinusoid(flat_coords(n) if kind == "sin1d" else coords, d).expand(n_tables, n, d).clone()
+            table = sinusoid(flat_coords(n) if kind == "sin1d" else coords, d)
+            table = torch.cat([table, table.new_zeros(n_extra, d)]).expand(n_tables, n + n_extra, d).clone()
         self.kind = kind
         if kind == "learned":
             self.weight = nn.Parameter(table)
@@ -88,9 +92,10 @@ class Rotary(nn.Module):
     """Rotary PE: q, k of shape (B, H, N, hd) rotated pairwise (rotate-half layout) by angles of
     each token's coordinates, so q_i . k_j depends only on coords_i - coords_j."""
 
-    def __init__(self, coords, head_dim):
+    def __init__(self, coords, head_dim, n_extra=0):
         super().__init__()
         ang = rotary_angles(coords, head_dim)
+        ang = torch.cat([ang, ang.new_zeros(n_extra, ang.shape[1])])  # angle 0: the extra tokens are not rotated
         self.register_buffer("cos", ang.cos().float(), persistent=False)
         self.register_buffer("sin", ang.sin().float(), persistent=False)
 
@@ -126,15 +131,17 @@ class RelativeBias(nn.Module):
     coordinate offset on an integer lattice (bidirectional: a (2n-1)^2 table on an n x n grid); elsewhere (a brain,
     a point cloud: every pair its own offset) one per T5 distance bucket, so it stays relative."""
 
-    def __init__(self, coords, n_head):
+    def __init__(self, coords, n_head, n_extra=0):
         super().__init__()
         lattice = torch.equal(coords, coords.round())
         index, n_off = offset_index(coords) if lattice else distance_buckets(coords)
         self.register_buffer("index", index, persistent=False)
         self.weight = nn.Parameter(torch.zeros(n_off, n_head))
+        self.n_extra = n_extra
 
     def forward(self):
-        return self.weight[self.index].permute(2, 0, 1)  # (H, N, N)
+        bias = self.weight[self.index].permute(2, 0, 1)  # (H, N, N)
+        return nn.functional.pad(bias, (0, self.n_extra, 0, self.n_extra))
 
 
 def alibi_slopes(n_head):
@@ -154,18 +161,20 @@ def unit_distances(coords):
 class ALiBi(nn.Module):
     """Fixed per-head linear penalty -slope_h * ||c_i - c_j|| on the attention scores."""
 
-    def __init__(self, coords, n_head):
+    def __init__(self, coords, n_head, n_extra=0):
         super().__init__()
         bias = -alibi_slopes(n_head)[:, None, None] * unit_distances(coords).float()
+        bias = nn.functional.pad(bias, (0, n_extra, 0, n_extra))
         self.register_buffer("bias", bias, persistent=False)
 
     def forward(self):
         return self.bias
 
 
-def build(kind, n_tokens, coords, n_embd, n_head, n_tables, init="normal", std=0.02):
+def build(kind, n_tokens, coords, n_embd, n_head, n_tables, init="normal", std=0.02, n_extra=0):
     """The PE module for `kind` over n_tokens tokens at coords (N, k) (None where a task has no
-    geometry), or None for `none`. Raises ValueError on a bad combination."""
+    geometry) and n_extra tokens after them without a coordinate, or None for `none`. Raises ValueError on a bad
+    combination."""
     if kind not in KINDS:
         raise ValueError(f"unknown pe {kind!r}; choose from {KINDS}")
     if kind in NEEDS_COORDS and coords is None:
@@ -177,7 +186,8 @@ def build(kind, n_tokens, coords, n_embd, n_head, n_tables, init="normal", std=0
     if kind == "none":
         return None
     if kind in ADDITIVE:
-        return AdditivePE(kind, flat_coords(n_tokens) if coords is None else coords, n_embd, n_tables, init, std)
+        return AdditivePE(kind, flat_coords(n_tokens) if coords is None else coords, n_embd, n_tables, init, std,
+                          n_extra)
     if kind in ROTARY:
-        return Rotary(flat_coords(n_tokens) if kind == "rope" else coords, n_embd // n_head)
-    return (RelativeBias if kind == "relative" else ALiBi)(coords, n_head)
+        return Rotary(flat_coords(n_tokens) if kind == "rope" else coords, n_embd // n_head, n_extra)
+    return (RelativeBias if kind == "relative" else ALiBi)(coords, n_head, n_extra)
