@@ -205,6 +205,8 @@ def training_tokens(task, n_samples=256, seed=0):
 @torch.no_grad()
 def token_norm(model, tokens):
     """Mean norm of the embedded tokens W x + b: the stream a PE is added to at the input."""
+    if model.cfg.readout == "cls":  # a cell's token is 0 in the readout token's own input channel
+        tokens = torch.nn.functional.pad(tokens, (0, 1))
     return model.embed(tokens.to(model.embed.weight.device)).float().norm(dim=-1).mean().item()
 
 

@@ -10,11 +10,14 @@ simplest deduction that decides the query:
   binary     - the query's row alone or its column alone leaves one shape;
   ternary    - only the row and the column together leave one shape;
   quaternary - row + column leave several shapes; cells elsewhere decide it.
-Splits: train and iid test (90/10, stratified by class) from one generator; ood holds the puzzles
-whose (query position, class) combination never occurs in training (position (r, c) is held out for
-class (r + c) mod n when that is < 3): the rule must transfer to a new place on the grid; noise is
-the iid test set with Gaussian noise added to its one-hot inputs; human (n = 4 only) the 108 puzzles people
-solved in the fMRI study of Hearne et al. (2017), the paper's out-of-distribution set (human/lst_human_108.csv).
+Data (`data`): "lstnn", the authors' own 9,000 puzzles (3 x 3,000 generated, one file per class, every query
+position in every class; lst/lstnn_generated_*_dist80.csv, MIT, from github.com/ljhearne/LSTNN_public), split 90/10
+stratified by class; or "generated", ours (any n), from this file's generator, train and iid test (90/10,
+stratified by class), and with holdout on an ood split: the puzzles whose (query position, class) combination never
+occurs in training (position (r, c) is held out for class (r + c) mod n when that is < 3), so the rule must transfer
+to a new place on the grid. That ood split is a property of our generator; the authors' data have none.
+Both: noise is the iid test set with Gaussian noise added to its one-hot inputs; human (n = 4 only) the 108 puzzles
+people solved in the fMRI study of Hearne et al. (2017), the paper's out-of-distribution set (lst/lst_human_108.csv).
 
 network, a nonlinear stochastic rate network: our reconstruction of the paper's experiment 2, whose equations
 and parameters are not public: N nodes at known positions
@@ -70,7 +73,10 @@ TASK_DEFAULTS = {"network": dict(n_embd=64, lr=1e-3, max_iters=2000),
 NET_LAYOUTS = {"ring": (64,), "grid": (8, 8), "lattice": (4, 4, 4), "points2d": (64,), "points3d": (64,),
                "brain": (94,)}  # default sizes; brain: the AAL2 regions, no other size
 NET_KERNELS = ("gaussian", "exponential")
-HUMAN_PUZZLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "human", "lst_human_108.csv")
+LST_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lst")  # the authors' puzzles, MIT licence inside
+HUMAN_PUZZLES = os.path.join(LST_DIR, "lst_human_108.csv")
+LSTNN_PUZZLES = [os.path.join(LST_DIR, f"lstnn_generated_{c}_dist80.csv") for c in GRID_CLASSES]
+GRID_DATA = ("lstnn", "generated")
 
 
 @dataclass
@@ -284,18 +290,28 @@ def cached(params, make, data_dir):
     return data
 
 
-def grid2d(n=4, n_per_class=4000, data_seed=0, noise_std=0.2, data_dir="data", with_data=True):
-    """The Latin Square Task; with_data=False gives the shapes and coordinates without generating."""
+def grid2d(n=4, n_per_class=4000, data_seed=0, noise_std=0.2, data_dir="data", data="generated", holdout=True,
+           with_data=True):
+    """The Latin Square Task; with_data=False gives the shapes and coordinates without reading or generating."""
+    if data not in GRID_DATA:
+        raise ValueError(f"unknown grid2d data {data!r}; choose from {GRID_DATA}")
+    if data == "lstnn" and n != 4:
+        raise ValueError(f"the authors' puzzles are 4 x 4; --grid-n {n} needs --data generated")
     task = Task("grid2d", grid_coords(n), n + 1, n, "cls", GRID_CLASSES)
     if not with_data:
         return task
-    params = {"task": "grid2d", "n": n, "n_per_class": n_per_class, "seed": data_seed, "version": 1}
-    grids, answers, classes = cached(params, lambda: generate_lst(n, n_per_class, data_seed), data_dir)
+    if data == "lstnn":
+        grids, answers, conditions = zip(*(load_puzzle_csv(path, n) for path in LSTNN_PUZZLES))
+        grids, answers = np.concatenate(grids), np.concatenate(answers)
+        classes = np.array([GRID_CLASSES.index(c.lower()) for c in sum(conditions, [])])
+    else:
+        params = {"task": "grid2d", "n": n, "n_per_class": n_per_class, "seed": data_seed, "version": 1}
+        grids, answers, classes = cached(params, lambda: generate_lst(n, n_per_class, data_seed), data_dir)
     grids, first = np.unique(grids, axis=0, return_index=True)  # distinct puzzles only
     answers, classes = answers[first], classes[first]
     x, query = encode_lst(grids, n)
     y, cls = torch.as_tensor(answers) - 1, torch.as_tensor(classes)
-    ood = ood_mask(query, cls, n)
+    ood = ood_mask(query, cls, n) if data == "generated" and holdout else torch.zeros(len(y), dtype=torch.bool)
     rng = np.random.default_rng(data_seed)
     is_test = torch.zeros(len(y), dtype=torch.bool)
     for k in range(3):  # stratified 90/10 split of the in-distribution puzzles
@@ -303,7 +319,7 @@ def grid2d(n=4, n_per_class=4000, data_seed=0, noise_std=0.2, data_dir="data", w
         is_test[idx[: len(idx) // 10]] = True
     data = {"x": x, "y": y, "readout": query, "cls": cls}
     task.splits = {name: {k: v[m] for k, v in data.items()}
-                   for name, m in (("train", ~ood & ~is_test), ("test", is_test), ("ood", ood))}
+                   for name, m in (("train", ~ood & ~is_test), ("test", is_test), ("ood", ood)) if m.any()}
     noise = torch.randn(task.splits["test"]["x"].shape, generator=torch.Generator().manual_seed(data_seed))
     task.splits["noise"] = dict(task.splits["test"], x=task.splits["test"]["x"] + noise_std * noise)
     if n == 4:  # the people's puzzles exist for the 4 x 4 task only
@@ -525,7 +541,8 @@ def get_task(name, args, with_data=True):
     """The task `name` configured from an argparse namespace (or anything with the same attributes)."""
     a, common = args, dict(data_seed=args.data_seed, with_data=with_data)
     if name == "grid2d":
-        return grid2d(n=a.grid_n, n_per_class=a.n_per_class, noise_std=a.noise_std, data_dir=a.data_dir, **common)
+        return grid2d(n=a.grid_n, n_per_class=a.n_per_class, noise_std=a.noise_std, data_dir=a.data_dir,
+                      data=getattr(a, "data", "generated"), holdout=getattr(a, "holdout", True), **common)
     if name == "network":
         return network(layout=a.net_layout, shape=a.net_shape, kernel=a.net_kernel, length=a.net_length,
                        inhibition=a.net_inhibition, gain=a.net_gain, tau=a.net_tau, dt=a.net_dt, noise=a.net_noise,

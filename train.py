@@ -31,23 +31,22 @@ from tqdm import tqdm
 import analyze
 import pe as pe_lib
 import tasks
-from model import ModelConfig, forward_models, init_model, settings, train_step
+from model import PAPER_MODEL, READOUTS, ModelConfig, forward_models, init_model, settings, train_step
 
 # The flags whose defaults a task (tasks.TASK_DEFAULTS) or a preset may change; parsed without a default, then
 # filled in: the task's values over these, a preset's over both, an explicit flag over all.
 DEFAULTS = dict(n_layer=4, n_head=1, n_embd=160, norm="post", pe_layers="input", embed_std=0.02, readout="query",
-                lr=3e-4, warmup_iters=0, min_lr_ratio=0.1, weight_decay=0.1, batch_size=128, max_iters=2500,
-                eval_interval=250, stop_train_acc=None)
-# The paper's model: a table in every block, PyTorch's default token embedding, last-token readout, no weight decay
-# (the width is the task's: d = 160 for grid2d). Its recipe: AdamW lr 1e-4 constant, batch 128, 4,000 epochs of our
-# default grid2d training split (8,040 puzzles: 62 steps an epoch). paper-short: the same run stopped at its fit (a
-# 20,000-step cap): with a constant lr it is the paper's run up to there; the 2,500-step cosine schedule that fits our
-# model left the paper's unfitted (RESULTS.md, grid2d: the paper's claim under the paper's conditions).
-PAPER_MODEL = dict(n_layer=4, n_head=1, norm="post", pe_layers="all", embed_std=None, readout="last", weight_decay=0.0)
-PRESETS = {"paper": PAPER_MODEL | dict(lr=1e-4, warmup_iters=0, min_lr_ratio=1.0, batch_size=128,
-                                       max_iters=4000 * 62, eval_interval=2_000),
-           "paper-short": PAPER_MODEL | dict(lr=1e-4, warmup_iters=0, min_lr_ratio=1.0, batch_size=128,
-                                             max_iters=20_000, eval_interval=500, stop_train_acc=0.999)}
+                mlp_out_gelu=False, attn_init="linear", data="generated", lr=3e-4, warmup_iters=0, min_lr_ratio=0.1,
+                weight_decay=0.1, batch_size=128, max_iters=2500, max_epochs=None, eval_interval=250, eval_epochs=None,
+                stop_train_acc=None)
+# The authors' run (model.PAPER_MODEL on their 9,000 puzzles): AdamW lr 1e-4 constant, batch 128, no weight decay,
+# 4,000 epochs of their training split (63 steps an epoch at batch 128), an eval every 25 epochs. paper-short: the
+# same run ended at epoch 200, the first point of their logs, by which the sigma effect is there (RESULTS.md).
+PAPER_RECIPE = dict(data="lstnn", lr=1e-4, warmup_iters=0, min_lr_ratio=1.0, batch_size=128, weight_decay=0.0,
+                    eval_epochs=25)
+PRESETS = {"paper": PAPER_MODEL | PAPER_RECIPE | dict(max_epochs=4000),
+           "paper-short": PAPER_MODEL | PAPER_RECIPE | dict(max_epochs=200)}
+GRID_ONLY = ("readout", "stop_train_acc", "data")  # preset keys that mean nothing to the regression tasks
 MASK_SEEDS = 2**40  # offsets the training masks' seeds from batch_indices' epoch seeds
 RUNTIME_ARGS = ("resume", "force", "device", "compile", "dtype", "vmap", "threads", "out_dir", "data_dir")
 DIVERGED, INTERRUPTED = 3, 130  # exit statuses
@@ -83,6 +82,11 @@ def parser():
     g.add_argument("--task", default="grid2d", choices=tasks.TASKS, help="dataset")
     g.add_argument("--grid-n", type=int, default=4, help="grid2d: side of the Latin square (4, 5, 6)")
     g.add_argument("--n-per-class", type=int, default=4000, help="grid2d: puzzles generated per complexity class")
+    g.add_argument("--data", choices=tasks.GRID_DATA, **default(
+        "data", "grid2d: the authors' 9,000 puzzles (lst/), or our generator's (--n-per-class, any --grid-n)"))
+    g.add_argument("--holdout", action=argparse.BooleanOptionalAction, default=True,
+                   help="grid2d --data generated: hold one diagonal of query positions per class out of training "
+                        "(the split ood)")
     g.add_argument("--noise-std", type=float, default=0.2,
                    help="grid2d: std of the Gaussian noise on the noise test's one-hot inputs")
     g.add_argument("--net-layout", default="grid", choices=tuple(tasks.NET_LAYOUTS),
@@ -135,8 +139,13 @@ def parser():
     g.add_argument("--dropout", type=float, default=0.0, help="dropout on attention and MLP outputs")
     g.add_argument("--embed-std", type=embed_std, **default("embed_std", "init std of the token embedding, "
                    "or 'torch' (None) for PyTorch's default (embedded-token norm ~4.7 at d=160, the paper's)"))
-    g.add_argument("--readout", choices=("query", "last"), **default(
-        "readout", "grid2d: classify from the query cell's token, or from the last token (the paper's model)"))
+    g.add_argument("--readout", choices=READOUTS, **default(
+        "readout", "grid2d: classify from the query cell's token, the last cell (the authors' public code), or an "
+                   "appended readout token with its own PE row (cls, the authors' logged model)"))
+    g.add_argument("--mlp-out-gelu", action=argparse.BooleanOptionalAction, **default(
+        "mlp_out_gelu", "a GELU after the MLP's output projection too (the authors' block)"))
+    g.add_argument("--attn-init", choices=("linear", "mha"), **default(
+        "attn_init", "attention weights as nn.Linear initialises them, or as nn.MultiheadAttention (the authors')"))
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, **default("lr", "AdamW peak learning rate"))
     g.add_argument("--warmup-iters", type=int, **default("warmup_iters", "linear warm-up steps"))
@@ -148,9 +157,13 @@ def parser():
     g.add_argument("--batch-size", type=int, **default("batch_size", "samples per step"))
     g.add_argument("--max-iters", type=int,
                    **default("max_iters", "training steps (the cap when --stop-train-acc is set)"))
+    g.add_argument("--max-epochs", type=int, **default(
+        "max_epochs", "training length in epochs of the training split (replaces --max-iters; an epoch is its "
+                      "full batches)"))
     g.add_argument("--stop-train-acc", type=float, **default(
         "stop_train_acc", "stop at the first eval whose training accuracy reaches this (e.g. 0.999)"))
     g.add_argument("--eval-interval", type=int, **default("eval_interval", "steps between evals and checkpoints"))
+    g.add_argument("--eval-epochs", type=int, **default("eval_epochs", "epochs between evals (replaces --eval-interval)"))
     g.add_argument("--seed", type=int, default=0, help="seed of the model's init and the data order")
     g.add_argument("--seeds", type=ints, default=None,
                    help="one run per seed, trained at once, e.g. 0,1,2 (replaces --seed; with --init-stds: every pair)")
@@ -190,11 +203,14 @@ def floats(text):
 def get_args(argv=None):
     """The flags, with the task's and the preset's defaults filled in, checked: a bad one ends here with exit 2."""
     args = parser().parse_args(argv)
-    preset = {k: v for k, v in PRESETS.get(args.preset, {}).items()  # readout and fit: classification only
-              if k not in ("readout", "stop_train_acc") or args.task == "grid2d"}
+    preset = {k: v for k, v in PRESETS.get(args.preset, {}).items() if k not in GRID_ONLY or args.task == "grid2d"}
+    given = set(vars(args))
     for k, v in {**DEFAULTS, **tasks.TASK_DEFAULTS.get(args.task, {}), **preset}.items():  # explicit flags win
         if not hasattr(args, k):
             setattr(args, k, v)
+    for steps, epochs in (("max_iters", "max_epochs"), ("eval_interval", "eval_epochs")):  # ... in steps too
+        if steps in given and epochs not in given:
+            setattr(args, epochs, None)
     check(args)
     if args.out_dir is None:  # a template: runs() fills in each run's sigma and seed
         sigma = "-{init_std:g}" if args.pe in ("learned", "random") else ""
@@ -217,13 +233,16 @@ def check(args):
         die(f"--betas must be in [0, 1), got {args.betas}")
     if args.init_stds is not None and (min(args.init_stds) < 0 or args.pe not in ("learned", "random")):
         die(f"--init-stds takes stds >= 0 of --pe learned or random, got {args.init_stds} for {args.pe}")
-    for name in ("max_iters", "eval_interval", "batch_size", "n_layer", "n_head", "n_embd", "n_per_class"):
-        if getattr(args, name) <= 0:
+    for name in ("max_iters", "eval_interval", "batch_size", "n_layer", "n_head", "n_embd", "n_per_class",
+                 "max_epochs", "eval_epochs"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             die(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.task == "grid2d" and args.grid_n < 3:
         die(f"--grid-n must be >= 3, got {args.grid_n}")
     if args.readout != "query" and args.task != "grid2d":
         die(f"--readout {args.readout} needs a classification task; {args.task} predicts every masked token")
+    if args.task == "grid2d" and args.data == "lstnn" and args.grid_n != 4:
+        die(f"--data lstnn: the authors' puzzles are 4 x 4; --grid-n {args.grid_n} needs --data generated")
     if args.task == "network":
         check_network(args)
     if args.task == "brain3d":
@@ -300,6 +319,26 @@ def runs(args):
     return out
 
 
+def epoch_steps(n_train, batch_size):
+    """Steps in an epoch: the split's full batches (the last partial one is dropped), one whole batch if smaller."""
+    return max(1, n_train // batch_size)
+
+
+def in_steps(all_args, n_train):
+    """--max-epochs and --eval-epochs as --max-iters and --eval-interval of this training split, in every run's args."""
+    for a in all_args:
+        if a.max_epochs is not None:
+            a.max_iters = a.max_epochs * epoch_steps(n_train, a.batch_size)
+        if a.eval_epochs is not None:
+            a.eval_interval = a.eval_epochs * epoch_steps(n_train, a.batch_size)
+
+
+def derived(args):
+    """The flags that --max-epochs / --eval-epochs set from the data, so a resumed run compares them as epochs."""
+    return (("max_iters",) if args.max_epochs is not None else ()) + (
+        ("eval_interval",) if args.eval_epochs is not None else ())
+
+
 def lr_at(it, args):
     """Linear warm-up over warmup_iters, then cosine decay from lr to lr * min_lr_ratio at max_iters."""
     if it < args.warmup_iters:
@@ -311,7 +350,7 @@ def lr_at(it, args):
 def batch_indices(it, n, args):
     """Indices of step `it`'s batch: epochs are fresh permutations drawn from (seed, epoch), so the
     data order is a pure function of the step and a resumed run sees exactly the same batches."""
-    per_epoch = max(1, n // args.batch_size)  # a split smaller than a batch is one whole batch
+    per_epoch = epoch_steps(n, args.batch_size)
     epoch, j = divmod(it, per_epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed * 1_000_003 + epoch))
     return perm[j * args.batch_size:(j + 1) * args.batch_size]
@@ -392,7 +431,7 @@ def prepare_out_dir(run):
         except ValueError as e:
             die(f"--resume: {e}")
         diff = {k: (v, vars(run.args).get(k)) for k, v in run.ckpt["args"].items()
-                if k not in RUNTIME_ARGS and vars(run.args).get(k) != v}
+                if k not in RUNTIME_ARGS + derived(run.args) and vars(run.args).get(k) != v}
         if diff:
             die(f"--resume: {run.args.out_dir} holds a run with other settings (saved, given): {diff}")
         run.saved = run.ckpt["state"]["iter"]
@@ -413,7 +452,8 @@ def build_model(args, task):
     cfg = ModelConfig(n_tokens=len(task.coords), in_dim=task.in_dim, n_out=task.n_out, head=task.head,
                       readout=args.readout, masked=task.head == "token", n_layer=args.n_layer, n_head=args.n_head,
                       n_embd=args.n_embd, dropout=args.dropout, norm=args.norm, embed_std=args.embed_std, pe=args.pe,
-                      pe_layers=args.pe_layers, init=args.init, init_std=args.init_std)
+                      pe_layers=args.pe_layers, init=args.init, init_std=args.init_std, mlp_out_gelu=args.mlp_out_gelu,
+                      attn_init=args.attn_init)
     try:
         return init_model(cfg, task.coords, args.seed)
     except ValueError as e:
@@ -459,7 +499,9 @@ def log_evals(due, task, args, device, forward, ctx, tokens):
     with ctx:
         ms = evaluate([run.model for run in due], task, device, forward)
     for run, m in zip(due, ms):
-        m.update({"iter": run.state["iter"], "lr": lr_at(run.state["iter"], args), "elapsed": run.state["elapsed"]},
+        m.update({"iter": run.state["iter"], "epoch": run.state["iter"] / epoch_steps(len(task.splits["train"]["y"]),
+                                                                                   args.batch_size),
+                  "lr": lr_at(run.state["iter"], args), "elapsed": run.state["elapsed"]},
                  **analyze.identifiability(run.model, task.coords, task.references, task.twins, tokens))
         with open(os.path.join(run.args.out_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(m) + "\n")
@@ -483,11 +525,20 @@ def save_checkpoint(run):
 
 
 def identity(args, run):
-    """What names a run in its summary: task, PE, its sigma and seed, and the model settings under study."""
+    """What names a run in its summary: task, PE, its sigma and seed, the model settings under study, its preset and
+    the flags it changed from what its task and preset give (its label), and all its flags."""
     return {"task": args.task, "pe": args.pe, "init": args.init, "init_std": run.args.init_std,
             "pe_layers": args.pe_layers, "readout": args.readout, "embed_std": args.embed_std,
             "weight_decay": args.weight_decay, "preset": args.preset, "seed": run.args.seed,
-            "data_seed": args.data_seed}
+            "data_seed": args.data_seed, "data": args.data if args.task == "grid2d" else None,
+            "changes": changes(run.args), "args": vars(run.args)}
+
+
+def changes(args):
+    """The flags of a run that differ from what its task and preset alone give: what tells it apart in a table."""
+    base = vars(get_args(["--task", args.task] + (["--preset", args.preset] if args.preset else [])))
+    same = RUNTIME_ARGS + derived(args) + ("task", "preset", "pe", "init_std", "init_stds", "seed", "seeds")
+    return {k: v for k, v in vars(args).items() if k not in same and base.get(k) != v}
 
 
 def finish(run, args, task, n_params):
@@ -496,7 +547,8 @@ def finish(run, args, task, n_params):
     state["elapsed"] = time.time() - run.t0
     run.summary = identity(args, run) | {
         "iters": state["iter"], "wall_s": round(state["elapsed"], 1), "fitted": fitted(m, args, task),
-        "fit_iter": state["fit_iter"], "n_params": n_params,
+        "fit_iter": state["fit_iter"], "epoch": m["epoch"], "n_params": n_params,
+        "pe_shape": None if (t := analyze.pe_tables(run.model)) is None else list(t.shape),
         **{k: v for k, v in m.items() if k.endswith(("_acc", "_mse", "_r2")) or "_acc_" in k},
         **{k: v for k, v in m.items() if k.startswith("pe_") or k == "tok_norm"}, **run.ratios,
         "pe_rsa_init": state["pe_rsa_init"],
@@ -566,6 +618,7 @@ def train(active, args, many, device, dtype, use_compile, use_vmap, ctx):
         task = tasks.get_task(args.task, args)
     except ValueError as e:  # a dataset cache that cannot be written
         die(str(e))
+    in_steps([args] + [run.args for run in active], len(task.splits["train"]["y"]))
     n_params = sum(p.numel() for p in active[0].model.parameters())
     print(f"{args.task}: {len(task.coords)} tokens; " + ", ".join(f"{k} {len(v['y'])}" for k, v in task.splits.items()))
     at_once = f"; {len(active)} runs at once ({'vmap' if use_vmap else 'loop'})" if many else ""
