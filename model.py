@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import pe as pe_lib
 
@@ -198,7 +199,8 @@ def forward_models(models, x, readout=None, mask=None, vmap=False):
         return torch.func.functional_call(models[0], w, args)
 
     in_dims = (0, *(None if t is None else 0 for t in inputs))
-    return torch.func.vmap(call, in_dims=in_dims, randomness="different")(weights, *inputs)
+    with sdpa_kernel(SDPBackend.MATH):  # CUDA's fused attention has no backward under vmap ("LSE is not aligned")
+        return torch.func.vmap(call, in_dims=in_dims, randomness="different")(weights, *inputs)
 
 
 def train_step(models, optimizers, batch, head, forward=forward_models, ctx=contextlib.nullcontext()):
