@@ -249,31 +249,60 @@ def ood_mask(queries, classes, n):
 
 
 def atomic_save(obj, path, save=torch.save):
-    """Write obj to path via a temporary file and a rename, so a crash never leaves a half-written file: text (str,
-    as UTF-8) and bytes are written as they are, anything else by save(obj, the temporary file's path)."""
+    """Write obj to path via a temporary file and a rename, so a crash or a full disk never leaves a half-written file
+    (the temporary is removed): text (str, as UTF-8) and bytes are written as they are, anything else by save(obj, the
+    open temporary file). A failed write raises an OSError naming path."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        if isinstance(obj, (str, bytes)):
-            with open(tmp, "wb") as f:
+        with open(tmp, "wb") as f:  # torch.save into a file object: a full disk is an OSError, not a RuntimeError
+            if isinstance(obj, (str, bytes)):
                 f.write(obj.encode() if isinstance(obj, str) else obj)
-        else:
-            save(obj, tmp)
+            else:
+                save(obj, f)
         os.replace(tmp, path)
+    except OSError as e:  # a failed write names no file, or the temporary
+        e.filename = path
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def unwritable(path):
-    """Why no directory can be created or written at path, or None if one can: asks the nearest existing
-    ancestor, so nothing is created to find out."""
-    path = os.path.abspath(path)
+def missing_dirs(path):
+    """The directories that creating path would make, innermost first."""
+    path, out = os.path.abspath(path), []
     while not os.path.exists(path):
+        out.append(path)
         path = os.path.dirname(path)
-    if not os.path.isdir(path):
-        return f"{path} is not a directory"
-    return None if os.access(path, os.W_OK | os.X_OK) else f"{path} is not writable"
+    return out
+
+
+def remove_dirs(dirs):
+    """Remove those of dirs (innermost first) that are empty: the ones a refused run made and left empty."""
+    for d in dirs:
+        try:
+            os.rmdir(d)
+        except OSError:  # not empty, or never made
+            pass
+
+
+def unwritable(path):
+    """Why no directory can be created or written at path, or None if one can: found out by doing it (creating it,
+    writing and removing a file there), since permission bits do not tell (root passes them; /proc refuses anyway).
+    Leaves nothing behind: the directories it made are removed again."""
+    made, probe = missing_dirs(path), os.path.join(path, f".probe{os.getpid()}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"probe")
+    except OSError as e:
+        return e.strerror
+    finally:
+        if os.path.exists(probe):
+            os.remove(probe)
+        remove_dirs(made)
+    return None
 
 
 def cached(params, make, data_dir):

@@ -1,5 +1,7 @@
 """The test suite: python -m pytest -q test_all.py (CPU, a few minutes at most)."""
 import glob
+import errno
+import io
 import itertools
 import csv
 import json
@@ -7,6 +9,8 @@ import math
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -1488,8 +1492,9 @@ def test_a_diverging_run_stops_keeps_its_checkpoint_and_is_skipped_on_resume(tmp
     summary = json.load(open(run / "summary.json"))
     assert summary["diverged"] and summary["diverged_at"] == 5 and summary["iters"] == 4 and "test_acc" not in summary
     before = {f: (run / f).read_bytes() for f in ("ckpt.pt", "metrics.jsonl", "summary.json")}
-    assert run_train(tmp_path, "--resume") == summary
-    assert "diverged at step 5; nothing to do" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:  # still diverged
+        run_train(tmp_path, "--resume")
+    assert e.value.code == train.DIVERGED and "diverged at step 5; nothing to do" in capsys.readouterr().out
     assert before == {f: (run / f).read_bytes() for f in before}
     table = analyze.summary_table([str(run)]).splitlines()
     assert any("diverged at step 5" in row for row in table)
@@ -1603,3 +1608,133 @@ def test_resume_refuses_a_corrupt_checkpoint_with_one_line(tmp_path, capsys):
         run_train(tmp_path, "--max-iters", "4", "--resume")
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "cannot be read" in err
+
+
+# ----------------------------------------------------------------------------- runs that cannot clobber themselves
+REPO = os.path.dirname(os.path.abspath(train.__file__))
+HOLD_LOCK = ("import sys, train; held = train.lock(sys.argv[1]); print('locked', flush=True); sys.stdin.read(); "
+             "train.release(held)")  # holds a run directory as train.py does, until its stdin closes
+DIE_HOLDING_LOCK = "import os, sys, train; train.lock(sys.argv[1]); os._exit(9)"  # as a killed process leaves it
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc, where no one, root included, creates a directory")
+@pytest.mark.parametrize("flag,path,message", [
+    ("--out-dir", "/proc/pe-init-run-s{seed}", "cannot be created or written (No such file or directory)"),
+    ("--data-dir", "/proc/pe-init-data", "cannot cache the generated dataset there (No such file or directory)")])
+def test_a_directory_that_cannot_be_created_exits_2_with_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys,
+                                                                                       flag, path, message):
+    monkeypatch.chdir(tmp_path)
+    dirs = {"--out-dir": "runs/s{seed}", "--data-dir": "data", flag: path}
+    with pytest.raises(SystemExit) as e:
+        train.main(TINY + ["--seeds", "0,1"] + [v for kv in dirs.items() for v in kv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and message in err and "Traceback" not in err, err
+    assert os.listdir(tmp_path) == [] and glob.glob("/proc/pe-init-*") == []
+
+
+def test_a_second_process_on_a_run_directory_exits_2_before_writing(tmp_path, monkeypatch, capsys):
+    whole = run_train(tmp_path / "a")
+    interrupt_at_call(monkeypatch, 4)  # init, then evals at 0, 2: the checkpoint holds step 2
+    with pytest.raises(SystemExit):
+        run_train(tmp_path / "b")
+    monkeypatch.undo()
+    run = tmp_path / "b" / "run"
+    before = {f: (run / f).read_bytes() for f in os.listdir(run)}
+    first = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run)], cwd=REPO, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    assert first.stdout.readline() == "locked\n"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path / "b", "--resume")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and f"{run} is in use by process {first.pid}" in err, err
+    assert {f: (run / f).read_bytes() for f in os.listdir(run) if f != "lock"} == before
+    first.communicate("")  # the first process ends
+    assert first.returncode == 0 and sorted(os.listdir(run)) == sorted(before)
+    resumed = run_train(tmp_path / "b", "--resume")
+    drop = ("wall_s", "out_dir")
+    assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in whole.items() if k not in drop}
+    assert sorted(os.listdir(run)) == sorted(train.RUN_FILES)
+
+
+def test_resume_takes_over_the_lock_of_a_process_that_died_with_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    dead = subprocess.Popen([sys.executable, "-c", DIE_HOLDING_LOCK, str(run)], cwd=REPO)
+    assert dead.wait() == 9 and os.listdir(run) == ["lock"] and (run / "lock").read_text() == f"{dead.pid}\n"
+    with pytest.raises(ValueError, match="neither a run directory"):  # a lock alone is no run
+        analyze.find_runs([str(run)])
+    assert run_train(tmp_path, "--resume")["iters"] == 6
+    err = capsys.readouterr().err
+    assert err == f"train.py: {run}: taking over the lock of process {dead.pid}, which ended without releasing it\n"
+    assert sorted(os.listdir(run)) == sorted(train.RUN_FILES)
+
+
+def no_space(obj, f):
+    """A save on a full disk: part of the file is written, then ENOSPC."""
+    f.write(b"half a file")
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+class HalfLine(io.TextIOWrapper):
+    """A file on a full disk: a write stores half of its text, then fails with ENOSPC."""
+    def write(self, text):
+        super().write(text[:len(text) // 2])
+        self.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def disk_full_at(monkeypatch, name, n):
+    """Make the n-th write of the run file `name` fail as on a full disk: those through tasks.atomic_save, and the
+    metrics lines train.py appends (half of the line written)."""
+    real_save, calls = tasks.atomic_save, {"n": 0}
+
+    def atomic_save(obj, path, save=torch.save):
+        calls["n"] += os.path.basename(path) == name
+        if os.path.basename(path) == name and calls["n"] == n:
+            return real_save(None, path, save=no_space)
+        return real_save(obj, path, save)
+
+    def append(path, mode="r", **kw):
+        calls["n"] += os.path.basename(path) == name and mode == "a"
+        if os.path.basename(path) == name and mode == "a" and calls["n"] == n:
+            return HalfLine(open(path, "ab"), encoding="utf-8")
+        return open(path, mode, **kw)
+    monkeypatch.setattr(tasks, "atomic_save", atomic_save)
+    monkeypatch.setattr(train, "open", append, raising=False)
+
+
+@pytest.mark.parametrize("name,n,saved", [("ckpt.pt", 2, 2), ("metrics.jsonl", 4, 2), ("summary.json", 1, 6)])
+def test_a_full_disk_stops_with_one_line_keeps_the_last_checkpoint_and_resume_ends_as_if_not(
+        tmp_path, monkeypatch, capsys, name, n, saved):
+    whole = run_train(tmp_path / "a")
+    metrics = (tmp_path / "a" / "run" / "metrics.jsonl").read_text()
+    # the writes: ckpt.pt at steps 2, 4, 6; metrics.jsonl at start, then a line at steps 0, 2, 4, 6; summary.json
+    disk_full_at(monkeypatch, name, n)
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path / "b")
+    monkeypatch.undo()
+    run, err = tmp_path / "b" / "run", capsys.readouterr().err
+    assert e.value.code == train.WRITE_FAILED and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"train.py: error: {run / name}: No space left on device; every run keeps its last")
+    assert not [f for f in os.listdir(run) if f not in train.RUN_FILES]  # no temporary file, no lock
+    assert analyze.read_checkpoint(str(run / "ckpt.pt"))["state"]["iter"] == saved
+    assert name != "metrics.jsonl" or not (run / name).read_text().endswith("\n")  # half a line, which resume drops
+    resumed = run_train(tmp_path / "b", "--resume")
+    drop = ("wall_s", "out_dir")
+    assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in whole.items() if k not in drop}
+    resumed_metrics = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(m)["iter"] for m in resumed_metrics] == [json.loads(m)["iter"] for m in metrics.splitlines()]
+
+
+def test_resuming_a_set_in_which_a_run_diverged_before_exits_3(tmp_path, monkeypatch, capsys):
+    common = TINY + ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "s{seed}")]
+    nan_loss_at(monkeypatch, {3})
+    with pytest.raises(SystemExit) as e:
+        train.main(common + ["--seed", "1"])
+    monkeypatch.undo()
+    assert e.value.code == train.DIVERGED
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # seed 0 trains to its end; seed 1 is skipped, still diverged
+        train.main(common + ["--seeds", "0,1", "--resume"])
+    assert e.value.code == train.DIVERGED and f"{tmp_path / 's1'} is diverged at step 3" in capsys.readouterr().out
+    assert json.load(open(tmp_path / "s0" / "summary.json"))["iters"] == 6

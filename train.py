@@ -12,11 +12,18 @@ summary.json (at the end), the same files as the run alone would. --resume conti
 the same result; finished and diverged runs are skipped. On CUDA: torch.compile, bf16 autocast and one vmap
 over the K models by default; on CPU: plain fp32 and a loop over the models.
 
-Exit status: 0 done; 2 a bad flag, device or directory (one line, nothing written); 3 a run diverged (its loss
-became NaN or infinite: it stops there, keeps its last checkpoint and metrics.jsonl, and its summary.json says
-"diverged"; the other runs go on); 130 interrupted (Ctrl-C; every checkpoint stays valid for --resume).
+While a run trains, OUT_DIR/lock holds its process id: a second process on the same directory is refused, and
+--resume takes over the lock of a process that died (an flock, which the OS frees however a process ends).
+
+Exit status: 0 done; 2 a bad flag, device or directory, or a run directory another process holds (one line, nothing
+written); 3 a run diverged (its loss became NaN or infinite: it stops there, keeps its last checkpoint and
+metrics.jsonl, and its summary.json says "diverged"; the other runs go on), now or, found by --resume, before;
+4 a file could not be written (a full disk: one line naming it; every run keeps its last checkpoint, and --resume
+continues it to the same result); 130 interrupted (Ctrl-C; every checkpoint stays valid for --resume).
 """
 import argparse
+import contextlib
+import fcntl
 import json
 import math
 import os
@@ -49,13 +56,14 @@ PRESETS = {"paper": PAPER_MODEL | PAPER_RECIPE | dict(max_epochs=4000),
 GRID_ONLY = ("readout", "stop_train_acc", "data")  # preset keys that mean nothing to the regression tasks
 MASK_SEEDS = 2**40  # offsets the training masks' seeds from batch_indices' epoch seeds
 RUNTIME_ARGS = ("resume", "force", "device", "compile", "dtype", "vmap", "threads", "out_dir", "data_dir")
-DIVERGED, INTERRUPTED = 3, 130  # exit statuses
+DIVERGED, WRITE_FAILED, INTERRUPTED = 3, 4, 130  # exit statuses
 RUN_FILES = ("ckpt.pt", "metrics.jsonl", "summary.json")
+LOCK = "lock"  # in the run directory while a process trains it: that process's id
 
 
-def die(msg):
+def die(msg, status=2):
     print(f"train.py: error: {msg}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(status)
 
 
 class Parser(argparse.ArgumentParser):
@@ -447,6 +455,44 @@ def prepare_out_dir(run):
         die(f"{run.args.out_dir} already holds a run; pass --resume to continue it or --force to overwrite it")
 
 
+def lock(out_dir):
+    """Hold a run directory until release(): an flock on out_dir/lock, which holds this process's id and which the OS
+    frees however the process ends. Another process holding it ends this one (exit 2); the lock of a process that died
+    is taken over, with one line. Returns what release() needs: the open lock file and the directories made for it."""
+    made, path = tasks.missing_dirs(out_dir), os.path.join(out_dir, LOCK)
+    while True:
+        os.makedirs(out_dir, exist_ok=True)
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            f.close()
+            die(f"{out_dir} is in use by process {holder} (it holds {path}); wait for it to end")
+        if os.fstat(f.fileno()).st_nlink:  # not a file its last holder removed on release while we opened it
+            break
+        f.close()
+    f.seek(0)
+    if holder := f.read().strip():  # only a holder that died leaves its id behind: release() removes the file
+        print(f"train.py: {out_dir}: taking over the lock of process {holder}, which ended without releasing it",
+              file=sys.stderr)
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f, made
+
+
+def release(held):
+    """Give a run directory back: remove its lock file, then close it (freeing the flock), then the directories made
+    for it if they stayed empty (a refused run leaves nothing behind)."""
+    f, made = held
+    with contextlib.suppress(FileNotFoundError):  # the directory was removed while the run trained
+        os.remove(f.name)
+    f.close()
+    tasks.remove_dirs(made)
+
+
 def build_model(args, task):
     """The run's model, built exactly as the run alone builds it: seeded by its seed, drawn with its sigma."""
     cfg = ModelConfig(n_tokens=len(task.coords), in_dim=task.in_dim, n_out=task.n_out, head=task.head,
@@ -503,8 +549,13 @@ def log_evals(due, task, args, device, forward, ctx, tokens):
                                                                                    args.batch_size),
                   "lr": lr_at(run.state["iter"], args), "elapsed": run.state["elapsed"]},
                  **analyze.identifiability(run.model, task.coords, task.references, task.twins, tokens))
-        with open(os.path.join(run.args.out_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(m) + "\n")
+        path = os.path.join(run.args.out_dir, "metrics.jsonl")
+        try:
+            with open(path, "a") as f:
+                f.write(json.dumps(m) + "\n")
+        except OSError as e:  # a failed write names no file; the half line it may leave, --resume drops (start())
+            e.filename = path
+            raise
         if run.state["fit_iter"] is None and fitted(m, args, task):
             run.state["fit_iter"] = run.state["iter"]
         run.last = m
@@ -593,11 +644,13 @@ def main(argv=None):
     all_runs = [Run(a, build_model(a, task)) for a in all_runs_args]
     many = len(all_runs) > 1
 
-    # resume: what each run continues from; finished and diverged runs need nothing
-    for run in all_runs:
-        prepare_out_dir(run)
-    active = [run for run in all_runs if run.summary is None]
+    # resume: what each run continues from, read under its lock; finished and diverged runs need nothing
+    held, active = [], []  # the run directories' locks, released however main ends
     try:
+        for run in all_runs:
+            held.append(lock(run.args.out_dir))
+            prepare_out_dir(run)
+        active = [run for run in all_runs if run.summary is None]
         if active:
             train(active, args, many, device, dtype, use_compile, use_vmap, ctx)
     except KeyboardInterrupt:  # checkpoints are written atomically: each run continues from its latest
@@ -607,7 +660,13 @@ def main(argv=None):
                 step = run.state.get("iter", run.saved or 0)  # before start(), where its checkpoint left it
                 print(f"train.py: {run.args.out_dir}: interrupted at step {step}; --resume {where}", file=sys.stderr)
         sys.exit(INTERRUPTED)
-    if any(run.summary.get("diverged") for run in active):
+    except OSError as e:  # a full disk: checkpoints and summaries are written atomically, so the last ones stand
+        die(f"{e.filename}: {e.strerror}; every run keeps its last checkpoint, which --resume continues from",
+            WRITE_FAILED)
+    finally:
+        for h in reversed(held):  # the last first: the first run's lock may have made the others' parent
+            release(h)
+    if any(run.summary.get("diverged") for run in all_runs):  # diverged now, or before a --resume
         sys.exit(DIVERGED)
     return [run.summary for run in all_runs]
 
