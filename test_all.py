@@ -1252,6 +1252,20 @@ def test_bench_runs_a_tiny_config_and_reports_consistent_figures(capsys):
     assert f"{r['ratio']:.2f}x" in out and f"{r['models_speedup']:.2f}x" in out
 
 
+def test_bench_preset_paper_times_the_paper_model(capsys):
+    """--preset paper: model.PAPER_MODEL on grid2d's shapes (flags still override), without the reference."""
+    r = bench.main(["--preset", "paper", "--n-embd", "16", "--n-layer", "1", "--batch-size", "8", "--warmup", "1",
+                    "--steps", "1", "--repeats", "1", "--threads", "1"])
+    out = capsys.readouterr().out
+    cfg, coords = bench.task_config("grid2d", "paper", n_embd=16, n_layer=1)
+    assert (cfg.pe_layers, cfg.readout, cfg.mlp_out_gelu, cfg.attn_init, cfg.n_layer) == ("all", "last", True, "mha", 1)
+    assert r["preset"] == "paper" and "reference" not in r and "ratio" not in r and "reference: not timed" in out
+    assert r["ours"]["params"] == sum(p.numel() for p in Transformer(cfg, coords).parameters())
+    assert f"{r['ours']['ms_per_step']:.1f}" in out
+    with pytest.raises(SystemExit):
+        bench.main(["--preset", "paper", "--task", "network"])
+
+
 # ----------------------------------------------------------------------------- several runs at once
 @pytest.mark.parametrize("kind", pe_lib.KINDS)
 def test_vmap_over_stacked_models_gives_each_its_own_output_and_gradient(kind):

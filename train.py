@@ -38,7 +38,7 @@ from tqdm import tqdm
 import analyze
 import pe as pe_lib
 import tasks
-from model import PAPER_MODEL, READOUTS, ModelConfig, forward_models, init_model, settings, train_step
+from model import PAPER_MODEL, READOUTS, ModelConfig, adamw, forward_models, init_model, settings, train_step
 
 # The flags whose defaults a task (tasks.TASK_DEFAULTS) or a preset may change; parsed without a default, then
 # filled in: the task's values over these, a preset's over both, an explicit flag over all.
@@ -513,8 +513,8 @@ def start(run, task, tokens, device):
         if os.path.exists(os.path.join(args.out_dir, f)):
             os.remove(os.path.join(args.out_dir, f))
     run.model.to(device)
-    run.opt = torch.optim.AdamW(run.model.param_groups(args.weight_decay, args.pe_weight_decay), lr=args.lr,
-                                betas=tuple(args.betas), fused=torch.device(device).type == "cuda")
+    run.opt = adamw(run.model.param_groups(args.weight_decay, args.pe_weight_decay), device, lr=args.lr,
+                    betas=tuple(args.betas))
     ident0 = analyze.identifiability(run.model, task.coords, task.references, task.twins, tokens)
     run.ratios = analyze.norm_ratios(run.model, tokens)
     run.state = {"iter": 0, "elapsed": 0.0, "pe_rsa_init": ident0["pe_rsa"], "fit_iter": None, "stopped": False}
