@@ -5,6 +5,7 @@ Look inside trained positional encodings: interpretability metrics, figures, swe
     python analyze.py SWEEP_DIR                       # the same for every run inside SWEEP_DIR
     python analyze.py RUN_DIR --puzzles FILE.csv      # score RUN_DIR/ckpt.pt on human-style LST items
     python analyze.py RUN_DIR [RUN_DIR ...] --table   # markdown table of summary.json, mean +- sd over seeds
+    python analyze.py results/lst-h200/* --table --epoch 100 --reference  # every run at epoch 100, the authors' too
     python analyze.py RUN_DIR [RUN_DIR ...] --linear  # R² of a linear predictor on each masked run's splits
 
 Metrics compare a PE table P (N, d) with the tokens' true coordinates C (N, k). RSA correlates the PE's
@@ -14,6 +15,7 @@ to 2D cosine embeddings"). The geometric ones (layout, neighbours, dimensionalit
 the centred rows. They are plain numpy and also what train.py logs.
 """
 import argparse
+import csv
 import glob
 import io
 import json
@@ -31,6 +33,7 @@ import pe as pe_lib
 import tasks
 from model import ModelConfig, Transformer, init_model
 
+REFERENCE_LOGS = os.path.join(tasks.LST_DIR, "lstnn_reference_logs.csv")  # the authors' logs: average rows
 HUMAN_LST = {"binary": 0.967, "ternary": 0.870, "quaternary": 0.663}  # people on the 108 LST items (n = 40)
 
 
@@ -333,14 +336,17 @@ def read_json(path, lines=False):
     return out if lines else out[0]
 
 
+RUN_MARKS = ("ckpt.pt", "summary.json", "run.json")  # the files that make a folder a run directory
+
+
 def find_runs(paths):
-    """Run directories among paths: each path is a run (holds ckpt.pt, or a summary.json: a run that diverged
-    before its first checkpoint) or a folder of runs."""
+    """Run directories among paths: each path is a run (holds ckpt.pt; or a summary.json: a run that diverged
+    before its first checkpoint, or one kept without checkpoints under results/; or a run.json: a run not finished)
+    or a folder of runs."""
     runs = []
     for p in paths:
-        inside = sorted({os.path.dirname(c) for f in ("ckpt.pt", "summary.json")
-                         for c in glob.glob(os.path.join(p, "*", f))})
-        is_run = any(os.path.exists(os.path.join(p, f)) for f in ("ckpt.pt", "summary.json"))
+        inside = sorted({os.path.dirname(c) for f in RUN_MARKS for c in glob.glob(os.path.join(p, "*", f))})
+        is_run = any(os.path.exists(os.path.join(p, f)) for f in RUN_MARKS)
         if not is_run and not inside:
             raise ValueError(f"{p} is neither a run directory (no ckpt.pt) nor a folder of runs")
         runs += [p] if is_run else inside
@@ -376,6 +382,8 @@ def run_summary(run_dir):
     s = read_json(os.path.join(run_dir, "summary.json"))
     if s is None or s.get("diverged"):  # a diverged run's summary says where, and nothing more
         return s
+    if not os.path.exists(os.path.join(run_dir, "ckpt.pt")):  # kept without checkpoints (results/): as it was written
+        return s
     model, task, args = load_run(run_dir)
     tables = pe_tables(model)
     s = s | {"layout": args.net_layout} if task.name == "network" else s  # one network task, many geometries
@@ -390,16 +398,57 @@ def run_summary(run_dir):
     return with_human_accuracy(s, model, task, args)
 
 
+def at_epoch(run_dir, epoch):
+    """A run's summary at one epoch of its training, finished or not: what it is (run.json) and its metrics.jsonl
+    line of that epoch; None when it logged no eval there."""
+    s = read_json(os.path.join(run_dir, "run.json"))
+    if s is None:
+        raise ValueError(f"{run_dir} has no run.json: a run from before train.py wrote one cannot be read by epoch")
+    lines = [m for m in read_json(os.path.join(run_dir, "metrics.jsonl"), lines=True)
+             if abs(m.get("epoch", -1.0) - epoch) < 1e-9]
+    if not lines:
+        return None
+    m = lines[-1]
+    fit = m["train_acc"] >= 0.999 if "train_acc" in m else None
+    return s | {k: v for k, v in m.items() if k.endswith(("_acc", "_mse", "_r2")) or "_acc_" in k or
+                k.startswith("pe_") or k in ("epoch", "tok_norm")} | {"iters": m["iter"], "wall_s": m["elapsed"],
+                                                                       "fitted": fit, "out_dir": run_dir}
+
+
+def reference(epoch):
+    """The authors' logs at their logged epoch nearest `epoch` (every 200): {label: {"epoch", "pe", "sigma",
+    split_acc: per-seed values}}, labelled as a run of their setup here is ('learned σ=0.2', 'sinnd')."""
+    with open(REFERENCE_LOGS, newline="") as f:
+        rows = list(csv.DictReader(f))
+    at = min({int(r["epoch"]) for r in rows}, key=lambda e: (abs(e - epoch), -e))  # a tie: the later epoch
+    out = {}
+    for r in rows:
+        if int(r["epoch"]) == at:
+            name = r["pe"] + (f" σ={float(r['sigma']):g}" if r["sigma"] else "")
+            group = out.setdefault(name, {"epoch": at, "pe": r["pe"], "sigma": float(r["sigma"] or "nan")})
+            group.setdefault(f"{r['split']}_acc", []).append(float(r["accuracy"]))
+    return out
+
+
+# The flags a label names when a run changed them: the data, model and recipe choices under study (not sizes, lengths
+# or eval settings, which tables show in their own columns where they matter).
+LABEL_FLAGS = ("data", "holdout", "readout", "pe_layers", "embed_std", "mlp_out_gelu", "attn_init", "norm", "n_head",
+               "init", "dropout", "lr", "min_lr_ratio", "warmup_iters", "weight_decay", "pe_weight_decay", "betas")
+
+
 def label(s):
-    """How a run is named in tables and legends: its layout (network), PE, σ for table PEs, its preset and the model
-    settings that differ from our defaults (a table per block, last-token readout, PyTorch's embedding, no decay),
-    so runs of different models never share a row."""
-    table = s["pe"] in pe_lib.ADDITIVE and s["pe"] != "none"
-    tags = ([s["preset"]] if s.get("preset") else []) + [
-        tag for tag, on in (("all", s["pe_layers"] == "all" and table), ("last", s.get("readout") == "last"),
-                            ("emb torch", "embed_std" in s and s["embed_std"] is None),
-                            ("wd 0", s.get("weight_decay") == 0)) if on]
+    """How a run is named in tables and legends: its layout (network), PE, σ for table PEs, its preset and the choices
+    it changed from what its task and preset give (LABEL_FLAGS; runs older than that record: the model settings
+    that differ from our defaults), so runs of different models never share a row."""
     sigma = f" σ={s['init_std']:g}" if s["pe"] in ("learned", "random") else ""
+    tags = [s["preset"]] if s.get("preset") else []
+    if "changes" in s:
+        tags += [f"{k.replace('_', '-')} {v}" for k, v in s["changes"].items() if k in LABEL_FLAGS]
+    else:
+        table = s["pe"] in pe_lib.ADDITIVE and s["pe"] != "none"
+        tags += [tag for tag, on in (("all", s["pe_layers"] == "all" and table), ("last", s.get("readout") == "last"),
+                                     ("emb torch", "embed_std" in s and s["embed_std"] is None),
+                                     ("wd 0", s.get("weight_decay") == 0)) if on]
     return (f"{s['layout']}: " if "layout" in s else "") + s["pe"] + sigma + (f" ({', '.join(tags)})" if tags else "")
 
 
@@ -410,18 +459,25 @@ TABLE_COLUMNS = ("iters", "wall_s", "train_acc", "test_acc", "ood_acc", "human_a
                  "tok_norm")
 
 
-def chance_of(run_dir, shape):
-    """chance_levels for tables of `shape` on the coordinates (and references) of run_dir's task."""
-    _, task, _ = load_run(run_dir)
-    return chance_levels(tuple(shape), task.coords, task.references, task.twins)
+def chance_of(run_dir, s):
+    """chance_levels for tables of the shape of summary s's PE on the coordinates (and references) of its task."""
+    if "args" in s:  # the run's flags give its task: no checkpoint needed
+        task = tasks.get_task(s["task"], SimpleNamespace(data_dir=None, **s["args"]), with_data=False)
+    else:
+        task = load_run(run_dir)[1]
+    return chance_levels(tuple(s["pe_shape"]), task.coords, task.references, task.twins)
 
 
-def summary_table(run_dirs):
-    """Markdown table of the runs' summary.json, one row per (pe, init_std, pe_layers): mean +- sd
-    over the runs in it (seeds), and how many of them fitted the training set."""
-    groups, chance, diverged = {}, {}, []
+def summary_table(run_dirs, epoch=None, with_reference=False, columns=TABLE_COLUMNS):
+    """Markdown table of the runs' summary.json (or, given an epoch, of their evals at that epoch), one row per label
+    (PE, σ and settings): mean +- sd over the runs in it (seeds), and how many of them fitted the training set; with
+    the authors' rows at their logged epoch nearest to it, if asked."""
+    groups, chance, diverged, missing = {}, {}, [], 0
     for d in run_dirs:
-        s = run_summary(d)
+        s = run_summary(d) if epoch is None else at_epoch(d, epoch)
+        if s is None and epoch is not None:  # a run that has not reached the epoch yet
+            missing += 1
+            continue
         if s is None:
             raise ValueError(f"no summary.json in {d} (unfinished run?)")
         if s.get("diverged"):
@@ -430,8 +486,8 @@ def summary_table(run_dirs):
         groups.setdefault(label(s), []).append(s)
         where = (s.get("layout"), tuple(s["pe_shape"] or ()))  # chance depends on the coordinates and the shape
         if s["pe_shape"] and where not in chance:
-            chance[where] = chance_of(d, s["pe_shape"])
-    columns = [c for c in TABLE_COLUMNS if any(c in r for runs in groups.values() for r in runs)]
+            chance[where] = chance_of(d, s)
+    columns = [c for c in columns if any(c in r for runs in groups.values() for r in runs)]
 
     def cell(c, v):
         if c in ("iters", "wall_s"):
@@ -450,6 +506,12 @@ def summary_table(run_dirs):
         cells = [cell(c, v) for c, v in zip(columns, vals)]
         fitted = "–" if runs[0]["fitted"] is None else sum(r["fitted"] for r in runs)  # regression has no fit criterion
         lines.append(f"| {name} | {len(runs)} | {fitted} | " + " | ".join(cells) + " |")
+    ours = {s["init_std"] if s["pe"] == "learned" else s["pe"] for runs in groups.values() for s in runs}
+    for name, ref in reference(epoch or 200).items() if with_reference else ():  # theirs beside the σ and PEs run
+        if (ref["sigma"] if ref["pe"] == "learned" else ref["pe"]) in ours:
+            cells = [cell(c, ref[c]) if c in ref else "–" for c in columns]
+            lines.append(f"| authors: {name} (epoch {ref['epoch']}) | {len(ref['test_acc'])} | – | "
+                         + " | ".join(cells) + " |")
     for s in diverged:  # not averaged with anything: its loss became NaN or infinite
         lines.append(f"| {label(s)} | diverged at step {s['diverged_at']} (seed {s['seed']}) | – | "
                      + " | ".join("–" for _ in columns) + " |")
@@ -458,6 +520,8 @@ def summary_table(run_dirs):
                  for c in columns]
         on = f"{layout}: " if layout else ""
         lines.append(f"| {on}chance: random {'×'.join(map(str, shape))} | 100 draws | – | " + " | ".join(cells) + " |")
+    if missing:
+        lines.append(f"\n{missing} run(s) logged no eval at epoch {epoch:g} and are left out.")
     return "\n".join(lines)
 
 
@@ -673,13 +737,14 @@ def mean_sem(v):
     return float(np.mean(v)), float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
 
 
-def sweep_figures(summaries, out_dir, x="sigma", chance=None):
+def sweep_figures(summaries, out_dir, x="sigma", chance=None, authors=None):
     """Figure 5: generalisation (with the human puzzles, grid2d), pe_rsa (RSA with the true distances, our own
     measure) and pe_sin_rsa (RSA with the fixed sinusoid's cosine similarities, the paper's comparison; brain3d:
     also pe_rsa_fc and the twin rank) against the init std σ (x="ratio": against pe_tok_ratio, the PE's norm over
     the token embedding's at init), mean +- s.e.m. over seeds, one series per table PE and setting, fixed PEs as
     horizontal lines, a random table's chance level as a grey band (mean to 95th percentile); figure 6:
-    generalisation against pe_rsa, one point per run."""
+    generalisation against pe_rsa, one point per run. authors (reference()): their learned-σ curve (mean +- sd over
+    their 15 seeds) and their sinusoid beside ours, on the panels they logged (x = σ only)."""
     plt = pyplot()
     from matplotlib.colors import LogNorm
 
@@ -711,6 +776,14 @@ def sweep_figures(summaries, out_dir, x="sigma", chance=None):
                 m, e = mean_sem(stats[n][k])
                 ax.axhline(m, color=lines[c % len(lines)], lw=1, label=n)
                 ax.axhspan(m - e, m + e, color=lines[c % len(lines)], alpha=0.15, lw=0)
+        learned = sorted((g["sigma"], np.mean(g[k]), np.std(g[k])) for g in (authors or {}).values()
+                         if g["pe"] == "learned" and k in g)
+        if learned and x == "sigma":
+            xs, m, e = map(np.array, zip(*learned))
+            epoch = next(iter(authors.values()))["epoch"]
+            ax.errorbar(xs, m, e, fmt="x:", color="0.45", capsize=2, ms=4, lw=1, label=f"authors, epoch {epoch}")
+            if "sinnd" in authors and k in authors["sinnd"]:
+                ax.axhline(np.mean(authors["sinnd"][k]), color="0.45", ls=":", lw=1, label="authors: sinnd")
         if chance and k in chance:
             ax.axhspan(chance[k]["mean"], chance[k]["p95"], color="0.8", alpha=0.6, lw=0, zorder=0,
                        label="chance (random table)")
@@ -774,6 +847,14 @@ def score_linear(runs):
         print(json.dumps({"run": run, "data_seed": args.data_seed} | scores))
 
 
+def columns_of(text):
+    """--columns: a comma-separated list of --table's columns."""
+    names = text.split(",")
+    if bad := [c for c in names if c not in TABLE_COLUMNS]:
+        raise argparse.ArgumentTypeError(f"unknown column(s) {bad}; choose from {', '.join(TABLE_COLUMNS)}")
+    return names
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", help="train.py run directories, or folders of them")
@@ -783,13 +864,19 @@ def main(argv=None):
                    help="print the linear predictor's R² on each masked run's task and splits")
     p.add_argument("--out-dir",
                    help="where the sweep figures go (default: the folder of runs given, else the runs' common parent)")
+    p.add_argument("--epoch", type=float, default=None,
+                   help="--table and sweep figures: every run at this epoch of its training (its metrics.jsonl line), "
+                        "finished or not, instead of at its end")
+    p.add_argument("--reference", action="store_true",
+                   help="--table: the authors' rows (their logs, 15 seeds) beside ours at their nearest logged epoch")
+    p.add_argument("--columns", type=columns_of, help="--table: these columns only, e.g. test_acc,human_acc")
     p.add_argument("--x", default="sigma", choices=("sigma", "ratio"),
                    help="sweep figure 5's x axis: the init std σ, or pe_tok_ratio (PE norm / token norm at init)")
     a = p.parse_args(argv)
     try:
         runs = find_runs(a.paths)
         if a.table:
-            return print(summary_table(runs))
+            return print(summary_table(runs, a.epoch, a.reference, a.columns or TABLE_COLUMNS))
         if a.puzzles:
             return score_run(runs, a.puzzles)
         if a.linear:
@@ -797,13 +884,16 @@ def main(argv=None):
         for run in tqdm(runs, desc="runs", disable=len(runs) < 2):
             if os.path.exists(os.path.join(run, "ckpt.pt")):  # a run that diverged at once has nothing to draw
                 analyze_run(run)
-        done = [(run, s) for run in runs if (s := run_summary(run)) and not s.get("diverged")]
+        done = [(run, s) for run in runs if (s := run_summary(run) if a.epoch is None else at_epoch(run, a.epoch))
+                and not s.get("diverged")]
         summaries = [s for _, s in done]
         if len(summaries) > 1:
             parents = [os.path.dirname(os.path.abspath(r)) for r in runs]
             out_dir = a.out_dir or (a.paths[0] if len(a.paths) == 1 else os.path.commonpath(parents))
-            shaped = [(run, s["pe_shape"]) for run, s in done if s["pe_shape"]]  # the band: the first table's shape
-            sweep_figures(summaries, out_dir, a.x, chance_of(*shaped[0]) if shaped else None)
+            shaped = [(run, s) for run, s in done if s["pe_shape"]]  # the band: the first table's shape
+            theirs = all(s.get("data") == "lstnn" for s in summaries)  # the authors' data: their curve beside ours
+            sweep_figures(summaries, out_dir, a.x, chance_of(*shaped[0]) if shaped else None,
+                          reference(max(s["epoch"] for s in summaries)) if theirs else None)
             print(f"{len(runs)} runs analysed; sweep figures in {out_dir} "
                   f"({len(runs) - len(summaries)} unfinished or diverged runs left out)")
     except ValueError as e:

@@ -141,7 +141,8 @@ class Transformer(nn.Module):
             h = block(h, rotary, bias)
         h = self.ln_f(h)
         if self.cfg.head == "cls":
-            h = h[:, -1] if self.cfg.readout in ("last", "cls") else h[torch.arange(h.shape[0], device=h.device), readout]
+            last = self.cfg.readout in ("last", "cls")
+            h = h[:, -1] if last else h[torch.arange(h.shape[0], device=h.device), readout]
         return self.head(h)
 
     def param_groups(self, weight_decay, pe_weight_decay):

@@ -947,7 +947,7 @@ def test_training_masks_are_a_pure_function_of_seed_and_step(net_task):
 def test_tiny_train_run_writes_checkpoint_metrics_and_summary(tmp_path):
     summary = run_train(tmp_path, "--pe", "sinnd")
     run = tmp_path / "run"
-    assert sorted(os.listdir(run)) == ["ckpt.pt", "metrics.jsonl", "summary.json"]
+    assert sorted(os.listdir(run)) == ["ckpt.pt", "metrics.jsonl", "run.json", "summary.json"]
     lines = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert [m["iter"] for m in lines] == [0, 2, 4, 6]
     on_disk = json.load(open(run / "summary.json"))
@@ -1076,7 +1076,7 @@ def test_resume_starts_a_run_killed_before_its_first_checkpoint(tmp_path, monkey
     with pytest.raises(SystemExit, match=str(train.INTERRUPTED)):
         run_train(tmp_path / "b")
     monkeypatch.undo()
-    assert os.listdir(tmp_path / "b" / "run") == ["metrics.jsonl"]
+    assert sorted(os.listdir(tmp_path / "b" / "run")) == ["metrics.jsonl", "run.json"]
     with pytest.raises(SystemExit):  # without --resume it is still another run's folder
         run_train(tmp_path / "b")
     resumed = run_train(tmp_path / "b", "--resume")
@@ -1392,7 +1392,7 @@ def test_a_summary_records_the_human_accuracy_and_the_norm_ratios_at_init(tmp_pa
     cfg = ModelConfig(**torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["model_config"])
     init = init_model(cfg, tasks.grid_coords(4), 0)  # the model before its first step
     tables = init.pe.weight.detach()
-    task = tasks.grid2d(n=4, n_per_class=40, data_dir=str(tmp_path / "data"))
+    task = tasks.grid2d(data="lstnn")  # the preset trains on the authors' puzzles
     x = analyze.training_tokens(task)
     assert len(x) and (x.sum(1) == 1).all()  # one-hot rows: the blank cells are not tokens
     tok = (x @ init.embed.weight.T + init.embed.bias).norm(dim=1).mean()

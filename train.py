@@ -57,7 +57,7 @@ GRID_ONLY = ("readout", "stop_train_acc", "data")  # preset keys that mean nothi
 MASK_SEEDS = 2**40  # offsets the training masks' seeds from batch_indices' epoch seeds
 RUNTIME_ARGS = ("resume", "force", "device", "compile", "dtype", "vmap", "threads", "out_dir", "data_dir")
 DIVERGED, WRITE_FAILED, INTERRUPTED = 3, 4, 130  # exit statuses
-RUN_FILES = ("ckpt.pt", "metrics.jsonl", "summary.json")
+RUN_FILES = ("ckpt.pt", "metrics.jsonl", "summary.json", "run.json")  # run.json: what the run is, from its start
 LOCK = "lock"  # in the run directory while a process trains it: that process's id
 
 
@@ -171,7 +171,8 @@ def parser():
     g.add_argument("--stop-train-acc", type=float, **default(
         "stop_train_acc", "stop at the first eval whose training accuracy reaches this (e.g. 0.999)"))
     g.add_argument("--eval-interval", type=int, **default("eval_interval", "steps between evals and checkpoints"))
-    g.add_argument("--eval-epochs", type=int, **default("eval_epochs", "epochs between evals (replaces --eval-interval)"))
+    g.add_argument("--eval-epochs", type=int,
+                   **default("eval_epochs", "epochs between evals (replaces --eval-interval)"))
     g.add_argument("--seed", type=int, default=0, help="seed of the model's init and the data order")
     g.add_argument("--seeds", type=ints, default=None,
                    help="one run per seed, trained at once, e.g. 0,1,2 (replaces --seed; with --init-stds: every pair)")
@@ -432,7 +433,7 @@ class Run:
 def prepare_out_dir(run):
     """Refuse to overwrite another run; load what --resume continues from (a checkpoint), or a summary that says
     the run needs nothing more (finished or diverged). Reads only: an old run is cleared by start()."""
-    ckpt, metrics, summary = (os.path.join(run.args.out_dir, f) for f in RUN_FILES)
+    ckpt, metrics, summary = (os.path.join(run.args.out_dir, f) for f in ("ckpt.pt", "metrics.jsonl", "summary.json"))
     if run.args.resume and os.path.exists(ckpt):
         try:
             run.ckpt = analyze.read_checkpoint(ckpt)
@@ -532,6 +533,7 @@ def start(run, task, tokens, device):
         die(f"--resume: {e}")
     kept = [m for m in kept if m["iter"] <= run.state["iter"]]  # not the evals made after the checkpoint
     tasks.atomic_save("".join(json.dumps(m) + "\n" for m in kept), path)
+    tasks.atomic_save(json.dumps(record(run), indent=1) + "\n", os.path.join(args.out_dir, "run.json"))
     run.last = kept[-1] if kept and kept[-1]["iter"] == run.state["iter"] else None  # the checkpoint's own eval
     norm = "n/a" if ident0["pe_norm"] is None else f"{ident0['pe_norm']:.3f}"
     return (f"PE row norm {norm} vs embedded-token norm {ident0['tok_norm']:.3f} (at init)"
@@ -575,14 +577,22 @@ def save_checkpoint(run):
     run.saved = run.state["iter"]
 
 
-def identity(args, run):
+def record(run):
+    """run.json: what the run is (identity) and its PE's norm ratios at init, so that a run's metrics.jsonl can be
+    tabled at any epoch, finished or not (analyze.py --epoch)."""
+    return identity(run) | run.ratios | {"pe_rsa_init": run.state["pe_rsa_init"]}
+
+
+def identity(run):
     """What names a run in its summary: task, PE, its sigma and seed, the model settings under study, its preset and
     the flags it changed from what its task and preset give (its label), and all its flags."""
-    return {"task": args.task, "pe": args.pe, "init": args.init, "init_std": run.args.init_std,
+    args = run.args
+    return {"task": args.task, "pe": args.pe, "init": args.init, "init_std": args.init_std,
             "pe_layers": args.pe_layers, "readout": args.readout, "embed_std": args.embed_std,
-            "weight_decay": args.weight_decay, "preset": args.preset, "seed": run.args.seed,
+            "weight_decay": args.weight_decay, "preset": args.preset, "seed": args.seed,
             "data_seed": args.data_seed, "data": args.data if args.task == "grid2d" else None,
-            "changes": changes(run.args), "args": vars(run.args)}
+            "changes": changes(args), "args": {k: v for k, v in vars(args).items() if k not in RUNTIME_ARGS},
+            "pe_shape": None if (t := analyze.pe_tables(run.model)) is None else list(t.shape)}
 
 
 def changes(args):
@@ -596,10 +606,9 @@ def finish(run, args, task, n_params):
     """The run's summary.json from its last eval (and a last checkpoint); prints its headline numbers."""
     m, state = run.last, run.state
     state["elapsed"] = time.time() - run.t0
-    run.summary = identity(args, run) | {
+    run.summary = identity(run) | {
         "iters": state["iter"], "wall_s": round(state["elapsed"], 1), "fitted": fitted(m, args, task),
         "fit_iter": state["fit_iter"], "epoch": m["epoch"], "n_params": n_params,
-        "pe_shape": None if (t := analyze.pe_tables(run.model)) is None else list(t.shape),
         **{k: v for k, v in m.items() if k.endswith(("_acc", "_mse", "_r2")) or "_acc_" in k},
         **{k: v for k, v in m.items() if k.startswith("pe_") or k == "tok_norm"}, **run.ratios,
         "pe_rsa_init": state["pe_rsa_init"],
@@ -618,7 +627,7 @@ def write_summary(run):
 def diverge(run, args, what, step):
     """Stop a run whose loss (or weights) is no longer finite at `step`: its last checkpoint and metrics.jsonl stay
     as they are, and its summary says where it diverged, so --table lists it as diverged and --resume skips it."""
-    run.summary = identity(args, run) | {"diverged": True, "diverged_at": step, "why": what, "iters": run.saved,
+    run.summary = identity(run) | {"diverged": True, "diverged_at": step, "why": what, "iters": run.saved,
                                          "fitted": False, "out_dir": run.args.out_dir}
     write_summary(run)
     kept = "its metrics.jsonl is kept (no checkpoint yet)" if run.saved is None else \
