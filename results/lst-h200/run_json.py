@@ -1,0 +1,25 @@
+"""Write run.json for the runs of gpu/sweep.sh (made before train.py wrote one): the same record train.py's start()
+writes, from the same command line (flags -> runs -> model built from its seed -> its PE at init)."""
+import json, os, shutil, sys
+import analyze, tasks, train
+P = "--preset paper-short"; S2 = "--init-stds 0.2,2 --seeds 0,1,2"
+src, dst = sys.argv[1], sys.argv[2]
+for line in open("gpu/sweep.sh").read().split("\n"):
+    if not line.startswith("run "):
+        continue
+    name, *argv = line[4:].rstrip(" &").replace("$P", P).replace("$S2", S2).split()
+    argv += ["--threads", "1", "--out-dir", f"out/{name}/{{pe}}-{{init_std:g}}-s{{seed}}", "--resume"]
+    all_args = train.runs(train.get_args(argv))
+    task = tasks.get_task(all_args[0].task, all_args[0])
+    tokens = analyze.training_tokens(task)
+    for a in all_args:
+        run = train.Run(a, train.build_model(a, task))
+        run.ratios = analyze.norm_ratios(run.model, tokens)
+        run.state = {"pe_rsa_init": analyze.identifiability(run.model, task.coords, task.references, task.twins,
+                                                             tokens)["pe_rsa"]}
+        out = os.path.join(dst, a.out_dir.removeprefix("out/"))
+        os.makedirs(out, exist_ok=True)
+        shutil.copy(os.path.join(src, a.out_dir, "metrics.jsonl"), out)
+        with open(os.path.join(out, "run.json"), "w") as f:
+            f.write(json.dumps(train.record(run), indent=1) + "\n")
+        print(out)
