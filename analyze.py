@@ -799,28 +799,59 @@ def sweep_figures(summaries, out_dir, x="sigma", chance=None, authors=None):
     save_figure(fig, os.path.join(out_dir, "sweep_sigma.png"))
 
     fig, ax = plt.subplots(figsize=(4.6, 3.6))
-    norm = LogNorm(*np.percentile([max(s["init_std"], 1e-4) for s in summaries], [0, 100]))
+    y = "human_acc" if "human_acc" in keys else keys[1]  # the paper's OOD set where there is one
+    norm, sc = LogNorm(*np.percentile([max(s["init_std"], 1e-4) for s in summaries], [0, 100])), None
     for kind, marker in (("learned", "o"), ("random", "s")):  # learned and fixed-random tables, coloured by σ
-        runs = [s for s in summaries if s["pe"] == kind and s.get("pe_rsa") is not None]
+        runs = [s for s in summaries if s["pe"] == kind and s.get("pe_rsa") is not None and s.get(y) is not None]
         if runs:
-            sc = ax.scatter([s["pe_rsa"] for s in runs], [s[keys[1]] for s in runs],
+            sc = ax.scatter([s["pe_rsa"] for s in runs], [s[y] for s in runs],
                             c=[max(s["init_std"], 1e-4) for s in runs], norm=norm, cmap="plasma", marker=marker,
                             edgecolors="k", linewidths=0.3, label=kind)
-    if any(s["pe"] in ("learned", "random") for s in summaries):
+    if sc is not None:
         fig.colorbar(sc, ax=ax, label="init std σ")
     for c, n in enumerate(fixed):
-        runs = [r for r in groups[n] if r.get("pe_rsa") is not None]
+        runs = [r for r in groups[n] if r.get("pe_rsa") is not None and r.get(y) is not None]
         if runs:
-            ax.scatter([r["pe_rsa"] for r in runs], [r[keys[1]] for r in runs], marker="^",
+            ax.scatter([r["pe_rsa"] for r in runs], [r[y] for r in runs], marker="^",
                        color=lines[c % len(lines)], label=n)
     ax.set_xlabel("PE identifiability (RSA with distance)")
-    ax.set_ylabel(TITLES[keys[1]])
+    ax.set_ylabel(TITLES[y])
     ax.legend(fontsize=7)
     save_figure(fig, os.path.join(out_dir, "sweep_rsa.png"))
+    gap_figure(groups, y, os.path.join(out_dir, "sweep_gap.png"))
     per_run = [{k: s.get(k) for k in ("out_dir", "pe", "init_std", "seed", *keys)} for s in summaries]
     sweep = {"keys": keys, "groups": stats, "runs": per_run}
     tasks.atomic_save(json.dumps(sweep, indent=1) + "\n", os.path.join(out_dir, "sweep.json"))
     return sweep
+
+
+def gap_figure(groups, key, path):
+    """Figure 7: for each table-PE series run at two σ or more, its smallest σ's `key` minus its largest σ's, seed by
+    seed (the runs paired by seed), as a bar (mean) with every seed's gap as a dot: how much small σ wins, and how
+    much the seeds spread, under each setting."""
+    by_series = {}
+    for name, runs in groups.items():
+        if runs[0]["pe"] in ("learned", "random"):
+            by_series.setdefault(series_of(name), {})[runs[0]["init_std"]] = {r["seed"]: r.get(key) for r in runs}
+    gaps = {}
+    for name, by_sigma in by_series.items():
+        if len(by_sigma) > 1:
+            small, large = by_sigma[min(by_sigma)], by_sigma[max(by_sigma)]
+            seeds = [k for k in small if k in large and small[k] is not None and large[k] is not None]
+            gaps[f"{name}: σ={min(by_sigma):g} − σ={max(by_sigma):g}"] = [small[k] - large[k] for k in seeds]
+    gaps = {n: g for n, g in gaps.items() if g}
+    if not gaps:
+        return
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(gaps) + 1.2), layout="constrained")
+    for i, (name, g) in enumerate(sorted(gaps.items(), key=lambda kv: np.mean(kv[1]))):
+        scale = 100 if key.endswith("acc") else 1
+        ax.barh(i, np.mean(g) * scale, color="tab:blue", alpha=0.35)
+        ax.plot(np.array(g) * scale, [i] * len(g), "k.", ms=5)
+    ax.set_yticks(range(len(gaps)), sorted(gaps, key=lambda n: np.mean(gaps[n])), fontsize=7)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_xlabel(f"{TITLES.get(key, key)}: small σ − large σ" + (" (points)" if key.endswith("acc") else ""))
+    save_figure(fig, path)
 
 
 def score_run(runs, puzzles):

@@ -1752,3 +1752,363 @@ def test_resuming_a_set_in_which_a_run_diverged_before_exits_3(tmp_path, monkeyp
         train.main(common + ["--seeds", "0,1", "--resume"])
     assert e.value.code == train.DIVERGED and f"{tmp_path / 's1'} is diverged at step 3" in capsys.readouterr().out
     assert json.load(open(tmp_path / "s0" / "summary.json"))["iters"] == 6
+
+
+# ------------------------------------------------------------ the authors' setup: their data, block, readout and logs
+class AuthorsModel(torch.nn.Module):
+    """Ito et al.'s model as their code describes it, built from PyTorch's own modules: a linear token embedding,
+    4 post-LN blocks of nn.MultiheadAttention (1 head) and an MLP with a GELU after both of its layers, a PE table added
+    before each block, no final LayerNorm, the head on the last token (an appended one, with one more input channel set
+    on it alone, for the cls readout)."""
+
+    def __init__(self, in_dim, d, n_tokens, n_out, cls):
+        super().__init__()
+        nn = torch.nn
+        self.cls = int(cls)
+        self.embed = nn.Linear(in_dim + self.cls, d)
+        self.pe = nn.Parameter(torch.zeros(4, n_tokens + self.cls, d))
+        self.mha = nn.ModuleList(nn.MultiheadAttention(d, 1, batch_first=True) for _ in range(4))
+        self.lin1 = nn.ModuleList(nn.Linear(d, 4 * d) for _ in range(4))
+        self.lin2 = nn.ModuleList(nn.Linear(4 * d, d) for _ in range(4))
+        self.ln1 = nn.ModuleList(nn.LayerNorm(d) for _ in range(4))
+        self.ln2 = nn.ModuleList(nn.LayerNorm(d) for _ in range(4))
+        self.gelu = nn.GELU()
+        self.head = nn.Linear(d, n_out)
+
+    def forward(self, x):
+        if self.cls:
+            x = torch.nn.functional.pad(x, (0, 1, 0, 1))
+            x[:, -1, -1] = 1
+        x = self.embed(x)
+        for i in range(4):
+            x = x + self.pe[i]
+            x = self.ln1[i](x + self.mha[i](x, x, x)[0])
+            x = self.ln2[i](x + self.gelu(self.lin2[i](self.gelu(self.lin1[i](x)))))
+        return self.head(x[:, -1])
+
+    @torch.no_grad()
+    def load_ours(self, ours):
+        """Our weights in their places: qkv is the in-projection (q, k, v stacked), proj the out-projection."""
+        pairs = [(self.embed, ours.embed), (self.head, ours.head)]
+        self.pe.copy_(ours.pe.weight)
+        for i, b in enumerate(ours.blocks):
+            self.mha[i].in_proj_weight.copy_(b.attn.qkv.weight)
+            self.mha[i].in_proj_bias.copy_(b.attn.qkv.bias)
+            pairs += [(self.mha[i].out_proj, b.attn.proj), (self.lin1[i], b.mlp[0]), (self.lin2[i], b.mlp[2]),
+                      (self.ln1[i], b.ln1), (self.ln2[i], b.ln2)]
+        for theirs, mine in pairs:
+            theirs.weight.copy_(mine.weight)
+            theirs.bias.copy_(mine.bias)
+        return self
+
+
+def random_puzzle_inputs(n_samples, seed=0):
+    """One-hot inputs (M, 16, 5) of random 4 x 4 grids (cells 0..5: blank, shapes, query), as encode_lst makes them."""
+    grids = np.random.default_rng(seed).integers(0, 6, (n_samples, 16))
+    return tasks.encode_lst(grids, 4)
+
+
+@pytest.mark.parametrize("readout", ["last", "cls"])
+@pytest.mark.parametrize("d", [32, 160])
+def test_our_paper_model_computes_the_authors_model_of_pytorch_modules(readout, d):
+    """PAPER_MODEL is their model: the same parameters, and the same logits once our weights are copied into theirs;
+    without the GELU after the MLP's output (mlp_out_gelu) the logits differ."""
+    cfg = ModelConfig(n_tokens=16, in_dim=5, n_out=4, n_embd=d, init_std=0.2, **(model_lib.PAPER_MODEL |
+                                                                                 {"readout": readout}))
+    torch.manual_seed(0)
+    ours = Transformer(cfg, tasks.grid_coords(4)).eval()
+    theirs = AuthorsModel(5, d, 16, 4, cls=readout == "cls").load_ours(ours).eval()
+    shapes = sorted(tuple(p.shape) for p in ours.parameters())
+    assert shapes == sorted(tuple(p.shape) for p in theirs.parameters())
+    x, query = random_puzzle_inputs(64)
+    with torch.no_grad():
+        want, got = theirs(x.clone()), ours(x.clone(), query)
+        assert got.shape == (64, 4) and want.std() > 0.1  # logits that tell the models apart if they differ
+        assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
+        plain = Transformer(ModelConfig(**(vars(cfg) | {"mlp_out_gelu": False})), tasks.grid_coords(4)).eval()
+        plain.load_state_dict(ours.state_dict())  # the same weights: the GELU holds none
+        assert (plain(x.clone(), query) - want).abs().max() > 1e-2
+
+
+def test_attn_init_mha_is_multihead_attentions_xavier_in_projection_with_zero_biases():
+    d = 64
+    bound = math.sqrt(6 / (d + 3 * d))  # xavier-uniform over the (3d, d) in-projection
+    torch.manual_seed(0)
+    mha = Transformer(ModelConfig(n_embd=d, attn_init="mha"), tasks.grid_coords(4))
+    torch.manual_seed(0)
+    linear = Transformer(ModelConfig(n_embd=d, attn_init="linear"), tasks.grid_coords(4))
+    for b, lin in zip(mha.blocks, linear.blocks, strict=True):
+        assert not b.attn.qkv.bias.any() and not b.attn.proj.bias.any()
+        w = b.attn.qkv.weight
+        assert w.shape == (3 * d, d) and w.abs().max().item() <= bound
+        assert w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.03)
+        # nn.Linear's default: U(-1/sqrt(d), 1/sqrt(d)) weights, and biases that are not zero
+        assert lin.attn.qkv.weight.std().item() == pytest.approx(1 / math.sqrt(3 * d), rel=0.03)
+        assert lin.attn.qkv.bias.abs().min() > 0 and lin.attn.proj.bias.abs().min() > 0
+        assert b.attn.proj.weight.abs().max().item() <= 1 / math.sqrt(d)  # the out-projection keeps Linear's weights
+    with pytest.raises(ValueError, match="attn_init"):
+        Transformer(ModelConfig(n_embd=d, attn_init="xavier"), tasks.grid_coords(4))
+
+
+def cls_model(kind, seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(**(dict(n_tokens=16, in_dim=5, n_out=4, n_layer=2, n_head=2, n_embd=32, pe=kind, readout="cls",
+                              init_std=0.5, pe_layers="all") | kw))
+    model = Transformer(cfg, tasks.grid_coords(4)).eval()
+    if isinstance(model.pe, pe_lib.RelativeBias):  # zero at init: give it something to show
+        torch.nn.init.normal_(model.pe.weight)
+    return model
+
+
+def test_the_cls_readout_token_has_its_own_pe_row_and_input_channel_and_no_position(tmp_path, monkeypatch, capsys):
+    coords = tasks.grid_coords(4)
+    for kind in ("learned", "random"):  # a drawn row of its own in each table; the analysis sees the 16 cells only
+        model = cls_model(kind)
+        assert model.pe.weight.shape == (2, 17, 32) and model.pe.weight[:, 16].abs().min() > 0
+        tables = analyze.pe_tables(model)
+        assert tables.shape == (2, 16, 32) and np.array_equal(tables, model.pe.weight[:, :16].detach().numpy())
+    sinnd = cls_model("sinnd")  # a fixed table: zeros, so the PE tells that token nothing
+    assert sinnd.pe.weight.shape == (2, 17, 32) and not sinnd.pe.weight[:, 16].any()
+    assert torch.equal(sinnd.pe.weight[0, :16], pe_lib.sinusoid(coords, 32))
+    rope = cls_model("ropend")  # angle 0: not rotated
+    assert rope.pe.cos.shape == (17, 8) and torch.equal(rope.pe.cos[16], torch.ones(8))
+    assert torch.equal(rope.pe.sin[16], torch.zeros(8)) and rope.pe.sin[:16].abs().sum() > 0
+    for kind in ("relative", "alibi"):  # no bias on the scores to or from it; the cells' as without it
+        model, plain = cls_model(kind), cls_model(kind, readout="last")
+        plain.pe.load_state_dict(model.pe.state_dict())  # relative: the same drawn table
+        bias, cells = model.pe(), plain.pe()
+        assert bias.shape == (2, 17, 17) and not bias[:, 16].any() and not bias[:, :, 16].any(), kind
+        assert torch.equal(bias[:, :16, :16], cells) and cells.abs().sum() > 0, kind
+    # the embedding sees one more channel, 1 on the appended token alone
+    model, seen = cls_model("learned"), []
+    model.embed.register_forward_hook(lambda m, inp, out: seen.append(inp[0].clone()))
+    x, query = random_puzzle_inputs(8)
+    with torch.no_grad():
+        out = model(x.clone(), query)
+        assert torch.equal(model(x.clone(), torch.zeros(8, dtype=torch.long)), out)  # the readout index is unused
+    e = seen[0]
+    assert e.shape == (8, 17, 6) and torch.equal(e[:, :16, :5], x) and not e[:, :16, 5].any()
+    assert torch.equal(e[:, 16], torch.tensor([0.0] * 5 + [1.0]).expand(8, 6))
+    # token_norm: the cells' tokens, 0 in the readout token's channel
+    w, b = model.embed.weight.detach(), model.embed.bias.detach()
+    assert analyze.token_norm(model, torch.eye(5)) == pytest.approx((w[:, :5].T + b).norm(dim=1).mean().item())
+    with pytest.raises(ValueError, match="readout 'cls'"):
+        Transformer(ModelConfig(n_tokens=16, in_dim=5, head="token", readout="cls"), coords)
+    with pytest.raises(ValueError, match="readout 'cls'"):
+        Transformer(ModelConfig(n_tokens=16, vocab_size=6, readout="cls"), coords)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        train.main(TINY + NET_TINY + ["--readout", "cls"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and "--readout cls needs a classification task" in err, err
+    assert os.listdir(tmp_path) == []
+
+
+def lstnn_rows():
+    """The authors' puzzle files as the csv module reads them: (puzzle string, class index, answer)."""
+    out = []
+    for path in tasks.LSTNN_PUZZLES:
+        with open(path, newline="") as f:
+            out += [(r["puzzles"], tasks.GRID_CLASSES.index(r["condition"].lower()), int(r["solutions"]))
+                    for r in csv.DictReader(f)]
+    return out
+
+
+def split_grids(split):
+    """The grids (M, 16) of a grid2d split: 0 blank, 1-4 shapes, 5 the query."""
+    x = split["x"]
+    return ((x.argmax(-1) + 1) * (x.sum(-1) > 0)).numpy()
+
+
+def test_lstnn_data_are_the_authors_9000_puzzles_split_90_10_by_class(squares4, tmp_path, monkeypatch, capsys):
+    rows = lstnn_rows()
+    assert len(rows) == len({p for p, _, _ in rows}) == 9000  # distinct puzzles, 3,000 a class
+    for p, cls, answer in rows:  # the files' classes and answers are our classifier's
+        assert tasks.classify(np.array([int(ch) for ch in p]), 4) == (cls, answer), p
+    task = tasks.grid2d(data="lstnn", data_seed=0)
+    s = task.splits
+    assert set(s) == {"train", "test", "noise", "human"}  # their data have no ood split
+    assert (len(s["train"]["y"]), len(s["test"]["y"])) == (8100, 900)
+    assert torch.bincount(s["train"]["cls"]).tolist() == [2700] * 3
+    assert torch.bincount(s["test"]["cls"]).tolist() == [300] * 3
+    keys = {k: {"".join(map(str, g)) for g in split_grids(s[k])} for k in ("train", "test")}
+    assert not keys["train"] & keys["test"] and keys["train"] | keys["test"] == {p for p, _, _ in rows}
+    truth = {p: (cls, answer) for p, cls, answer in rows}
+    for k in ("train", "test"):  # each puzzle keeps its file's class and answer
+        assert all(truth["".join(map(str, g))] == (c, y + 1) for g, c, y in
+                   zip(split_grids(s[k]), s[k]["cls"].tolist(), s[k]["y"].tolist())), k
+    grids = np.concatenate([split_grids(s["train"]), split_grids(s["test"])])
+    labels = torch.cat([torch.stack([s[k]["cls"], s[k]["y"] + 1], 1) for k in ("train", "test")]).tolist()
+    for i in np.random.default_rng(0).choice(len(grids), 200, replace=False):  # and are right by brute force
+        assert brute_force_label(grids[i], 4, squares4) == tuple(labels[i])
+    again, other = (tasks.grid2d(data="lstnn", data_seed=seed).splits["test"]["x"] for seed in (0, 1))
+    assert torch.equal(again, s["test"]["x"]) and not torch.equal(other, s["test"]["x"])
+    # the shapes alone read no file; --grid-n other than 4 is refused
+    monkeypatch.setattr(tasks, "load_puzzle_csv", lambda *a: pytest.fail("read a puzzle file"))
+    bare = tasks.grid2d(data="lstnn", with_data=False)
+    assert bare.splits == {} and bare.coords.shape == (16, 2) and bare.in_dim == 5
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        train.main(TINY + ["--data", "lstnn", "--grid-n", "5"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "--data lstnn" in err and "4 x 4" in err, err
+    assert os.listdir(tmp_path) == []
+
+
+def test_no_holdout_trains_on_the_held_out_position_class_pairs(tmp_path):
+    held = {(q, (q // 4 + q % 4) % 4) for q in range(16)} & {(q, k) for q in range(16) for k in range(3)}
+    kept = tasks.grid2d(4, 64, data_seed=0, data_dir=str(tmp_path), holdout=False).splits
+    assert set(kept) == {"train", "test", "noise", "human"}
+    pairs = set(zip(kept["train"]["readout"].tolist(), kept["train"]["cls"].tolist()))
+    assert held <= pairs and tasks.ood_mask(kept["train"]["readout"], kept["train"]["cls"], 4).any()
+    assert len(kept["train"]["y"]) + len(kept["test"]["y"]) == 192
+    out = tasks.grid2d(4, 64, data_seed=0, data_dir=str(tmp_path)).splits  # the same puzzles, held out
+    assert not held & set(zip(out["train"]["readout"].tolist(), out["train"]["cls"].tolist()))
+    assert sum(len(out[k]["y"]) for k in ("train", "test", "ood")) == 192
+
+
+EPOCHS = ["--max-epochs", "2", "--eval-epochs", "1", "--init-std", "0.2", "--lr", "3e-3"]
+EPOCHS_LABEL = "learned σ=0.2 (lr 0.003)"  # lr: a label flag; the sizes, lengths and eval settings are not
+
+
+@pytest.fixture(scope="module")
+def epochs_run(tmp_path_factory):
+    """A TINY run of 2 epochs with an eval each epoch, learned σ=0.2: (its directory, its summary)."""
+    root = tmp_path_factory.mktemp("epochs")
+    return root / "run", run_train(root, *EPOCHS)
+
+
+def test_max_epochs_trains_whole_epochs_logs_them_and_resumes(epochs_run, tmp_path, monkeypatch, capsys):
+    run, whole = epochs_run
+    n_train = len(tasks.grid2d(4, 40, data_seed=0, data_dir=str(run.parent / "data")).splits["train"]["y"])
+    per_epoch = n_train // 16
+    assert per_epoch > 2 and n_train % 16  # an epoch is its full batches: TINY's 6 steps and 2-step evals lose
+    assert whole["iters"] == 2 * per_epoch and whole["epoch"] == 2
+    metrics = analyze.read_json(str(run / "metrics.jsonl"), lines=True)
+    assert [(m["iter"], m["epoch"]) for m in metrics] == [(0, 0), (per_epoch, 1), (2 * per_epoch, 2)]
+    # an explicit --max-iters wins over the preset's epochs
+    args = train.get_args(["--preset", "paper-short", "--max-iters", "3"])
+    assert args.max_iters == 3 and args.max_epochs is None
+    assert train.get_args(["--preset", "paper-short"]).max_epochs == 200
+    # interrupted in the eval of epoch 2 (init, epoch 0, epoch 1, epoch 2): resumed from epoch 1 with the same flags
+    interrupt_at_call(monkeypatch, 4)
+    with pytest.raises(SystemExit, match=str(train.INTERRUPTED)):
+        run_train(tmp_path, *EPOCHS)
+    monkeypatch.undo()
+    assert analyze.read_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["state"]["iter"] == per_epoch
+    resumed = run_train(tmp_path, *EPOCHS, "--resume")
+    drop = ("wall_s", "out_dir")
+    assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in whole.items() if k not in drop}
+    capsys.readouterr()
+    assert run_train(tmp_path, *EPOCHS, "--resume") == json.load(open(tmp_path / "run" / "summary.json"))
+    assert "is finished; nothing to do" in capsys.readouterr().out
+
+
+def table_cell(table, name, column):
+    """The cell of a markdown table in the row whose first cell is name."""
+    lines = table.splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    row = next(r for r in lines[2:] if r.startswith(f"| {name} |"))
+    return [c.strip() for c in row.strip("|").split("|")][header.index(column)]
+
+
+def test_run_json_lets_analyze_table_a_run_at_an_epoch_without_checkpoints(epochs_run, tmp_path, capsys):
+    src, summary = epochs_run
+    run = tmp_path / "sweep" / "run"
+    shutil.copytree(src, run)
+    record = json.load(open(run / "run.json"))
+    assert {k: record[k] for k in ("task", "pe", "init_std", "seed", "preset")} == \
+        {"task": "grid2d", "pe": "learned", "init_std": 0.2, "seed": 0, "preset": None}
+    assert record["changes"] == {k: v for k, v in summary["changes"].items()}
+    assert {"max_epochs": 2, "eval_epochs": 1, "n_embd": 16}.items() <= record["changes"].items()
+    assert not set(train.RUNTIME_ARGS) & set(record["args"]) and record["args"]["max_epochs"] == 2
+    assert record["pe_shape"] == [1, 16, 16] and record["pe_tok_ratio"] == summary["pe_tok_ratio"]
+    # kept without checkpoints: --table from summary.json alone
+    os.remove(run / "ckpt.pt")
+    capsys.readouterr()
+    analyze.main([str(run), "--table"])
+    table = capsys.readouterr().out
+    assert table_cell(table, EPOCHS_LABEL, "test_acc") == f"{summary['test_acc'] * 100:.1f} ± 0.0"
+    assert table_cell(table, EPOCHS_LABEL, "iters") == str(summary["iters"])
+    # an unfinished run (run.json and metrics.jsonl only): found, and tabled at an epoch it logged
+    os.remove(run / "summary.json")
+    assert analyze.find_runs([str(run)]) == [str(run)] and analyze.find_runs([str(run.parent)]) == [str(run)]
+    metrics = analyze.read_json(str(run / "metrics.jsonl"), lines=True)
+    for m in metrics:
+        table = analyze.summary_table([str(run)], epoch=m["epoch"])
+        assert table_cell(table, EPOCHS_LABEL, "test_acc") == f"{m['test_acc'] * 100:.1f} ± 0.0"
+        assert table_cell(table, EPOCHS_LABEL, "human_acc") == f"{m['human_acc'] * 100:.1f} ± 0.0"
+        assert table_cell(table, EPOCHS_LABEL, "iters") == str(m["iter"])
+    assert len({m["test_acc"] for m in metrics}) > 1  # the epochs' cells tell them apart
+    table = analyze.summary_table([str(run)], epoch=1.5).splitlines()
+    assert len(table) == 4 and table[-1] == "1 run(s) logged no eval at epoch 1.5 and are left out."
+    assert table[-2] == ""
+
+
+def test_reference_holds_the_authors_15_seeds_at_their_nearest_logged_epoch(epochs_run):
+    with open(os.path.join(tasks.LST_DIR, "lstnn_reference_logs.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+
+    def logged(split, epoch, sigma="0.2"):
+        return [float(r["accuracy"]) for r in rows if r["pe"] == "learned" and r["sigma"]
+                and float(r["sigma"]) == float(sigma) and int(r["epoch"]) == epoch and r["split"] == split]
+
+    ref = analyze.reference(200)
+    group = ref["learned σ=0.2"]
+    assert (group["epoch"], group["pe"], group["sigma"]) == (200, "learned", 0.2)
+    for split in ("train", "test", "human"):
+        assert len(group[f"{split}_acc"]) == 15 and sorted(group[f"{split}_acc"]) == sorted(logged(split, 200))
+    assert np.mean(group["human_acc"]) == pytest.approx(0.954, abs=0.005)
+    assert np.mean(group["test_acc"]) == pytest.approx(0.987, abs=0.005)
+    assert "sinnd" in ref and ref["sinnd"]["pe"] == "sinnd"
+    assert all(analyze.reference(e)["learned σ=0.2"]["epoch"] == 200 for e in (100, 150, 200, 299))  # 100: a tie
+    assert analyze.reference(99)["learned σ=0.2"]["epoch"] == 0
+    run, _ = epochs_run
+    table = analyze.summary_table([str(run)], with_reference=True)
+    authors = [r for r in table.splitlines() if r.startswith("| authors:")]
+    assert len(authors) == 1 and authors[0].startswith("| authors: learned σ=0.2 (epoch 200) | 15 | – |")
+    human = logged("human", 200)
+    cell = table_cell(table, "authors: learned σ=0.2 (epoch 200)", "human_acc")
+    assert cell == f"{np.mean(human) * 100:.1f} ± {np.std(human) * 100:.1f}"
+    at_one = analyze.summary_table([str(run)], epoch=1, with_reference=True)  # their nearest logged epoch: 0
+    assert [r for r in at_one.splitlines() if r.startswith("| authors:")][0].startswith(
+        "| authors: learned σ=0.2 (epoch 0) | 15 |")
+
+
+def test_labels_name_the_changed_label_flags_only():
+    s = {"pe": "learned", "init_std": 0.2, "preset": "paper-short", "changes": {"readout": "cls", "max_iters": 5}}
+    assert analyze.label(s) == "learned σ=0.2 (paper-short, readout cls)"
+    assert analyze.label(s | {"changes": {}}) == "learned σ=0.2 (paper-short)"
+    argv = ["--preset", "paper-short", "--readout", "cls", "--max-iters", "5", "--init-std", "0.2"]
+    for seed in ("0", "1"):  # from the flags as train.py records them: the seed is no change
+        changes = train.changes(train.get_args(argv + ["--seed", seed]))
+        assert changes == {"readout": "cls", "max_iters": 5, "max_epochs": None}, changes
+        assert analyze.label({"pe": "learned", "init_std": 0.2, "preset": "paper-short", "changes": changes}) == \
+            analyze.label(s)
+    net = {"layout": "lattice", "pe": "learned", "init_std": 0.02, "preset": None, "changes": {"net_layout": "lattice"}}
+    assert analyze.label(net) == "lattice: learned σ=0.02"
+
+
+def test_network_runs_keep_their_layout_prefix_by_epoch_and_without_a_checkpoint(tmp_path):
+    """A network run tabled from run.json (--epoch) or from summary.json alone is still named by its layout, as from its
+    checkpoint: otherwise runs on two layouts share a row (and a chance level)."""
+    run = tmp_path / "run"
+    run_train(tmp_path, *NET_TINY, "--net-layout", "lattice", "--n-embd", "24")
+    assert analyze.label(analyze.run_summary(str(run))) == "lattice: learned σ=0.02"
+    assert analyze.label(analyze.at_epoch(str(run), 0)) == "lattice: learned σ=0.02"
+    os.remove(run / "ckpt.pt")
+    assert analyze.label(analyze.run_summary(str(run))) == "lattice: learned σ=0.02"
+
+
+def test_table_columns_flag_picks_columns_and_refuses_unknown_ones(epochs_run, capsys):
+    run, summary = epochs_run
+    capsys.readouterr()
+    analyze.main([str(run), "--table", "--columns", "test_acc,human_acc"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "| PE | runs | fitted | test_acc | human_acc |" and lines[1] == "|---" * 5 + "|"
+    assert table_cell("\n".join(lines), EPOCHS_LABEL, "human_acc") == f"{summary['human_acc'] * 100:.1f} ± 0.0"
+    assert all(r.count("|") == 6 for r in lines)
+    with pytest.raises(SystemExit) as e:
+        analyze.main([str(run), "--table", "--columns", "test_acc,nonsense"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "unknown column(s) ['nonsense']" in err, err

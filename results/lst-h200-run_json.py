@@ -4,7 +4,7 @@ import json, os, shutil, sys
 import analyze, tasks, train
 P = "--preset paper-short"; S2 = "--init-stds 0.2,2 --seeds 0,1,2"
 src, dst = sys.argv[1], sys.argv[2]
-for line in open("gpu/sweep.sh").read().split("\n"):
+for line in open("results/lst-h200-sweep.sh").read().split("\n"):
     if not line.startswith("run "):
         continue
     name, *argv = line[4:].rstrip(" &").replace("$P", P).replace("$S2", S2).split()
