@@ -6,9 +6,10 @@ runs at once (--seeds, --init-stds), each with its own init and data order, as o
     python train.py --task network --net-layout lattice --pe learned --init-std 0.02
     python train.py --task brain3d --pe learned --init-std 0.02
     python train.py --pe learned --init-stds 0.02,0.2 --seeds 0,1,2 --out-dir 'sweep/learned-{init_std:g}-s{seed}'
+    python train.py --preset paper-short --init-std 0.2    # the authors' model on their puzzles, to epoch 200
 
-Each run writes OUT_DIR/ckpt.pt (atomically, at every eval), metrics.jsonl (a line per eval) and
-summary.json (at the end), the same files as the run alone would. --resume continues interrupted runs to
+Each run writes OUT_DIR/run.json (what the run is, at its start), ckpt.pt (atomically, at every eval), metrics.jsonl
+(a line per eval) and summary.json (at the end), the same files as the run alone would. --resume continues interrupted runs to
 the same result; finished and diverged runs are skipped. On CUDA: torch.compile, bf16 autocast and one vmap
 over the K models by default; on CPU: plain fp32 and a loop over the models.
 
