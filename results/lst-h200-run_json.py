@@ -1,8 +1,20 @@
-"""Write run.json for the runs of gpu/sweep.sh (made before train.py wrote one): the same record train.py's start()
-writes, from the same command line (flags -> runs -> model built from its seed -> its PE at init)."""
-import json, os, shutil, sys
-import analyze, tasks, train
-P = "--preset paper-short"; S2 = "--init-stds 0.2,2 --seeds 0,1,2"
+"""
+Write run.json for the runs of results/lst-h200-sweep.sh, made before train.py wrote one: the record train.py's start()
+writes, rebuilt from the same command lines (flags -> runs -> each model built from its seed -> its PE at init), and
+copy each run's metrics.jsonl beside it.
+
+    PYTHONPATH=. python results/lst-h200-run_json.py SWEEP_DIR results/lst-h200   # SWEEP_DIR: where out/ was written
+"""
+import json
+import os
+import shutil
+import sys
+
+import analyze
+import tasks
+import train
+
+P, S2 = "--preset paper-short", "--init-stds 0.2,2 --seeds 0,1,2"  # as in the sweep script
 src, dst = sys.argv[1], sys.argv[2]
 for line in open("results/lst-h200-sweep.sh").read().split("\n"):
     if not line.startswith("run "):
@@ -15,8 +27,8 @@ for line in open("results/lst-h200-sweep.sh").read().split("\n"):
     for a in all_args:
         run = train.Run(a, train.build_model(a, task))
         run.ratios = analyze.norm_ratios(run.model, tokens)
-        run.state = {"pe_rsa_init": analyze.identifiability(run.model, task.coords, task.references, task.twins,
-                                                             tokens)["pe_rsa"]}
+        ident = analyze.identifiability(run.model, task.coords, task.references, task.twins, tokens)
+        run.state = {"pe_rsa_init": ident["pe_rsa"]}
         out = os.path.join(dst, a.out_dir.removeprefix("out/"))
         os.makedirs(out, exist_ok=True)
         shutil.copy(os.path.join(src, a.out_dir, "metrics.jsonl"), out)
