@@ -9,9 +9,9 @@ runs at once (--seeds, --init-stds), each with its own init and data order, as o
     python train.py --preset paper-short --init-std 0.2    # the authors' model on their puzzles, to epoch 200
 
 Each run writes OUT_DIR/run.json (what the run is, at its start), ckpt.pt (atomically, at every eval), metrics.jsonl
-(a line per eval) and summary.json (at the end), the same files as the run alone would. --resume continues interrupted runs to
-the same result; finished and diverged runs are skipped. On CUDA: torch.compile, bf16 autocast and one vmap
-over the K models by default; on CPU: plain fp32 and a loop over the models.
+(a line per eval) and summary.json (at the end), the same files as the run alone would. --resume continues
+interrupted runs to the same result; finished and diverged runs are skipped. On CUDA: torch.compile, bf16 autocast
+and one vmap over the K models by default; on CPU: plain fp32 and a loop over the models.
 
 While a run trains, OUT_DIR/lock holds its process id: a second process on the same directory is refused, and
 --resume takes over the lock of a process that died (an flock, which the OS frees however a process ends).
