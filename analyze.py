@@ -507,7 +507,8 @@ def summary_table(run_dirs, epoch=None, with_reference=False, columns=TABLE_COLU
         fitted = "–" if runs[0]["fitted"] is None else sum(r["fitted"] for r in runs)  # regression has no fit criterion
         lines.append(f"| {name} | {len(runs)} | {fitted} | " + " | ".join(cells) + " |")
     ours = {s["init_std"] if s["pe"] == "learned" else s["pe"] for runs in groups.values() for s in runs}
-    for name, ref in reference(epoch or 200).items() if with_reference else ():  # theirs beside the σ and PEs run
+    theirs = reference(200 if epoch is None else epoch) if with_reference else {}
+    for name, ref in theirs.items():  # the authors' rows beside the σ and PEs run here
         if (ref["sigma"] if ref["pe"] == "learned" else ref["pe"]) in ours:
             cells = [cell(c, ref[c]) if c in ref else "–" for c in columns]
             lines.append(f"| authors: {name} (epoch {ref['epoch']}) | {len(ref['test_acc'])} | – | "

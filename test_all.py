@@ -2021,7 +2021,9 @@ def test_run_json_lets_analyze_table_a_run_at_an_epoch_without_checkpoints(epoch
         {"task": "grid2d", "pe": "learned", "init_std": 0.2, "seed": 0, "preset": None}
     assert record["changes"] == {k: v for k, v in summary["changes"].items()}
     assert {"max_epochs": 2, "eval_epochs": 1, "n_embd": 16}.items() <= record["changes"].items()
-    assert not set(train.RUNTIME_ARGS) & set(record["args"]) and record["args"]["max_epochs"] == 2
+    runtime = {"resume", "force", "out_dir", "data_dir", "device", "threads", "compile", "dtype", "vmap"}
+    assert not runtime & set(record["args"]) and record["args"] == summary["args"]
+    assert record["args"]["max_epochs"] == 2 and record["args"]["lr"] == 3e-3
     assert record["pe_shape"] == [1, 16, 16] and record["pe_tok_ratio"] == summary["pe_tok_ratio"]
     # kept without checkpoints: --table from summary.json alone
     os.remove(run / "ckpt.pt")
@@ -2075,6 +2077,15 @@ def test_reference_holds_the_authors_15_seeds_at_their_nearest_logged_epoch(epoc
         "| authors: learned σ=0.2 (epoch 0) | 15 |")
 
 
+def test_the_reference_beside_a_table_at_epoch_0_is_the_authors_epoch_0(epochs_run):
+    """--epoch 0 --reference: their rows at their epoch 0, as at any other epoch (0 is an epoch, not 'none given')."""
+    run, _ = epochs_run
+    assert analyze.reference(0)["learned σ=0.2"]["epoch"] == 0
+    table = analyze.summary_table([str(run)], epoch=0, with_reference=True)
+    authors = [r for r in table.splitlines() if r.startswith("| authors:")]
+    assert len(authors) == 1 and authors[0].startswith("| authors: learned σ=0.2 (epoch 0) | 15 |"), authors
+
+
 def test_labels_name_the_changed_label_flags_only():
     s = {"pe": "learned", "init_std": 0.2, "preset": "paper-short", "changes": {"readout": "cls", "max_iters": 5}}
     assert analyze.label(s) == "learned σ=0.2 (paper-short, readout cls)"
@@ -2092,12 +2103,17 @@ def test_labels_name_the_changed_label_flags_only():
 def test_network_runs_keep_their_layout_prefix_by_epoch_and_without_a_checkpoint(tmp_path):
     """A network run tabled from run.json (--epoch) or from summary.json alone is still named by its layout, as from its
     checkpoint: otherwise runs on two layouts share a row (and a chance level)."""
-    run = tmp_path / "run"
-    run_train(tmp_path, *NET_TINY, "--net-layout", "lattice", "--n-embd", "24")
-    assert analyze.label(analyze.run_summary(str(run))) == "lattice: learned σ=0.02"
-    assert analyze.label(analyze.at_epoch(str(run), 0)) == "lattice: learned σ=0.02"
-    os.remove(run / "ckpt.pt")
-    assert analyze.label(analyze.run_summary(str(run))) == "lattice: learned σ=0.02"
+    runs = [str(tmp_path / layout / "run") for layout in ("lattice", "ring")]
+    for layout in ("lattice", "ring"):
+        run_train(tmp_path / layout, *NET_TINY, "--net-layout", layout, "--n-embd", "24")
+    assert [analyze.label(analyze.run_summary(r)) for r in runs] == ["lattice: learned σ=0.02", "ring: learned σ=0.02"]
+    rows = [r for r in analyze.summary_table(runs).splitlines() if "learned" in r]
+    assert [r.split(" | ")[:2] for r in rows] == [["| lattice: learned σ=0.02", "1"], ["| ring: learned σ=0.02", "1"]]
+    by_epoch = [r for r in analyze.summary_table(runs, epoch=0).splitlines() if "learned" in r]
+    assert [r.split(" | ")[:2] for r in by_epoch] == [r.split(" | ")[:2] for r in rows], by_epoch
+    assert analyze.label(analyze.at_epoch(runs[0], 0)) == "lattice: learned σ=0.02"
+    os.remove(os.path.join(runs[0], "ckpt.pt"))
+    assert analyze.label(analyze.run_summary(runs[0])) == "lattice: learned σ=0.02"
 
 
 def test_table_columns_flag_picks_columns_and_refuses_unknown_ones(epochs_run, capsys):

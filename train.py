@@ -592,6 +592,7 @@ def identity(run):
             "pe_layers": args.pe_layers, "readout": args.readout, "embed_std": args.embed_std,
             "weight_decay": args.weight_decay, "preset": args.preset, "seed": args.seed,
             "data_seed": args.data_seed, "data": args.data if args.task == "grid2d" else None,
+            **({"layout": args.net_layout} if args.task == "network" else {}),  # one network task, many geometries
             "changes": changes(args), "args": {k: v for k, v in vars(args).items() if k not in RUNTIME_ARGS},
             "pe_shape": None if (t := analyze.pe_tables(run.model)) is None else list(t.shape)}
 
