@@ -479,7 +479,7 @@ def summary_table(run_dirs, epoch=None, with_reference=False, columns=TABLE_COLU
             missing += 1
             continue
         if s is None:
-            raise ValueError(f"no summary.json in {d} (unfinished run?)")
+            raise ValueError(f"no summary.json in {d}: an unfinished run (--epoch E tables runs at one of their evals)")
         if s.get("diverged"):
             diverged.append(s)
             continue
