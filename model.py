@@ -3,8 +3,9 @@ The transformer encoder: one config dataclass, fused QKV attention through
 F.scaled_dot_product_attention, post- or pre-LayerNorm blocks, and a PE from pe.py; and the training
 step of K independent models at once (K = 1: one model), as one vmap over their stacked weights or a loop.
 
-Every layer keeps PyTorch's default initialisation; there is deliberately no global
-`apply(_init_weights)`, because it would silently re-draw the PE table whose init is under study.
+Every layer keeps PyTorch's default initialisation (attention: nn.MultiheadAttention's with attn_init="mha", as the
+authors' model has it); there is deliberately no global `apply(_init_weights)`, because it would silently re-draw the
+PE table whose init is under study.
 """
 import contextlib
 from dataclasses import dataclass
