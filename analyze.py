@@ -462,7 +462,7 @@ TABLE_COLUMNS = ("iters", "wall_s", "train_acc", "test_acc", "ood_acc", "human_a
 def chance_of(run_dir, s):
     """chance_levels for tables of the shape of summary s's PE on the coordinates (and references) of its task."""
     if "args" in s:  # the run's flags give its task: no checkpoint needed
-        task = tasks.get_task(s["task"], SimpleNamespace(data_dir=None, **s["args"]), with_data=False)
+        task = tasks.get_task(s["task"], SimpleNamespace(**{"data_dir": None, **s["args"]}), with_data=False)
     else:
         task = load_run(run_dir)[1]
     return chance_levels(tuple(s["pe_shape"]), task.coords, task.references, task.twins)
