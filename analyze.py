@@ -20,8 +20,6 @@ import glob
 import io
 import json
 import os
-import pickle
-import re
 import sys
 from types import SimpleNamespace
 
@@ -30,8 +28,9 @@ import torch
 from tqdm import tqdm
 
 import pe as pe_lib
+import rundir
 import tasks
-from model import ModelConfig, Transformer, init_model
+from model import ModelConfig, Transformer, init_model, r2
 
 REFERENCE_LOGS = os.path.join(tasks.LST_DIR, "lstnn_reference_logs.csv")  # the authors' logs: average rows
 HUMAN_LST = {"binary": 0.967, "ternary": 0.870, "quaternary": 0.663}  # people on the 108 LST items (n = 40)
@@ -250,11 +249,6 @@ def chance_levels(shape, coords, references=None, twins=None, draws=100, seed=0)
             for k, v in values.items()}
 
 
-def r2(pred, y):
-    """1 - SSE/SST over all entries, SST around the targets' mean: how train.py scores masked prediction."""
-    return (1 - ((pred - y) ** 2).sum() / ((y - y.mean()) ** 2).sum()).item()
-
-
 def sample_rows(x, idx):
     """Rows idx (M, n) of each sample of x (M, N, w): (M, n, w)."""
     return x.gather(1, idx[..., None].expand(-1, -1, x.shape[2]))
@@ -293,7 +287,7 @@ def load_run(run_dir):
     path = os.path.join(run_dir, "ckpt.pt")
     if not os.path.exists(path):
         raise ValueError(f"no checkpoint at {path}")
-    ckpt = read_checkpoint(path)
+    ckpt = rundir.read_checkpoint(path)
     try:
         args, config = SimpleNamespace(**ckpt["args"]), ckpt["model_config"]
     except (KeyError, TypeError) as e:
@@ -305,52 +299,6 @@ def load_run(run_dir):
     except RuntimeError as e:  # e.g. a relative PE saved before its offsets were bucketed off the lattice
         raise ValueError(f"{path} does not fit this code's model: {str(e).splitlines()[-1].strip()[:150]}")
     return model.eval(), task, args
-
-
-def read_checkpoint(path):
-    """A checkpoint as train.py saved it, or a ValueError saying that it cannot be read."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
-        raise ValueError(f"{path} cannot be read: a truncated or corrupt checkpoint? ({type(e).__name__})") from None
-
-
-def read_json(path, lines=False):
-    """A JSON file (None if absent), or a JSON-lines file as a list, without its last line when that one is cut
-    short (a run still writing it, or killed while it did); any other bad line is a ValueError naming it."""
-    if not os.path.exists(path):
-        return [] if lines else None
-    with open(path) as f:
-        text = f.read()
-    rows = text.split("\n") if lines else [text]
-    out = []
-    for i, row in enumerate(rows, start=1):
-        if not row.strip():
-            continue
-        try:
-            out.append(json.loads(row))
-        except json.JSONDecodeError as e:
-            if lines and i == len(rows):  # a last line without its newline: still being written
-                break
-            raise ValueError(f"{path}{f' line {i}' if lines else ''} is not valid JSON ({e})") from None
-    return out if lines else out[0]
-
-
-RUN_MARKS = ("ckpt.pt", "summary.json", "run.json")  # the files that make a folder a run directory
-
-
-def find_runs(paths):
-    """Run directories among paths: each path is a run (holds ckpt.pt; or a summary.json: a run that diverged
-    before its first checkpoint, or one kept without checkpoints under results/; or a run.json: a run not finished)
-    or a folder of runs."""
-    runs = []
-    for p in paths:
-        inside = sorted({os.path.dirname(c) for f in RUN_MARKS for c in glob.glob(os.path.join(p, "*", f))})
-        is_run = any(os.path.exists(os.path.join(p, f)) for f in RUN_MARKS)
-        if not is_run and not inside:
-            raise ValueError(f"{p} is neither a run directory (no ckpt.pt) nor a folder of runs")
-        runs += [p] if is_run else inside
-    return runs
 
 
 @torch.no_grad()
@@ -379,17 +327,14 @@ def run_summary(run_dir):
     """summary.json of a finished run (None if unfinished) with its PE metrics recomputed from the final checkpoint,
     so runs trained by an older train.py are scored by the same metrics as new ones, and what such runs lack
     computed now: the human puzzles' accuracy, and the norm ratios of the initial PE (rebuilt from its seed)."""
-    s = read_json(os.path.join(run_dir, "summary.json"))
+    s = rundir.read_json(os.path.join(run_dir, "summary.json"))
     if s is None or s.get("diverged"):  # a diverged run's summary says where, and nothing more
         return s
     if not os.path.exists(os.path.join(run_dir, "ckpt.pt")):  # kept without checkpoints (results/): as it was written
         return s
     model, task, args = load_run(run_dir)
     tables = pe_tables(model)
-    s = s | {"layout": args.net_layout} if task.name == "network" else s  # one network task, many geometries
-    s = s | {"readout": getattr(args, "readout", "query"), "embed_std": getattr(args, "embed_std", 0.02),
-             "weight_decay": args.weight_decay, "preset": getattr(args, "preset", None),
-             "pe_shape": None if tables is None else list(tables.shape)}
+    s = rundir.identity(vars(args), None if tables is None else list(tables.shape)) | s  # what an older run lacks
     tokens = None
     if "pe_tok_ratio" not in s:  # an older run: the ratios and tok_norm (once a row norm of W) need its data
         tokens = training_tokens(tasks.get_task(args.task, args))
@@ -401,10 +346,10 @@ def run_summary(run_dir):
 def at_epoch(run_dir, epoch):
     """A run's summary at one epoch of its training, finished or not: what it is (run.json) and its metrics.jsonl
     line of that epoch; None when it logged no eval there."""
-    s = read_json(os.path.join(run_dir, "run.json"))
+    s = rundir.read_json(os.path.join(run_dir, "run.json"))
     if s is None:
         raise ValueError(f"{run_dir} has no run.json: a run from before train.py wrote one cannot be read by epoch")
-    lines = [m for m in read_json(os.path.join(run_dir, "metrics.jsonl"), lines=True)
+    lines = [m for m in rundir.read_json(os.path.join(run_dir, "metrics.jsonl"), lines=True)
              if abs(m.get("epoch", -1.0) - epoch) < 1e-9]
     if not lines:
         return None
@@ -430,26 +375,27 @@ def reference(epoch):
     return out
 
 
-# The flags a label names when a run changed them: the data, model and recipe choices under study (not sizes, lengths
-# or eval settings, which tables show in their own columns where they matter).
-LABEL_FLAGS = ("data", "holdout", "readout", "pe_layers", "embed_std", "mlp_out_gelu", "attn_init", "norm", "n_head",
-               "init", "dropout", "lr", "min_lr_ratio", "warmup_iters", "weight_decay", "pe_weight_decay", "betas")
+# The flags a label leaves out even when a run changed them: run lengths and eval settings (tables show iters in a
+# column of their own), the data seed (another draw, like the seed), the network's layout (the label's prefix).
+UNLABELLED = ("max_iters", "max_epochs", "eval_interval", "eval_epochs", "stop_train_acc", "data_seed", "net_layout",
+              "net_shape")
 
 
-def label(s):
-    """How a run is named in tables and legends: its layout (network), PE, σ for table PEs, its preset and the choices
-    it changed from what its task and preset give (LABEL_FLAGS; runs older than that record: the model settings
-    that differ from our defaults), so runs of different models never share a row."""
-    sigma = f" σ={s['init_std']:g}" if s["pe"] in ("learned", "random") else ""
+def label(s, sigma=True):
+    """How a run is named in tables and legends: its layout (network), PE, σ for table PEs (unless sigma=False: the
+    series a σ sweep draws as one line), its preset and every choice it changed from what its task and preset give
+    (runs older than that record: the model settings that differ from our defaults), so runs of different models never
+    share a row."""
+    at = f" σ={s['init_std']:g}" if sigma and pe_lib.has_sigma(s["pe"]) else ""
     tags = [s["preset"]] if s.get("preset") else []
     if "changes" in s:
-        tags += [f"{k.replace('_', '-')} {v}" for k, v in s["changes"].items() if k in LABEL_FLAGS]
+        tags += [f"{k.replace('_', '-')} {v}" for k, v in s["changes"].items() if k not in UNLABELLED]
     else:
         table = s["pe"] in pe_lib.ADDITIVE and s["pe"] != "none"
         tags += [tag for tag, on in (("all", s["pe_layers"] == "all" and table), ("last", s.get("readout") == "last"),
                                      ("emb torch", "embed_std" in s and s["embed_std"] is None),
                                      ("wd 0", s.get("weight_decay") == 0)) if on]
-    return (f"{s['layout']}: " if "layout" in s else "") + s["pe"] + sigma + (f" ({', '.join(tags)})" if tags else "")
+    return (f"{s['layout']}: " if "layout" in s else "") + s["pe"] + at + (f" ({', '.join(tags)})" if tags else "")
 
 
 TABLE_COLUMNS = ("iters", "wall_s", "train_acc", "test_acc", "ood_acc", "human_acc", "human_acc_binary",
@@ -542,7 +488,7 @@ def save_figure(fig, path):
     """Write fig to path as a PNG (200 dpi), atomically, and close it."""
     png = io.BytesIO()
     fig.savefig(png, dpi=200, format="png", bbox_inches="tight")
-    tasks.atomic_save(png.getvalue(), path)
+    rundir.atomic_save(png.getvalue(), path)
     pyplot().close(fig)
 
 
@@ -696,8 +642,8 @@ def analyze_run(run_dir):
     """Every figure of one run and analysis.json with every number plotted; returns that dict."""
     model, task, args = load_run(run_dir)
     C = task.coords.numpy()
-    summary = read_json(os.path.join(run_dir, "summary.json"))
-    metrics = read_json(os.path.join(run_dir, "metrics.jsonl"), lines=True)
+    summary = rundir.read_json(os.path.join(run_dir, "summary.json"))
+    metrics = rundir.read_json(os.path.join(run_dir, "metrics.jsonl"), lines=True)
     out = {"run": run_dir, "pe": args.pe, "init_std": args.init_std, "coords": C.tolist()}
     tables = pe_tables(model)
     if tables is not None:
@@ -713,9 +659,9 @@ def analyze_run(run_dir):
     if summary and task.classes and not summary.get("diverged"):
         summary = with_human_accuracy(summary, model, task, args)
         scored = sorted(glob.glob(os.path.join(run_dir, "puzzles-*.json")))
-        puzzles = {os.path.basename(p)[8:-5]: read_json(p) for p in scored}  # puzzles-NAME.json -> NAME
+        puzzles = {os.path.basename(p)[8:-5]: rundir.read_json(p) for p in scored}  # puzzles-NAME.json -> NAME
         out["classes"] = plot_classes(summary, task.classes, puzzles, os.path.join(run_dir, "classes.png"))
-    tasks.atomic_save(json.dumps(out) + "\n", os.path.join(run_dir, "analysis.json"))
+    rundir.atomic_save(json.dumps(out) + "\n", os.path.join(run_dir, "analysis.json"))
     return out
 
 
@@ -726,11 +672,6 @@ TITLES = {"test_acc": "iid test accuracy", "ood_acc": "OOD accuracy", "human_acc
           "pe_twin_rank": "twin rank (1: homotopic, 47: chance)"}
 SWEEP_EXTRAS = ("pe_rsa_fc", "pe_twin_rank")  # brain3d: function and homotopy beside anatomy
 SERIES_COLOURS = ("k", "tab:red", "tab:blue", "tab:green", "tab:purple", "tab:brown", "tab:olive")
-
-
-def series_of(name):
-    """The sweep series a table PE's label belongs to: its label without σ."""
-    return re.sub(r" σ=\S+", "", name)
 
 
 def mean_sem(v):
@@ -756,13 +697,13 @@ def sweep_figures(summaries, out_dir, x="sigma", chance=None, authors=None):
     for s in summaries:
         groups.setdefault(label(s), []).append(s)
     stats = {name: {k: [r[k] for r in runs if r.get(k) is not None] for k in keys}
-             | {"init_std": runs[0]["init_std"], "pe": runs[0]["pe"], "series": series_of(name),
+             | {"init_std": runs[0]["init_std"], "pe": runs[0]["pe"], "series": label(runs[0], sigma=False),
                 "ratio": float(np.mean([r.get("pe_tok_ratio") or np.nan for r in runs]))}
              for name, runs in groups.items()}
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), layout="constrained")
-    tabled = [g for g in stats.values() if g["pe"] in ("learned", "random")]
+    tabled = [g for g in stats.values() if pe_lib.has_sigma(g["pe"])]
     series = sorted({g["series"] for g in tabled}, key=lambda n: (not n.startswith("learned"), n))
-    fixed = [n for n, g in stats.items() if g["pe"] not in ("learned", "random")]
+    fixed = [n for n, g in stats.items() if not pe_lib.has_sigma(g["pe"])]
     xkey = "init_std" if x == "sigma" else "ratio"
     lines = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, k in zip(axes, keys):
@@ -802,7 +743,7 @@ def sweep_figures(summaries, out_dir, x="sigma", chance=None, authors=None):
     fig, ax = plt.subplots(figsize=(4.6, 3.6))
     y = "human_acc" if "human_acc" in keys else keys[1]  # the paper's OOD set where there is one
     norm, sc = LogNorm(*np.percentile([max(s["init_std"], 1e-4) for s in summaries], [0, 100])), None
-    for kind, marker in (("learned", "o"), ("random", "s")):  # learned and fixed-random tables, coloured by σ
+    for kind, marker in zip(pe_lib.DRAWN, "os"):  # learned and fixed-random tables, coloured by σ
         runs = [s for s in summaries if s["pe"] == kind and s.get("pe_rsa") is not None and s.get(y) is not None]
         if runs:
             sc = ax.scatter([s["pe_rsa"] for s in runs], [s[y] for s in runs],
@@ -822,7 +763,7 @@ def sweep_figures(summaries, out_dir, x="sigma", chance=None, authors=None):
     gap_figure(groups, y, os.path.join(out_dir, "sweep_gap.png"))
     per_run = [{k: s.get(k) for k in ("out_dir", "pe", "init_std", "seed", *keys)} for s in summaries]
     sweep = {"keys": keys, "groups": stats, "runs": per_run}
-    tasks.atomic_save(json.dumps(sweep, indent=1) + "\n", os.path.join(out_dir, "sweep.json"))
+    rundir.atomic_save(json.dumps(sweep, indent=1) + "\n", os.path.join(out_dir, "sweep.json"))
     return sweep
 
 
@@ -832,8 +773,9 @@ def gap_figure(groups, key, path):
     much the seeds spread, under each setting."""
     by_series = {}
     for name, runs in groups.items():
-        if runs[0]["pe"] in ("learned", "random"):
-            by_series.setdefault(series_of(name), {})[runs[0]["init_std"]] = {r["seed"]: r.get(key) for r in runs}
+        if pe_lib.has_sigma(runs[0]["pe"]):
+            by_sigma = by_series.setdefault(label(runs[0], sigma=False), {})
+            by_sigma[runs[0]["init_std"]] = {r["seed"]: r.get(key) for r in runs}
     gaps = {}
     for name, by_sigma in by_series.items():
         if len(by_sigma) > 1:
@@ -864,7 +806,7 @@ def score_run(runs, puzzles):
         raise ValueError(f"--puzzles needs a grid2d run, {runs[0]} is {task.name}")
     line = json.dumps(score_puzzles(model, *tasks.load_puzzle_csv(puzzles, args.grid_n), args.grid_n))
     stem = os.path.splitext(os.path.basename(puzzles))[0]
-    tasks.atomic_save(line + "\n", os.path.join(runs[0], f"puzzles-{stem}.json"))
+    rundir.atomic_save(line + "\n", os.path.join(runs[0], f"puzzles-{stem}.json"))
     print(line)
 
 
@@ -887,13 +829,21 @@ def columns_of(text):
     return names
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit status 2 for a bad flag, or two modes at once
+        print(f"analyze.py: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", help="train.py run directories, or folders of them")
-    p.add_argument("--puzzles", help="CSV of LST items (columns puzzles, solutions[, condition]) to score one run on")
-    p.add_argument("--table", action="store_true", help="print a markdown table of the runs' summaries")
-    p.add_argument("--linear", action="store_true",
-                   help="print the linear predictor's R² on each masked run's task and splits")
+    mode = p.add_mutually_exclusive_group()  # without one: every run's figures, and the sweep's
+    mode.add_argument("--table", action="store_true", help="print a markdown table of the runs' summaries")
+    mode.add_argument("--puzzles",
+                      help="CSV of LST items (columns puzzles, solutions[, condition]) to score one run on")
+    mode.add_argument("--linear", action="store_true",
+                      help="print the linear predictor's R² on each masked run's task and splits")
     p.add_argument("--out-dir",
                    help="where the sweep figures go (default: the folder of runs given, else the runs' common parent)")
     p.add_argument("--epoch", type=float, default=None,
@@ -906,7 +856,7 @@ def main(argv=None):
                    help="sweep figure 5's x axis: the init std σ, or pe_tok_ratio (PE norm / token norm at init)")
     a = p.parse_args(argv)
     try:
-        runs = find_runs(a.paths)
+        runs = rundir.find_runs(a.paths)
         if a.table:
             return print(summary_table(runs, a.epoch, a.reference, a.columns or TABLE_COLUMNS))
         if a.puzzles:

