@@ -8,17 +8,13 @@ runs at once (--seeds, --init-stds), each with its own init and data order, as o
     python train.py --pe learned --init-stds 0.02,0.2 --seeds 0,1,2 --out-dir 'sweep/learned-{init_std:g}-s{seed}'
     python train.py --preset paper-short --init-std 0.2    # the authors' model on their puzzles, to epoch 200
 
-The flags: each task's come from its flags class in tasks.py, the model's from model.ModelConfig, the training
-recipe's from TrainConfig below (a field with a help text is a flag); defaults: the field's, then the task's
-(tasks.*Flags.DEFAULTS), then a --preset's, then the flags given.
+Flags come from dataclass fields with a help text: each task's flags class (tasks.py), model.ModelConfig and
+TrainConfig below. Defaults: the field's, then the task's (its DEFAULTS), then a --preset's, then the flags given.
 
-Each run writes OUT_DIR/run.json (what the run is, at its start), ckpt.pt (atomically, at every eval), metrics.jsonl
-(a line per eval) and summary.json (at the end): rundir.py. --resume continues interrupted runs to the same result;
-finished and diverged runs are skipped. On CUDA: torch.compile, bf16 autocast and one vmap over the K models by
-default; on CPU: plain fp32 and a loop over the models.
-
-While a run trains, OUT_DIR/lock holds its process id: a second process on the same directory is refused, and
---resume takes over the lock of a process that died (an flock, which the OS frees however a process ends).
+Each run's directory (rundir.py) gets run.json at its start, ckpt.pt at every eval, a metrics.jsonl line per eval and
+summary.json at its end; a lock file holds it while a process trains it (a second process is refused; --resume takes
+over the lock of one that died). --resume continues interrupted runs to the same result and skips finished and
+diverged ones. On CUDA: torch.compile, bf16 autocast and one vmap over the K models; on CPU: fp32, a loop over them.
 
 Exit status: 0 done; 2 a bad flag, device or directory, or a run directory another process holds (one line, nothing
 written); 3 a run diverged (its loss became NaN or infinite: it stops there, keeps its last checkpoint and
@@ -327,6 +323,11 @@ class Run:
         shape = None if (t := analyze.pe_tables(self.model)) is None else list(t.shape)
         return rundir.identity(config(self.args), shape, changes(self.args))
 
+    def record(self):
+        """run.json: what the run is and its PE's norm ratios at init, so that its metrics.jsonl can be tabled at any
+        epoch, finished or not (analyze.py --epoch)."""
+        return self.identity() | self.ratios | {"pe_rsa_init": self.pe_rsa_init}
+
 
 def open_run(args):
     """The run in args.out_dir as its directory holds it (locked by the caller): to continue from a checkpoint, to
@@ -369,7 +370,7 @@ def start(run, task, tokens, device):
             die(f"--resume: {e}")
     kept = [m for m in kept if m["iter"] <= run.iter]  # not the evals made after the checkpoint
     rundir.write_metrics(args.out_dir, kept)
-    rundir.write_json(args.out_dir, "run.json", run.identity() | run.ratios | {"pe_rsa_init": run.pe_rsa_init})
+    rundir.write_json(args.out_dir, "run.json", run.record())
     run.last = kept[-1] if kept and kept[-1]["iter"] == run.iter else None  # the checkpoint's own eval
     norm = "n/a" if ident0["pe_norm"] is None else f"{ident0['pe_norm']:.3f}"
     return (f"PE row norm {norm} vs embedded-token norm {ident0['tok_norm']:.3f} (at init)"

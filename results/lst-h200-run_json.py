@@ -25,13 +25,12 @@ for line in open("results/lst-h200-sweep.sh").read().split("\n"):
     task = tasks.get_task(all_args[0].task, all_args[0])
     tokens = analyze.training_tokens(task)
     for a in all_args:
-        run = train.Run(a, train.build_model(a, task))
+        run = train.Run(a, model=train.build_model(a, task))
         run.ratios = analyze.norm_ratios(run.model, tokens)
-        ident = analyze.identifiability(run.model, task.coords, task.references, task.twins, tokens)
-        run.state = {"pe_rsa_init": ident["pe_rsa"]}
+        run.pe_rsa_init = analyze.identifiability(run.model, task.coords, task.references, task.twins, tokens)["pe_rsa"]
         out = os.path.join(dst, a.out_dir.removeprefix("out/"))
         os.makedirs(out, exist_ok=True)
         shutil.copy(os.path.join(src, a.out_dir, "metrics.jsonl"), out)
         with open(os.path.join(out, "run.json"), "w") as f:
-            f.write(json.dumps(train.record(run), indent=1) + "\n")
+            f.write(json.dumps(run.record(), indent=1) + "\n")
         print(out)
