@@ -1274,22 +1274,24 @@ def test_training_masks_are_a_pure_function_of_seed_and_step(net_task):
 
 
 # ---- run directories: resume, locks, faults (Ctrl-C, full disk, divergence, overwrite rules)
-def interrupt_at_call(monkeypatch, n):
-    """Make the n-th call of analyze.identifiability (one at init, one per eval, per run) raise KeyboardInterrupt."""
-    real, calls = analyze.identifiability, {"n": 0}
+def interrupt_at_call(monkeypatch, n, name="evaluate"):
+    """Make the n-th call of train.py's own function `name` raise KeyboardInterrupt (as Ctrl-C there would):
+    evaluate is called once per eval of all the runs due at once, after their step; start once per run, before
+    its first step (and before its checkpoint is loaded when resumed)."""
+    real, calls = getattr(train, name), {"n": 0}
 
-    def identifiability(*a, **kw):
+    def interrupted(*a, **kw):
         calls["n"] += 1
         if calls["n"] == n:
             raise KeyboardInterrupt
         return real(*a, **kw)
-    monkeypatch.setattr(analyze, "identifiability", identifiability)
+    monkeypatch.setattr(train, name, interrupted)
 
 
 @pytest.mark.parametrize("task", [[], NET_TINY])
 def test_resume_reaches_the_same_result_as_an_uninterrupted_run(tmp_path, monkeypatch, task):
     whole = run_train(tmp_path / "a", *task)
-    interrupt_at_call(monkeypatch, 5)  # init, then evals at 0, 2, 4: the checkpoint holds step 4
+    interrupt_at_call(monkeypatch, 4)  # evals at 0, 2, 4, then the one at 6: the checkpoint holds step 4
     with pytest.raises(SystemExit, match=str(train.INTERRUPTED)):
         run_train(tmp_path / "b", *task)
     monkeypatch.undo()
@@ -1303,7 +1305,7 @@ def test_resume_reaches_the_same_result_as_an_uninterrupted_run(tmp_path, monkey
 
 def test_resume_starts_a_run_killed_before_its_first_checkpoint(tmp_path, monkeypatch):
     whole = run_train(tmp_path / "a")
-    interrupt_at_call(monkeypatch, 2)  # init, then the step-0 eval: metrics.jsonl exists, no checkpoint yet
+    interrupt_at_call(monkeypatch, 1)  # the step-0 eval: metrics.jsonl exists, no checkpoint yet
     with pytest.raises(SystemExit, match=str(train.INTERRUPTED)):
         run_train(tmp_path / "b")
     monkeypatch.undo()
@@ -1343,13 +1345,13 @@ def test_resume_refuses_a_corrupt_checkpoint_with_one_line(tmp_path, capsys):
 def test_runs_at_once_resume_from_different_steps_to_the_same_result(tmp_path, monkeypatch):
     common = TINY + ["--data-dir", str(tmp_path / "data")]
     train.main(common + ["--seeds", "0,1,2", "--out-dir", str(tmp_path / "a" / "s{seed}")])
-    # 2 at init, 2 per eval at steps 0 and 2, then s0's at step 4: both checkpoints hold step 2
-    interrupt_at_call(monkeypatch, 7)
+    # the evals at steps 0 and 2, then the one at step 4: both checkpoints hold step 2
+    interrupt_at_call(monkeypatch, 3)
     with pytest.raises(SystemExit, match=str(train.INTERRUPTED)):
         train.main(common + ["--seeds", "0,1", "--out-dir", str(tmp_path / "b" / "s{seed}")])
     monkeypatch.undo()
-    # s1 alone: 1 at init, the eval at step 4, then the one at step 6: its checkpoint holds step 4
-    interrupt_at_call(monkeypatch, 3)
+    # s1 alone: the eval at step 4, then the one at step 6: its checkpoint holds step 4
+    interrupt_at_call(monkeypatch, 2)
     with pytest.raises(SystemExit, match=str(train.INTERRUPTED)):
         train.main(common + ["--seed", "1", "--resume", "--out-dir", str(tmp_path / "b" / "s1")])
     monkeypatch.undo()
@@ -1374,8 +1376,8 @@ def test_max_epochs_trains_whole_epochs_logs_them_and_resumes(epochs_run, tmp_pa
     args = train.get_args(["--preset", "paper-short", "--max-iters", "3"])
     assert args.max_iters == 3 and args.max_epochs is None
     assert train.get_args(["--preset", "paper-short"]).max_epochs == 200
-    # interrupted in the eval of epoch 2 (init, epoch 0, epoch 1, epoch 2): resumed from epoch 1 with the same flags
-    interrupt_at_call(monkeypatch, 4)
+    # interrupted in the eval of epoch 2 (epoch 0, epoch 1, epoch 2): resumed from epoch 1 with the same flags
+    interrupt_at_call(monkeypatch, 3)
     with pytest.raises(SystemExit, match=str(train.INTERRUPTED)):
         run_train(tmp_path, *EPOCHS)
     monkeypatch.undo()
@@ -1398,7 +1400,7 @@ DIE_HOLDING_LOCK = "import os, sys, train; train.lock(sys.argv[1]); os._exit(9)"
 
 def test_a_second_process_on_a_run_directory_exits_2_before_writing(tmp_path, monkeypatch, capsys):
     whole = run_train(tmp_path / "a")
-    interrupt_at_call(monkeypatch, 4)  # init, then evals at 0, 2: the checkpoint holds step 2
+    interrupt_at_call(monkeypatch, 3)  # evals at 0, 2, then the one at 4: the checkpoint holds step 2
     with pytest.raises(SystemExit):
         run_train(tmp_path / "b")
     monkeypatch.undo()
@@ -1434,7 +1436,7 @@ def test_resume_takes_over_the_lock_of_a_process_that_died_with_one_line(tmp_pat
 
 
 def test_ctrl_c_prints_a_line_per_run_and_exits_130(tmp_path, monkeypatch, capsys):
-    interrupt_at_call(monkeypatch, 7)  # 2 at init, 2 per eval at steps 0 and 2, then s0's at step 4
+    interrupt_at_call(monkeypatch, 3)  # the evals at steps 0 and 2, then the one at step 4 (both runs at once)
     with pytest.raises(SystemExit) as e:
         train.main(TINY + ["--data-dir", str(tmp_path / "data"), "--seeds", "0,1",
                            "--out-dir", str(tmp_path / "s{seed}")])
@@ -1445,11 +1447,11 @@ def test_ctrl_c_prints_a_line_per_run_and_exits_130(tmp_path, monkeypatch, capsy
 
 
 def test_ctrl_c_before_a_resumed_run_starts_names_its_checkpoint_step(tmp_path, monkeypatch, capsys):
-    interrupt_at_call(monkeypatch, 4)  # init, then evals at 0, 2: the checkpoint holds step 2
+    interrupt_at_call(monkeypatch, 3)  # evals at 0, 2, then the one at 4: the checkpoint holds step 2
     with pytest.raises(SystemExit):
         run_train(tmp_path)
     monkeypatch.undo()
-    interrupt_at_call(monkeypatch, 1)  # at once, in the resumed run's start
+    interrupt_at_call(monkeypatch, 1, "start")  # at once, in the resumed run's start
     with pytest.raises(SystemExit) as e:
         run_train(tmp_path, "--resume")
     err = capsys.readouterr().err.strip().splitlines()
@@ -1514,13 +1516,21 @@ def test_a_full_disk_stops_with_one_line_keeps_the_last_checkpoint_and_resume_en
 
 
 def nan_loss_at(monkeypatch, calls):
-    """Make the given calls of model.loss_fn (one per run per step, the runs in order) return NaN."""
-    real, count = model_lib.loss_fn, {"n": 0}
+    """Make the given losses (one per run per step, the runs in order) NaN, through train.py's train_step: those
+    runs' inputs are NaN for that step, so their loss, and then their gradients and weights, are NaN."""
+    real, count = train.train_step, {"n": 0}
 
-    def loss_fn(*a, **kw):
-        count["n"] += 1
-        return real(*a, **kw) * (float("nan") if count["n"] in calls else 1.0)
-    monkeypatch.setattr(model_lib, "loss_fn", loss_fn)
+    def train_step(models, optimizers, batch, *a, **kw):
+        poisoned = []
+        for k in range(len(models)):
+            count["n"] += 1
+            if count["n"] in calls:
+                poisoned.append(k)
+        if poisoned:
+            batch = dict(batch, x=batch["x"].clone())
+            batch["x"][poisoned] = float("nan")
+        return real(models, optimizers, batch, *a, **kw)
+    monkeypatch.setattr(train, "train_step", train_step)
 
 
 def test_a_diverging_run_stops_keeps_its_checkpoint_and_is_skipped_on_resume(tmp_path, monkeypatch, capsys):
@@ -1583,7 +1593,7 @@ def test_out_dir_holding_another_run_is_refused(tmp_path, capsys, monkeypatch):
     def interrupt(*a, **kw):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(analyze, "identifiability", interrupt)
+    monkeypatch.setattr(train, "evaluate", interrupt)
     # a forced run that dies early leaves no old summary behind
     with pytest.raises(SystemExit, match=str(train.INTERRUPTED)):
         run_train(tmp_path, "--seed", "1", "--force")
