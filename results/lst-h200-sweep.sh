@@ -1,5 +1,5 @@
 #!/bin/bash
-# One device call: the issue-20/21 runs at once (each line one process, its sigma x seed runs in one vmap), then bench.
+# One device call: the reproduction runs at once (each line one process, its sigma x seed runs in one vmap), then bench.
 set -u
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 TORCHINDUCTOR_COMPILE_THREADS=1
 T0=$(date +%s); STOP=$((T0 + ${SWEEP_S:-450}))
