@@ -21,6 +21,7 @@ import io
 import json
 import os
 import sys
+from dataclasses import fields
 from types import SimpleNamespace
 
 import numpy as np
@@ -375,10 +376,12 @@ def reference(epoch):
     return out
 
 
-# The flags a label leaves out even when a run changed them: run lengths and eval settings (tables show iters in a
-# column of their own), the data seed (another draw, like the seed), the network's layout (the label's prefix).
-UNLABELLED = ("max_iters", "max_epochs", "eval_interval", "eval_epochs", "stop_train_acc", "data_seed", "net_layout",
-              "net_shape")
+# The flags a label leaves out even when a run changed them: sizes, run lengths and eval settings (tables show iters in
+# a column of their own), the data seed (another draw, like the seed), and a task's flags unless marked label=True (its
+# data choices: grid2d's data and holdout; the network's layout is the label's prefix). Every other flag is named.
+UNLABELLED = ("n_layer", "n_embd", "batch_size", "max_iters", "max_epochs", "eval_interval", "eval_epochs",
+              "stop_train_acc", "data_seed") + tuple(f.name for cls, _ in tasks.TASKS.values() for f in fields(cls)
+                                                     if not f.metadata.get("label"))
 
 
 def label(s, sigma=True):

@@ -261,15 +261,18 @@ def cached(params, make, data_dir):
 @dataclass
 class GridFlags:
     """grid2d's flags (train.py --grid-n, ...), as ModelConfig's: a field with a help text is a flag, checked against
-    its choices and bounds (ge: >=, gt: >); check() refuses what the bounds cannot say."""
+    its choices and bounds (ge: >=, gt: >), named in a run's label when changed if label=True (analyze.py); check()
+    refuses what the bounds cannot say."""
     DEFAULTS: ClassVar[dict] = {}  # the model and training flags' defaults where this task differs: none
     HEAD: ClassVar[str] = "cls"
     grid_n: int = field(default=4, metadata=dict(help="side of the Latin square (4, 5, 6)", ge=3))
     n_per_class: int = field(default=4000, metadata=dict(help="puzzles generated per complexity class", gt=0))
     data: str = field(default="generated", metadata=dict(
-        help="the authors' 9,000 puzzles (lst/), or our generator's (--n-per-class, any --grid-n)", choices=GRID_DATA))
+        help="the authors' 9,000 puzzles (lst/), or our generator's (--n-per-class, any --grid-n)", choices=GRID_DATA,
+        label=True))
     holdout: bool = field(default=True, metadata=dict(
-        help="--data generated: hold one diagonal of (query position, class) out of training (the split ood)"))
+        help="--data generated: hold one diagonal of (query position, class) out of training (the split ood)",
+        label=True))
     noise_std: float = field(default=0.2, metadata=dict(
         help="std of the Gaussian noise on the noise test's one-hot inputs", ge=0))
 

