@@ -384,6 +384,9 @@ UNLABELLED = ("n_layer", "n_embd", "batch_size", "max_iters", "max_epochs", "eva
                                                      if not f.metadata.get("label"))
 
 
+SPELT_NONE = {f.name: f.metadata["none"] for f in fields(ModelConfig) if "none" in f.metadata}  # --embed-std torch
+
+
 def label(s, sigma=True):
     """How a run is named in tables and legends: its layout (network), PE, σ for table PEs (unless sigma=False: the
     series a σ sweep draws as one line), its preset and every choice it changed from what its task and preset give
@@ -392,7 +395,8 @@ def label(s, sigma=True):
     at = f" σ={s['init_std']:g}" if sigma and pe_lib.has_sigma(s["pe"]) else ""
     tags = [s["preset"]] if s.get("preset") else []
     if "changes" in s:
-        tags += [f"{k.replace('_', '-')} {v}" for k, v in s["changes"].items() if k not in UNLABELLED]
+        tags += [f"{k.replace('_', '-')} {SPELT_NONE.get(k) if v is None else v}" for k, v in s["changes"].items()
+                 if k not in UNLABELLED]
     else:
         table = s["pe"] in pe_lib.ADDITIVE and s["pe"] != "none"
         tags += [tag for tag, on in (("all", s["pe_layers"] == "all" and table), ("last", s.get("readout") == "last"),

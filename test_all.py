@@ -1844,6 +1844,8 @@ def test_labels_name_the_changed_label_flags_only():
             analyze.label(s)
     net = {"layout": "lattice", "pe": "learned", "init_std": 0.02, "preset": None, "changes": {"net_layout": "lattice"}}
     assert analyze.label(net) == "lattice: learned σ=0.02"
+    torch_embed = train.changes(train.get_args(["--embed-std", "torch", "--n-embd", "32", "--net-gain", "2"]))
+    assert analyze.label(s | {"preset": None, "changes": torch_embed}) == "learned σ=0.2 (embed-std torch)"  # as spelt
 
 
 @pytest.mark.parametrize("coords", [np.arange(6.0)[:, None], np.random.default_rng(0).uniform(size=(20, 3))])
