@@ -5,6 +5,8 @@ A run directory: every file train.py writes there, and how train.py (--resume) a
     metrics.jsonl  one line per eval
     ckpt.pt        model, optimiser, flags, loop state and RNG state, rewritten at every eval
     summary.json   what the run is and its last eval, at its end (or where it diverged)
+    pe/STEP.npy    a PE with tables: its tables (T, N, d) at each eval's step, float32 (tens of KB; kept with the
+                   metrics, so a run's PE can be studied at every eval without its checkpoints)
     lock           while a process trains the run: that process's id, under an flock
 
 Every file but metrics.jsonl (appended line by line) is written atomically, through a temporary file and a rename, so
@@ -13,16 +15,20 @@ a crash or a full disk leaves the last whole version. Plain functions on paths a
 import contextlib
 import fcntl
 import glob
+import io
 import json
 import os
 import pickle
+import shutil
 import sys
 
+import numpy as np
 import torch
 
 RUN_FILES = ("ckpt.pt", "metrics.jsonl", "summary.json", "run.json")  # what a run leaves; a fresh start clears them
 RUN_MARKS = ("ckpt.pt", "summary.json", "run.json")  # the files that make a folder a run directory
 LOCK = "lock"
+PE_DIR = "pe"  # the PE tables at every eval
 
 
 # ----------------------------------------------------------------------------- writing files
@@ -68,6 +74,26 @@ def append_metrics(out_dir, m):
         raise
 
 
+def save_tables(out_dir, step, tables):
+    """A PE's tables (T, N, d) at `step` as pe/STEP.npy, atomically."""
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(tables, dtype=np.float32))
+    atomic_save(buf.getvalue(), os.path.join(out_dir, PE_DIR, f"{step:07d}.npy"))
+
+
+def read_tables(out_dir):
+    """{step: tables (T, N, d)} of every eval's PE tables a run saved (empty for a PE without a table)."""
+    paths = sorted(glob.glob(os.path.join(out_dir, PE_DIR, "*.npy")))
+    return {int(os.path.basename(p)[:-4]): np.load(p, allow_pickle=False) for p in paths}
+
+
+def drop_tables_after(out_dir, step):
+    """Remove the tables saved after `step` (a resumed run evaluates those steps again)."""
+    for p in glob.glob(os.path.join(out_dir, PE_DIR, "*.npy")):
+        if int(os.path.basename(p)[:-4]) > step:
+            os.remove(p)
+
+
 def save_checkpoint(out_dir, ckpt):
     atomic_save(ckpt, os.path.join(out_dir, "ckpt.pt"))
 
@@ -77,6 +103,7 @@ def clear(out_dir):
     for f in RUN_FILES:
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(out_dir, f))
+    shutil.rmtree(os.path.join(out_dir, PE_DIR), ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- directories and locks

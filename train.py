@@ -364,6 +364,7 @@ def start(run, task, tokens, device):
             die(f"--resume: {e}")
     kept = [m for m in kept if m["iter"] <= run.iter]  # not the evals made after the checkpoint
     rundir.write_metrics(args.out_dir, kept)
+    rundir.drop_tables_after(args.out_dir, run.iter)
     rundir.write_json(args.out_dir, "run.json", run.record())
     run.last = kept[-1] if kept and kept[-1]["iter"] == run.iter else None  # the checkpoint's own eval
     norm = "n/a" if ident0["pe_norm"] is None else f"{ident0['pe_norm']:.3f}"
@@ -383,6 +384,8 @@ def log_evals(due, task, args, device, forward, ctx, tokens):
                   "lr": lr_at(run.iter, args), "elapsed": run.elapsed},
                  **analyze.identifiability(run.model, task.coords, task.references, task.twins, tokens))
         rundir.append_metrics(run.args.out_dir, m)
+        if (tables := analyze.pe_tables(run.model)) is not None:
+            rundir.save_tables(run.args.out_dir, run.iter, tables)
         if run.fit_iter is None and fitted(m, args, task):
             run.fit_iter = run.iter
         run.last = m
