@@ -79,10 +79,19 @@ class Attention(nn.Module):
             nn.init.xavier_uniform_(self.qkv.weight)
             nn.init.zeros_(self.qkv.bias)
             nn.init.zeros_(self.proj.bias)
+        # A key bias b adds q.b to all of a query's scores, which softmax ignores: its gradient is rounding noise that
+        # Adam scales up to lr-sized steps. So only q and v keep theirs (dropped after the draw, so every other weight
+        # starts as before), but under rotary, whose rotation of b by the key's position makes it a positional term.
+        self.key_bias = cfg.pe in pe_lib.ROTARY
+        if not self.key_bias:
+            q, _, v = self.qkv.bias.detach().chunk(3)
+            self.qkv.bias = nn.Parameter(torch.cat([q, v]))
 
     def forward(self, x, rotary=None, bias=None):
         B, N, D = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)
+        b = self.qkv.bias if self.key_bias else torch.cat([self.qkv.bias[:D], self.qkv.bias.new_zeros(D),
+                                                           self.qkv.bias[D:]])
+        q, k, v = F.linear(x, self.qkv.weight, b).view(B, N, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)
         if rotary is not None:
             q, k = rotary(q), rotary(k)
         bias = None if bias is None else bias.to(q.dtype)  # SDPA wants the mask in the query's dtype
