@@ -49,6 +49,10 @@ class ModelConfig:
     norm: str = field(default="post", metadata=dict(help="LayerNorm after (the paper) or before each sublayer",
                                                     choices=("post", "pre")))
     dropout: float = field(default=0.0, metadata=dict(help="dropout on attention and MLP outputs", ge=0))
+    pe_dropout: float = field(default=0.0, metadata=dict(
+        help="additive PEs: dropout on the stream where each table is added (the authors' fixed sinusoids: 0.1, in "
+             "training and, since their evaluation never calls model.eval(), at test too; here in training only)",
+        ge=0, lt=1))
     embed_std: float = field(default=0.02, metadata=dict(
         help="init std of the token embedding (zero bias), or 'torch' (None) for PyTorch's default (embedded-token "
              "norm ~4.7 at d=160, the paper's)", type=std_or_torch, none="torch"))
@@ -140,6 +144,7 @@ class Transformer(nn.Module):
                 nn.init.zeros_(self.embed.bias)
         if cfg.masked:
             self.mask_embd = nn.Parameter(torch.randn(cfg.n_embd) * 0.02)  # MAE's mask-token init
+        self.pe_drop = nn.Dropout(cfg.pe_dropout) if cfg.pe_dropout else nn.Identity()  # p = 0: no RNG draw
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd) if cfg.norm == "pre" else nn.Identity()
         self.head = nn.Linear(cfg.n_embd, cfg.n_out)
@@ -159,8 +164,8 @@ class Transformer(nn.Module):
         rotary = self.pe if isinstance(self.pe, pe_lib.Rotary) else None
         bias = self.pe() if isinstance(self.pe, (pe_lib.RelativeBias, pe_lib.ALiBi)) else None
         for i, block in enumerate(self.blocks):
-            if additive and i < self.pe.weight.shape[0]:
-                h = h + self.pe(i)
+            if additive and i < self.pe.weight.shape[0]:  # the dropped stream is also the block's residual
+                h = self.pe_drop(h + self.pe(i))
             h = block(h, rotary, bias)
         h = self.ln_f(h)
         if self.cfg.head == "cls":

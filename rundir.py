@@ -25,10 +25,11 @@ import sys
 import numpy as np
 import torch
 
-RUN_FILES = ("ckpt.pt", "metrics.jsonl", "summary.json", "run.json")  # what a run leaves; a fresh start clears them
+PE_DIR = "pe"  # the PE tables at every eval
+RUN_FILES = ("ckpt.pt", "metrics.jsonl", "summary.json", "run.json", PE_DIR)  # what a run leaves; a fresh start
+# clears them
 RUN_MARKS = ("ckpt.pt", "summary.json", "run.json")  # the files that make a folder a run directory
 LOCK = "lock"
-PE_DIR = "pe"  # the PE tables at every eval
 
 
 # ----------------------------------------------------------------------------- writing files
@@ -101,9 +102,12 @@ def save_checkpoint(out_dir, ckpt):
 def clear(out_dir):
     """Remove an old run's files, so that nothing of it survives a fresh start (--force)."""
     for f in RUN_FILES:
+        path = os.path.join(out_dir, f)
         with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(out_dir, f))
-    shutil.rmtree(os.path.join(out_dir, PE_DIR), ignore_errors=True)
+            if f == PE_DIR:
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
 
 
 # ----------------------------------------------------------------------------- directories and locks

@@ -153,6 +153,11 @@ def run_train(tmp_path, *extra):
     return train.main(TINY + ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "run"), *extra])[0]
 
 
+def files_of(run):
+    """{path under run: bytes} of every file in a run directory, its PE tables (pe/STEP.npy) included."""
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
 def assert_same_run(a, b, exact):
     """Two run directories hold the same run: summary, every eval, checkpointed weights, optimiser state and args."""
     def close(u, v):
@@ -545,6 +550,23 @@ def test_our_paper_model_computes_the_authors_model_of_pytorch_modules(readout, 
         plain = Transformer(ModelConfig(**(vars(cfg) | {"mlp_out_gelu": False})), tasks.grid_coords(4)).eval()
         plain.load_state_dict(ours.state_dict())  # the same weights: the GELU holds none
         assert (plain(x.clone(), query) - want).abs().max() > 1e-2
+
+
+def test_pe_dropout_drops_the_stream_entering_every_block_in_training_only():
+    """--pe-dropout p (the authors' fixed sinusoids: 0.1): where each table is added, a fraction p of the stream that
+    enters the block (its residual too) is zeroed in training; in evaluation nothing is, and p = 0 changes nothing."""
+    seen = []
+    model = tiny_model("sinnd", tasks.grid_coords(4), pe_layers="all", pe_dropout=0.5)
+    for b in model.blocks:
+        b.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
+    x = torch.randn(64, 16, 3, generator=torch.Generator().manual_seed(0))
+    plain = tiny_model("sinnd", tasks.grid_coords(4), pe_layers="all")
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(model(x), plain(x)) and all(h.ne(0).all() for h in seen)  # eval: no dropout
+        seen.clear()
+        model.train()(x)
+    assert len(seen) == 2 and all(h.eq(0).float().mean().item() == pytest.approx(0.5, abs=0.02) for h in seen)
 
 
 def test_attention_keeps_a_key_bias_only_under_rotary_where_it_is_positional():
@@ -1134,7 +1156,7 @@ def test_missing_brain_data_exits_2_with_the_install_command(tmp_path, monkeypat
 def test_tiny_train_run_writes_checkpoint_metrics_and_summary(tmp_path):
     summary = run_train(tmp_path, "--pe", "sinnd")
     run = tmp_path / "run"
-    assert sorted(os.listdir(run)) == ["ckpt.pt", "metrics.jsonl", "run.json", "summary.json"]
+    assert sorted(os.listdir(run)) == ["ckpt.pt", "metrics.jsonl", "pe", "run.json", "summary.json"]
     lines = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert [m["iter"] for m in lines] == [0, 2, 4, 6]
     on_disk = json.load(open(run / "summary.json"))
@@ -1143,6 +1165,20 @@ def test_tiny_train_run_writes_checkpoint_metrics_and_summary(tmp_path):
         assert key in on_disk, key
     assert on_disk["iters"] == 6 and on_disk == summary
     assert on_disk["pe_rsa"] == on_disk["pe_rsa_init"]  # a fixed encoding does not move
+
+
+def test_a_run_saves_its_pe_tables_at_every_eval(tmp_path):
+    """pe/STEP.npy holds the tables at each eval's step: the init's at 0, the checkpoint's at the end."""
+    run_train(tmp_path, "--pe", "learned", "--init-std", "0.2", "--lr", "3e-3")
+    run = tmp_path / "run"
+    tables = rundir.read_tables(run)
+    assert sorted(tables) == [m["iter"] for m in rundir.read_json(run / "metrics.jsonl", lines=True)] == [0, 2, 4, 6]
+    init = model_lib.init_model(analyze.load_run(run)[0].cfg, tasks.grid_coords(4), 0).pe.weight.detach().numpy()
+    assert np.array_equal(tables[0], init) and tables[0].dtype == np.float32
+    last = torch.load(run / "ckpt.pt", weights_only=False)["model"]["pe.weight"].numpy()
+    assert np.array_equal(tables[6], last) and not np.array_equal(tables[6], tables[0])
+    rundir.drop_tables_after(run, 2)  # as a run resumed from its step-2 checkpoint does
+    assert sorted(rundir.read_tables(run)) == [0, 2]
 
 
 @pytest.mark.parametrize("layout", tasks.NET_LAYOUTS)
@@ -1450,7 +1486,7 @@ def test_a_second_process_on_a_run_directory_exits_2_before_writing(tmp_path, mo
         run_train(tmp_path / "b")
     monkeypatch.undo()
     run = tmp_path / "b" / "run"
-    before = {f: (run / f).read_bytes() for f in os.listdir(run)}
+    before = files_of(run)
     first = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run)], cwd=REPO, stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True)
     assert first.stdout.readline() == "locked\n"
@@ -1459,9 +1495,9 @@ def test_a_second_process_on_a_run_directory_exits_2_before_writing(tmp_path, mo
         run_train(tmp_path / "b", "--resume")
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and f"{run} is in use by process {first.pid}" in err, err
-    assert {f: (run / f).read_bytes() for f in os.listdir(run) if f != "lock"} == before
+    assert {f: b for f, b in files_of(run).items() if f != "lock"} == before
     first.communicate("")  # the first process ends
-    assert first.returncode == 0 and sorted(os.listdir(run)) == sorted(before)
+    assert first.returncode == 0 and sorted(files_of(run)) == sorted(before)
     resumed = run_train(tmp_path / "b", "--resume")
     drop = ("wall_s", "out_dir")
     assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in whole.items() if k not in drop}
@@ -1651,11 +1687,11 @@ def test_an_unwritable_data_dir_leaves_a_forced_run_s_old_files_alone(tmp_path, 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "afile").write_text("nothing can be created below a regular file")
     train.main(TINY + ["--out-dir", "run", "--data-dir", "data"])
-    before = {f: (tmp_path / "run" / f).read_bytes() for f in rundir.RUN_FILES}
+    before = files_of(tmp_path / "run")
     with pytest.raises(SystemExit) as e:  # other data must be generated, and cannot be cached
         train.main(TINY + ["--out-dir", "run", "--data-dir", "afile/data", "--force"])
     assert e.value.code == 2 and "cannot cache the generated dataset" in capsys.readouterr().err
-    assert before == {f: (tmp_path / "run" / f).read_bytes() for f in rundir.RUN_FILES}
+    assert before == files_of(tmp_path / "run")
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc, where no one, root included, creates a directory")
@@ -2147,7 +2183,9 @@ def test_reference_has_our_parameters_output_shape_and_flops(task):
     cfg, coords = bench.task_config(task, n_embd=32, n_layer=2)
     torch.manual_seed(0)
     ours, ref = Transformer(cfg, coords), bench.Reference(cfg)
-    assert sorted(p.numel() for p in ours.parameters()) == sorted(p.numel() for p in ref.parameters())
+    d = cfg.n_embd  # nn.MultiheadAttention's in-projection keeps a key bias, which ours drops (softmax ignores it)
+    assert sorted(p.numel() for p in ours.parameters()) == sorted(
+        p.numel() - d if n.endswith("in_proj_bias") else p.numel() for n, p in ref.named_parameters())
     batch = bench.random_batch(cfg, 1, 8, "cpu")
     for model in (ours, ref):  # math attention, so that PyTorch's FLOP counter sees q.k and att.v as matmuls
         with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
@@ -2169,7 +2207,8 @@ def test_bench_runs_a_tiny_config_and_reports_consistent_figures(capsys):
     assert r["step_gflop"] == pytest.approx(bench.step_flops(cfg, 8) / 1e9)
     for name, k in (("ours", 1), ("reference", 1), ("ours x2", 2)):
         f = r[name]
-        assert f["params"] == n_params and len(f["times_ms"]) == 3 and f["peak_mem_mb"] is not None, name
+        key_biases = 16 if name == "reference" else 0  # nn.MultiheadAttention's, which ours drops (d 16, 1 block)
+        assert f["params"] == n_params + key_biases and len(f["times_ms"]) == 3 and f["peak_mem_mb"] is not None, name
         assert f["ms_per_step"] == pytest.approx(sorted(f["times_ms"])[1])  # the median of 3
         assert f["steps_per_s"] == pytest.approx(1e3 / f["ms_per_step"])
         assert f["tokens_per_s"] == pytest.approx(f["steps_per_s"] * k * 8 * 16), name  # k models x batch 8 x 16 cells

@@ -202,6 +202,8 @@ def check(args):
             die(f"--{name} must be >= {meta['ge']}, got {value}")
         if "gt" in meta and value <= meta["gt"]:
             die(f"--{name} must be > {meta['gt']}, got {value}")
+        if "lt" in meta and value >= meta["lt"]:
+            die(f"--{name} must be < {meta['lt']}, got {value}")
     if args.embed_std is not None and args.embed_std < 0:
         die(f"--embed-std must be >= 0 or 'torch', got {args.embed_std}")
     if not all(0 <= b < 1 for b in args.betas):
