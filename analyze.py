@@ -246,7 +246,7 @@ def chance_levels(shape, coords, references=None, twins=None, draws=100, seed=0)
     C = np.asarray(coords)
     draws = [[pe_metrics(t, C, references, twins) for t in rng.standard_normal(shape)] for _ in range(draws)]
     values = {k: [np.mean([m[k] for m in d]) for d in draws] for k in draws[0][0] if k != "norm"}
-    return {f"pe_{k}": {"mean": float(np.mean(v)), "sd": float(np.std(v)), "p95": float(np.percentile(v, 95))}
+    return {f"pe_{k}": {"mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1)), "p95": float(np.percentile(v, 95))}
             for k, v in values.items()}
 
 
@@ -356,9 +356,16 @@ def at_epoch(run_dir, epoch):
         return None
     m = lines[-1]
     fit = m["train_acc"] >= 0.999 if "train_acc" in m else None
-    return s | {k: v for k, v in m.items() if k.endswith(("_acc", "_mse", "_r2")) or "_acc_" in k or
+    tables = rundir.read_tables(run_dir)
+    drift = {"pe_drift": pe_drift(tables[0], tables[m["iter"]])} if {0, m["iter"]} <= set(tables) else {}
+    return s | drift | {k: v for k, v in m.items() if k.endswith(("_acc", "_mse", "_r2")) or "_acc_" in k or
                 k.startswith("pe_") or k in ("epoch", "tok_norm")} | {"iters": m["iter"], "wall_s": m["elapsed"],
                                                                        "fitted": fit, "out_dir": run_dir}
+
+
+def pe_drift(init, tables):
+    """How far a PE's tables (T, N, d) moved from init: ||P - P0|| / ||P0|| (Frobenius), the mean over the tables."""
+    return float(np.mean([np.linalg.norm(p - p0) / np.linalg.norm(p0) for p, p0 in zip(tables, init)]))
 
 
 def reference(epoch):
@@ -409,7 +416,7 @@ TABLE_COLUMNS = ("iters", "wall_s", "train_acc", "test_acc", "ood_acc", "human_a
                  "human_acc_ternary", "human_acc_quaternary", "noise_acc", "test_acc_quaternary", "test_mse", "test_r2",
                  "ood_r2", "pe_tok_ratio", "pe_stream_ratio", "pe_rsa", "pe_sin_rsa", "pe_rsa_coupling", "pe_rsa_fc",
                  "pe_rsa_delta", "pe_layout_r2", "pe_neighbours", "pe_dim", "pe_twin_rank", "pe_modularity", "pe_norm",
-                 "tok_norm")
+                 "pe_drift", "tok_norm")
 
 
 def chance_of(run_dir, s):
@@ -421,25 +428,35 @@ def chance_of(run_dir, s):
     return chance_levels(tuple(s["pe_shape"]), task.coords, task.references, task.twins)
 
 
-def summary_table(run_dirs, epoch=None, with_reference=False, columns=TABLE_COLUMNS):
-    """Markdown table of the runs' summary.json (or, given an epoch, of their evals at that epoch), one row per label
-    (PE, σ and settings): mean +- sd over the runs in it (seeds), and how many of them fitted the training set; with
-    the authors' rows at their logged epoch nearest to it, if asked."""
+def logged_epochs(run_dirs):
+    """Every epoch at which one of the runs logged an eval, in order (--epoch all)."""
+    return sorted({m["epoch"] for d in run_dirs for m in rundir.read_json(os.path.join(d, "metrics.jsonl"), lines=True)
+                   if "epoch" in m})
+
+
+def summary_table(run_dirs, epochs=None, with_reference=False, columns=TABLE_COLUMNS, per_run=False):
+    """Markdown table of the runs' summary.json (or, given epochs, of their evals at each of those epochs), one row
+    per label (PE, σ and settings) and epoch: mean +- sample sd over the runs in it (seeds), and how many of them fitted
+    the training set; per_run: a row per run (its seed named) instead; with the authors' rows at their logged epoch
+    nearest to each, if asked."""
     groups, chance, diverged, missing = {}, {}, [], 0
     for d in run_dirs:
-        s = run_summary(d) if epoch is None else at_epoch(d, epoch)
-        if s is None and epoch is not None:  # a run that has not reached the epoch yet
-            missing += 1
-            continue
-        if s is None:
-            raise ValueError(f"no summary.json in {d}: an unfinished run (--epoch E tables runs at one of their evals)")
-        if s.get("diverged"):
-            diverged.append(s)
-            continue
-        groups.setdefault(label(s), []).append(s)
-        where = (s.get("layout"), tuple(s["pe_shape"] or ()))  # chance depends on the coordinates and the shape
-        if s["pe_shape"] and where not in chance:
-            chance[where] = chance_of(d, s)
+        for epoch in epochs or [None]:
+            s = run_summary(d) if epoch is None else at_epoch(d, epoch)
+            if s is None and epoch is not None:  # a run that has not reached the epoch yet
+                missing += 1
+                continue
+            if s is None:
+                raise ValueError(f"no summary.json in {d}: an unfinished run (--epoch E tables runs at its evals)")
+            if s.get("diverged"):
+                diverged.append(s)
+                continue
+            name = label(s) + (f" seed {s['seed']}" if per_run else "") + (
+                f" @ {epoch:g}" if epochs and len(epochs) > 1 else "")
+            groups.setdefault(name, []).append(s)
+            where = (s.get("layout"), tuple(s["pe_shape"] or ()))  # chance depends on the coordinates and the shape
+            if s["pe_shape"] and where not in chance:
+                chance[where] = chance_of(d, s)
     columns = [c for c in columns if any(c in r for runs in groups.values() for r in runs)]
 
     def cell(c, v):
@@ -448,10 +465,12 @@ def summary_table(run_dirs, epoch=None, with_reference=False, columns=TABLE_COLU
         if not v:
             return "–"
         pct = c.endswith("acc") or "_acc_" in c
-        task_fit = c.endswith(("_r2", "_mse")) and not c.startswith("pe_")  # task R²/MSE differ in the 3rd digit
+        task_fit = c.endswith(("_r2", "_mse")) and not c.startswith("pe_") or c == "pe_drift"  # differ in the 3rd digit
         digits = 1 if pct else 3 if task_fit else 2
         scale = 100 if pct else 1
-        return f"{np.mean(v) * scale:.{digits}f} ± {np.std(v) * scale:.{digits}f}"
+        if len(v) == 1:  # one run has no spread
+            return f"{v[0] * scale:.{digits}f}"
+        return f"{np.mean(v) * scale:.{digits}f} ± {np.std(v, ddof=1) * scale:.{digits}f}"
 
     lines = ["| PE | runs | fitted | " + " | ".join(columns) + " |", "|---" * (len(columns) + 3) + "|"]
     for name, runs in groups.items():
@@ -460,12 +479,12 @@ def summary_table(run_dirs, epoch=None, with_reference=False, columns=TABLE_COLU
         fitted = "–" if runs[0]["fitted"] is None else sum(r["fitted"] for r in runs)  # regression has no fit criterion
         lines.append(f"| {name} | {len(runs)} | {fitted} | " + " | ".join(cells) + " |")
     ours = {s["init_std"] if s["pe"] == "learned" else s["pe"] for runs in groups.values() for s in runs}
-    theirs = reference(200 if epoch is None else epoch) if with_reference else {}
-    for name, ref in theirs.items():  # the authors' rows beside the σ and PEs run here
+    theirs = {(name, ref["epoch"]): ref for e in (epochs or [200]) for name, ref in reference(e).items()
+              } if with_reference else {}
+    for (name, at), ref in theirs.items():  # the authors' rows beside the σ and PEs run here
         if (ref["sigma"] if ref["pe"] == "learned" else ref["pe"]) in ours:
             cells = [cell(c, ref[c]) if c in ref else "–" for c in columns]
-            lines.append(f"| authors: {name} (epoch {ref['epoch']}) | {len(ref['test_acc'])} | – | "
-                         + " | ".join(cells) + " |")
+            lines.append(f"| authors: {name} (epoch {at}) | {len(ref['test_acc'])} | – | " + " | ".join(cells) + " |")
     for s in diverged:  # not averaged with anything: its loss became NaN or infinite
         lines.append(f"| {label(s)} | diverged at step {s['diverged_at']} (seed {s['seed']}) | – | "
                      + " | ".join("–" for _ in columns) + " |")
@@ -474,8 +493,11 @@ def summary_table(run_dirs, epoch=None, with_reference=False, columns=TABLE_COLU
                  for c in columns]
         on = f"{layout}: " if layout else ""
         lines.append(f"| {on}chance: random {'×'.join(map(str, shape))} | 100 draws | – | " + " | ".join(cells) + " |")
+    lines.append("\nCells: mean ± sample sd (ddof 1) over a row's runs (one run: its value); chance: mean ± sd "
+                 "(95th percentile) of 100 random tables.")
     if missing:
-        lines.append(f"\n{missing} run(s) logged no eval at epoch {epoch:g} and are left out.")
+        at = ",".join(f"{e:g}" for e in epochs)
+        lines.append(f"{missing} run(s) logged no eval at epoch {at} and are left out there.")
     return "\n".join(lines)
 
 
@@ -676,7 +698,8 @@ def analyze_run(run_dir):
 TITLES = {"test_acc": "iid test accuracy", "ood_acc": "OOD accuracy", "human_acc": "human puzzles (108) accuracy",
           "pe_sin_rsa": "PE RSA with the 2D sinusoid", "test_r2": "test R²", "ood_r2": "OOD R²",
           "pe_rsa": "PE identifiability (RSA)", "pe_rsa_fc": "PE RSA with FC",
-          "pe_twin_rank": "twin rank (1: homotopic, 47: chance)"}
+          "pe_twin_rank": "twin rank (1: homotopic, 47: chance)", "pe_layout_r2": "PE layout R²",
+          "pe_norm": "PE mean row norm", "pe_drift": "PE distance from init (relative)"}
 SWEEP_EXTRAS = ("pe_rsa_fc", "pe_twin_rank")  # brain3d: function and homotopy beside anatomy
 SERIES_COLOURS = ("k", "tab:red", "tab:blue", "tab:green", "tab:purple", "tab:brown", "tab:olive")
 
@@ -725,7 +748,7 @@ def sweep_figures(summaries, out_dir, x="sigma", chance=None, authors=None):
                 m, e = mean_sem(stats[n][k])
                 ax.axhline(m, color=lines[c % len(lines)], lw=1, label=n)
                 ax.axhspan(m - e, m + e, color=lines[c % len(lines)], alpha=0.15, lw=0)
-        learned = sorted((g["sigma"], np.mean(g[k]), np.std(g[k])) for g in (authors or {}).values()
+        learned = sorted((g["sigma"], np.mean(g[k]), np.std(g[k], ddof=1)) for g in (authors or {}).values()
                          if g["pe"] == "learned" and k in g)
         if learned and x == "sigma":
             xs, m, e = map(np.array, zip(*learned))
@@ -772,6 +795,50 @@ def sweep_figures(summaries, out_dir, x="sigma", chance=None, authors=None):
     sweep = {"keys": keys, "groups": stats, "runs": per_run}
     rundir.atomic_save(json.dumps(sweep, indent=1) + "\n", os.path.join(out_dir, "sweep.json"))
     return sweep
+
+
+TRAINING_PANELS = ("human_acc", "test_acc", "pe_rsa", "pe_sin_rsa", "pe_layout_r2", "pe_norm", "pe_drift")
+
+
+def training_figure(run_dirs, path):
+    """Figure 8 (--training): each run's accuracy and PE metrics against epoch, every eval it logged: the geometry
+    metrics with a random table's chance band (mean to 95th percentile), the tables' mean row norm and their distance
+    from init (pe_drift, from the tables saved at each eval); runs on the authors' data beside the authors' mean +- sd
+    over their 15 seeds at the same σ, at the epochs they logged."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(TRAINING_PANELS), figsize=(3.3 * len(TRAINING_PANELS), 3.2), layout="constrained")
+    epochs = logged_epochs(run_dirs)
+    colours, sigmas = {}, {}  # a colour per label, its σ
+    for d in run_dirs:
+        rows = [s for e in epochs if (s := at_epoch(d, e)) is not None]
+        colour = colours.setdefault(label(rows[0]), SERIES_COLOURS[len(colours) % len(SERIES_COLOURS)])
+        sigmas[label(rows[0])] = rows[0]["init_std"] if pe_lib.has_sigma(rows[0]["pe"]) else None
+        for ax, k in zip(axes, TRAINING_PANELS):
+            ax.plot([s["epoch"] for s in rows], [s.get(k, np.nan) for s in rows], color=colour, lw=1,
+                    label=f"{label(rows[0])} seed {rows[0]['seed']}")
+    first = at_epoch(run_dirs[0], 0)
+    chance = chance_of(run_dirs[0], first) if first["pe_shape"] else {}
+    theirs = first.get("data") == "lstnn"
+    logged = sorted({ref["epoch"] for e in range(0, int(max(epochs)) + 1, 200) for ref in reference(e).values()})
+    for ax, k in zip(axes, TRAINING_PANELS):
+        if k in chance:
+            ax.axhspan(chance[k]["mean"], chance[k]["p95"], color="0.8", alpha=0.6, lw=0, zorder=0,
+                       label="chance (random table)")
+        ax.set_title(TITLES.get(k, k), fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.set_yscale("log" if k == "pe_norm" else "linear")  # σ = 0.2 and 2 apart by 10x
+    if theirs:  # the authors' runs of the same σ, at the epochs they logged
+        for name, colour in colours.items():
+            for ax, k in zip(axes, TRAINING_PANELS[:2]):
+                pts = [(e, np.mean(g[k]), np.std(g[k], ddof=1)) for e in logged for g in reference(e).values()
+                       if g["pe"] == "learned" and g["sigma"] == sigmas[name] and k in g]
+                if pts:
+                    xs, m, sd = map(np.array, zip(*pts))
+                    ax.errorbar(xs, m, sd, fmt="x:", color=colour, alpha=0.6, capsize=2, ms=4, lw=1,
+                                label=f"authors σ={sigmas[name]:g} (15 seeds)")
+    handles = {lbl: h for ax in axes for h, lbl in zip(*ax.get_legend_handles_labels())}
+    fig.legend(handles.values(), handles.keys(), fontsize=7, loc="outside right upper")
+    save_figure(fig, path)
 
 
 def gap_figure(groups, key, path):
@@ -828,6 +895,16 @@ def score_linear(runs):
         print(json.dumps({"run": run, "data_seed": args.data_seed} | scores))
 
 
+def epochs_of(text):
+    """--epoch: 'all', or a comma-separated list of epochs."""
+    if text == "all":
+        return text
+    try:
+        return [float(e) for e in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not 'all' nor a list of epochs: {text!r}") from None
+
+
 def columns_of(text):
     """--columns: a comma-separated list of --table's columns."""
     names = text.split(",")
@@ -851,11 +928,15 @@ def main(argv=None):
                       help="CSV of LST items (columns puzzles, solutions[, condition]) to score one run on")
     mode.add_argument("--linear", action="store_true",
                       help="print the linear predictor's R² on each masked run's task and splits")
+    mode.add_argument("--training", action="store_true",
+                      help="figure 8 (training.png in --out-dir): every run's metrics against epoch, at every eval")
     p.add_argument("--out-dir",
                    help="where the sweep figures go (default: the folder of runs given, else the runs' common parent)")
-    p.add_argument("--epoch", type=float, default=None,
+    p.add_argument("--epoch", type=epochs_of, default=None,
                    help="--table and sweep figures: every run at this epoch of its training (its metrics.jsonl line), "
-                        "finished or not, instead of at its end")
+                        "finished or not, instead of at its end; --table also takes several (25,50,100) or 'all' "
+                        "(every epoch logged): a row per label and epoch, how each metric moved")
+    p.add_argument("--per-run", action="store_true", help="--table: a row per run (its seed named), not per label")
     p.add_argument("--reference", action="store_true",
                    help="--table: the authors' rows (their logs, 15 seeds) beside ours at their nearest logged epoch")
     p.add_argument("--columns", type=columns_of, help="--table: these columns only, e.g. test_acc,human_acc")
@@ -864,8 +945,17 @@ def main(argv=None):
     a = p.parse_args(argv)
     try:
         runs = rundir.find_runs(a.paths)
+        epochs = logged_epochs(runs) if a.epoch == "all" else a.epoch
         if a.table:
-            return print(summary_table(runs, a.epoch, a.reference, a.columns or TABLE_COLUMNS))
+            return print(summary_table(runs, epochs, a.reference, a.columns or TABLE_COLUMNS, a.per_run))
+        out_dir = a.out_dir or (a.paths[0] if len(a.paths) == 1 else
+                                os.path.commonpath([os.path.dirname(os.path.abspath(r)) for r in runs]))
+        if a.training:
+            training_figure(runs, os.path.join(out_dir, "training.png"))
+            return print(f"{len(runs)} runs drawn against epoch in {os.path.join(out_dir, 'training.png')}")
+        if epochs is not None and len(epochs) > 1:
+            raise ValueError("the figures take one --epoch; several (or 'all') need --table")
+        epoch = None if epochs is None else epochs[0]
         if a.puzzles:
             return score_run(runs, a.puzzles)
         if a.linear:
@@ -873,12 +963,10 @@ def main(argv=None):
         for run in tqdm(runs, desc="runs", disable=len(runs) < 2):
             if os.path.exists(os.path.join(run, "ckpt.pt")):  # a run that diverged at once has nothing to draw
                 analyze_run(run)
-        done = [(run, s) for run in runs if (s := run_summary(run) if a.epoch is None else at_epoch(run, a.epoch))
+        done = [(run, s) for run in runs if (s := run_summary(run) if epoch is None else at_epoch(run, epoch))
                 and not s.get("diverged")]
         summaries = [s for _, s in done]
         if len(summaries) > 1:
-            parents = [os.path.dirname(os.path.abspath(r)) for r in runs]
-            out_dir = a.out_dir or (a.paths[0] if len(a.paths) == 1 else os.path.commonpath(parents))
             shaped = [(run, s) for run, s in done if s["pe_shape"]]  # the band: the first table's shape
             theirs = all(s.get("data") == "lstnn" for s in summaries)  # the authors' data: their curve beside ours
             sweep_figures(summaries, out_dir, a.x, chance_of(*shaped[0]) if shaped else None,
