@@ -21,7 +21,6 @@ import io
 import json
 import os
 import sys
-from dataclasses import fields
 from types import SimpleNamespace
 
 import numpy as np
@@ -31,255 +30,13 @@ from tqdm import tqdm
 import pe as pe_lib
 import rundir
 import tasks
-from model import ModelConfig, Transformer, init_model, r2
+from config import label
+from metrics import (chance_levels, cosine_matrix, distance_matrix, linear_r2, pe_drift, pe_metrics, pe_tables,
+                     principal_coords, procrustes, sinusoid_reference, spearman, upper)
+from model import ModelConfig, Transformer
 
 REFERENCE_LOGS = os.path.join(tasks.LST_DIR, "lstnn_reference_logs.csv")  # the authors' logs: average rows
 HUMAN_LST = {"binary": 0.967, "ternary": 0.870, "quaternary": 0.663}  # people on the 108 LST items (n = 40)
-
-
-# ----------------------------------------------------------------------------- metrics
-def cosine_matrix(P):
-    """Token x token cosine similarity of the rows of P (N, d); zero rows give similarity 0."""
-    P = np.asarray(P, dtype=np.float64)
-    P = P / np.maximum(np.linalg.norm(P, axis=1, keepdims=True), 1e-12)
-    return P @ P.T
-
-
-def distance_matrix(C):
-    C = np.asarray(C, dtype=np.float64)
-    return np.linalg.norm(C[:, None] - C[None], axis=-1)
-
-
-def upper(M):
-    """The strict upper triangle of a square matrix, flattened."""
-    return M[np.triu_indices(len(M), 1)]
-
-
-def rank(x):
-    """Ranks 0..n-1 with ties given their average rank (as Spearman needs)."""
-    _, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
-    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    return (first + (counts - 1) / 2)[inv]
-
-
-def pearson(a, b):
-    a, b = a - a.mean(), b - b.mean()
-    denom = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / denom) if denom > 0 else float("nan")
-
-
-def spearman(a, b):
-    return pearson(rank(a), rank(b))
-
-
-def rsa_matrix(P, S, method="spearman"):
-    """Correlation between the upper triangles of the PE's cosine similarities and a reference similarity
-    matrix S (N, N): second-order similarity. With S the negative true distances (rsa) this is our own
-    measure; with S the fixed sinusoid's cosine similarities (sin_rsa) it is the paper's comparison."""
-    correlate = spearman if method == "spearman" else pearson
-    return correlate(upper(cosine_matrix(P)), upper(np.asarray(S, dtype=np.float64)))
-
-
-def rsa(P, C, method="spearman"):
-    """RSA against the negative true distances: 1 when nearer tokens always have more similar encodings."""
-    return rsa_matrix(P, -distance_matrix(C), method)
-
-
-def sinusoid_reference(C, d):
-    """Cosine similarities of the fixed sinusoid (`sinnd`) on the same coordinates, at the nearest
-    width the sinusoid can split over the axes."""
-    k = C.shape[1]
-    width = 2 * k * max(1, d // (2 * k))
-    return cosine_matrix(pe_lib.sinusoid(torch.as_tensor(np.asarray(C), dtype=torch.float64), width))
-
-
-def principal_coords(P, k):
-    """Classical MDS of the rows of P on Euclidean distance (= PCA of the centred rows): (N, k)."""
-    X = np.asarray(P, dtype=np.float64)
-    U, S, _ = np.linalg.svd(X - X.mean(0), full_matrices=False)
-    return U[:, :k] * S[:k]
-
-
-def procrustes(X, Y):
-    """Align Y onto X by translation, rotation/reflection and scale. Returns (Y aligned, in X's units;
-    R^2 = 1 - disparity), the disparity measured with both centred at unit norm as scipy's procrustes."""
-    X, Y = np.asarray(X, dtype=np.float64), np.asarray(Y, dtype=np.float64)
-    Xc, Yc = X - X.mean(0), Y - Y.mean(0)
-    nx, ny = np.linalg.norm(Xc), np.linalg.norm(Yc)
-    if nx == 0 or ny == 0:
-        return np.zeros_like(X) + X.mean(0), float("nan")
-    U, s, Vt = np.linalg.svd((Yc / ny).T @ (Xc / nx))
-    aligned = s.sum() * (Yc / ny) @ (U @ Vt)  # best scale is the nuclear norm at unit norms
-    return aligned * nx + X.mean(0), float(s.sum() ** 2)
-
-
-def layout_r2(P, C):
-    """Recovered geometry: how much of the true layout the PE's top-k principal coordinates explain."""
-    return procrustes(C, principal_coords(P, C.shape[1]))[1]
-
-
-def neighbour_recovery(P, C, n_neighbours=None):
-    """Mean fraction of each token's n nearest rows of P (Euclidean) that are among its n true nearest
-    neighbours (ties at the n-th true distance count). n defaults to 2k: the 4 grid neighbours in 2D."""
-    n = n_neighbours or 2 * C.shape[1]
-    D, E = distance_matrix(C), distance_matrix(np.asarray(P, dtype=np.float64) - np.mean(P, 0))
-    np.fill_diagonal(D, np.inf)
-    np.fill_diagonal(E, np.inf)
-    true = D <= np.sort(D, axis=1)[:, n - 1:n]
-    found = np.argsort(E, axis=1, kind="stable")[:, :n]
-    return float(np.take_along_axis(true, found, axis=1).mean())
-
-
-def participation_ratio(P):
-    """Effective dimensionality (sum l)^2 / sum l^2 of the covariance spectrum of the rows of P:
-    k for a cloud spread equally along k orthogonal axes."""
-    lam = np.linalg.svd(np.asarray(P, dtype=np.float64) - np.mean(P, 0), compute_uv=False) ** 2
-    return float(lam.sum() ** 2 / (lam ** 2).sum()) if lam.sum() > 0 else float("nan")
-
-
-def twin_rank(S, twins):
-    """Homotopy: the rank of each region's left/right twin among the N - 1 other regions by similarity
-    S (N, N), 1 = most similar, ties shared; the mean over both directions of the (M, 2) twin pairs.
-    1 when every region's twin is its most similar region; N/2 on average when S knows nothing of twins."""
-    S = np.array(S, dtype=np.float64)
-    np.fill_diagonal(S, -np.inf)
-    i, j = np.asarray(twins).T
-    a, b = np.concatenate([i, j]), np.concatenate([j, i])
-    twin = S[a, b][:, None]
-    return float(np.mean(1 + (S[a] > twin).sum(1) + ((S[a] == twin).sum(1) - 1) / 2))
-
-
-def modularity(S):
-    """Newman's modularity Q of the graph weighted by the positive part of S (N, N) off the diagonal, for
-    the partition found by splitting along the leading eigenvector of the modularity matrix until no split
-    raises Q (Newman 2006, PNAS). Returns (Q, community of each node): ~0 for no community structure,
-    1 - 1/K for K equal, disconnected cliques."""
-    A = np.clip(np.array(S, dtype=np.float64), 0, None)
-    np.fill_diagonal(A, 0)
-    labels = np.zeros(len(A), dtype=int)
-    if A.sum() == 0:
-        return 0.0, labels
-    A /= A.sum()  # Q is scale-free; total weight 1 keeps the tolerance below meaningful
-    k = A.sum(1)
-    B = A - np.outer(k, k)
-    todo = [np.arange(len(A))]
-    while todo:
-        g = todo.pop()
-        Bg = B[np.ix_(g, g)] - np.diag(B[np.ix_(g, g)].sum(1))  # the modularity matrix of a subgroup
-        s = np.where(np.linalg.eigh(Bg)[1][:, -1] >= 0, 1.0, -1.0)
-        if abs(s.sum()) == len(g) or s @ Bg @ s <= 1e-10:  # no split, or one that would not raise Q
-            continue
-        labels[g[s < 0]] = labels.max() + 1
-        todo += [g[s > 0], g[s < 0]]
-    return float((B * (labels[:, None] == labels[None])).sum()), labels
-
-
-def pe_metrics(P, C, references=None, twins=None):
-    """Every metric of one PE table against the true coordinates, RSA against each named reference
-    similarity matrix (a task's coupling, functional connectivity) and, where the task has left/right
-    twins (brain layouts), the twin rank and the modularity of the PE's cosine similarities."""
-    out = {"rsa": rsa(P, C), "rsa_pearson": rsa(P, C, "pearson"),
-           "sin_rsa": rsa_matrix(P, sinusoid_reference(C, P.shape[1])), "layout_r2": layout_r2(P, C),
-           "neighbours": neighbour_recovery(P, C), "dim": participation_ratio(P),
-           "norm": float(np.linalg.norm(P, axis=1).mean())}
-    out |= {f"rsa_{name}": rsa_matrix(P, S) for name, S in (references or {}).items()}
-    if twins is not None and len(twins):
-        S = cosine_matrix(P)
-        out |= {"twin_rank": twin_rank(S, twins), "modularity": modularity(S)[0]}
-    return out
-
-
-def pe_tables(model):
-    """The additive PE tables (T, N, d) of a model's N tokens with coordinates (an appended readout token's row left
-    out) as numpy, or None for a PE without a table."""
-    if not isinstance(model.pe, pe_lib.AdditivePE):
-        return None
-    return model.pe.weight[:, :model.cfg.n_tokens].detach().float().cpu().numpy()
-
-
-def training_tokens(task, n_samples=256, seed=0):
-    """The non-blank tokens (M, in_dim) of a seeded draw of n_samples training samples: what the token
-    embedding sees, for its norm (a blank grid2d cell is the zero vector and adds only the bias)."""
-    x = task.splits["train"]["x"]
-    x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n_samples]].flatten(0, 1)
-    return x[x.abs().sum(1) > 0]
-
-
-@torch.no_grad()
-def token_norm(model, tokens):
-    """Mean norm of the embedded tokens W x + b: the stream a PE is added to at the input."""
-    if model.cfg.readout == "cls":  # a cell's token is 0 in the readout token's own input channel
-        tokens = torch.nn.functional.pad(tokens, (0, 1))
-    return model.embed(tokens.to(model.embed.weight.device)).float().norm(dim=-1).mean().item()
-
-
-@torch.no_grad()
-def norm_ratios(model, tokens):
-    """sigma in the unit that matters: pe_tok_ratio, the PE's mean row norm (table 0) over the embedded tokens'
-    mean norm; pe_stream_ratio (one table per block), the later tables' mean row norm over sqrt(d), the row norm
-    of the post-LayerNormed stream they are added to. None where the PE has no table."""
-    tables = pe_tables(model)
-    if tables is None:
-        return {"pe_tok_ratio": None, "pe_stream_ratio": None}
-    rows = np.linalg.norm(tables, axis=-1)
-    stream = float(rows[1:].mean() / np.sqrt(tables.shape[-1])) if len(tables) > 1 else None
-    return {"pe_tok_ratio": float(rows[0].mean()) / token_norm(model, tokens), "pe_stream_ratio": stream}
-
-
-def identifiability(model, coords, references=None, twins=None, tokens=None):
-    """The PE metrics as train.py logs them: pe_<metric> averaged over the tables (one per block for
-    --pe-layers all), pe_rsa per table, and, given the training tokens, their embedding's mean norm."""
-    tok = {} if tokens is None else {"tok_norm": token_norm(model, tokens)}
-    tables = pe_tables(model)
-    if tables is None or not np.isfinite(tables).all():  # no table, or a broken one: nothing to measure
-        return {"pe_rsa": None, "pe_rsa_tables": None, "pe_norm": 0.0 if model.pe is None else None} | tok
-    per_table = [pe_metrics(t, coords.numpy(), references, twins) for t in tables]
-    mean = {f"pe_{k}": float(np.mean([m[k] for m in per_table])) for k in per_table[0]}
-    return mean | {"pe_rsa_tables": [m["rsa"] for m in per_table]} | tok
-
-
-def chance_levels(shape, coords, references=None, twins=None, draws=100, seed=0):
-    """What a table that learned nothing scores: every scale-free PE metric of `draws` i.i.d. Gaussian tables of
-    shape (T, N, d) on the same coordinates, averaged over the T tables as identifiability does.
-    Returns {pe_<metric>: {"mean", "sd", "p95"}}; sigma does not matter, since no metric here depends on scale."""
-    rng = np.random.default_rng(seed)
-    C = np.asarray(coords)
-    draws = [[pe_metrics(t, C, references, twins) for t in rng.standard_normal(shape)] for _ in range(draws)]
-    values = {k: [np.mean([m[k] for m in d]) for d in draws] for k in draws[0][0] if k != "norm"}
-    return {f"pe_{k}": {"mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1)), "p95": float(np.percentile(v, 95))}
-            for k, v in values.items()}
-
-
-def sample_rows(x, idx):
-    """Rows idx (M, n) of each sample of x (M, N, w): (M, n, w)."""
-    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[2]))
-
-
-def sample_blocks(S, a, b):
-    """Per-sample blocks S[a_m, b_m] (M, n_a, n_b) of a matrix S (N, N), for index rows a (M, n_a) and b (M, n_b)."""
-    return S[a[:, :, None], b[:, None, :]]
-
-
-@torch.no_grad()
-def linear_r2(task):
-    """R² of the best linear guess of each masked task's hidden tokens from its visible ones at the same
-    time step (the Gaussian conditional mean under the training split's covariance), scored by r2 as in
-    train.py on every evaluation split's fixed masks: the bar a PE-free linear model that knows every token sets."""
-    X = task.splits["train"]["x"].double()  # (M, N, w)
-    mu = X.mean((0, 2))[:, None]  # each token's mean over samples and time steps
-    S = torch.einsum("mit,mjt->ij", X - mu, X - mu) / (X.shape[0] * X.shape[2])
-    out = {}
-    for name, s in task.splits.items():
-        if name == "train":
-            continue
-        x, mask = s["x"].double(), s["mask"]
-        n_hid = int(mask[0].sum())  # every sample hides the same number of tokens
-        hid = mask.nonzero()[:, 1].view(len(x), n_hid)
-        vis = (~mask).nonzero()[:, 1].view(len(x), -1)
-        solved = torch.linalg.solve(sample_blocks(S, vis, vis), sample_rows(x, vis) - mu[vis])
-        pred = mu[hid] + sample_blocks(S, hid, vis) @ solved
-        out[f"{name}_r2"] = r2(pred, sample_rows(x, hid))
-    return out
 
 
 # ----------------------------------------------------------------------------- runs
@@ -297,7 +54,7 @@ def load_run(run_dir):
     model = Transformer(ModelConfig(**config), task.coords)
     try:
         model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:  # e.g. a relative PE saved before its offsets were bucketed off the lattice
+    except RuntimeError as e:  # a checkpoint of another version of the model
         raise ValueError(f"{path} does not fit this code's model: {str(e).splitlines()[-1].strip()[:150]}")
     return model.eval(), task, args
 
@@ -311,37 +68,9 @@ def score_puzzles(model, grids, answers, conditions, n):
     return {"n": int(len(correct)), "acc": float(correct.mean()), "by_condition": by}
 
 
-def human_accuracy(model):
-    """Accuracy of a 4 x 4 grid2d model on the 108 puzzles people solved (the split `human`), overall and per class."""
-    scores = score_puzzles(model, *tasks.load_puzzle_csv(tasks.HUMAN_PUZZLES, 4), 4)
-    return {"human_acc": scores["acc"]} | {f"human_acc_{c.lower()}": v for c, v in scores["by_condition"].items()}
-
-
-def with_human_accuracy(summary, model, task, args):
-    """A summary with the human puzzles' accuracy added when a 4 x 4 grid2d run was trained before that split."""
-    if task.name == "grid2d" and args.grid_n == 4 and "human_acc" not in summary:
-        return summary | human_accuracy(model)
-    return summary
-
-
 def run_summary(run_dir):
-    """summary.json of a finished run (None if unfinished) with its PE metrics recomputed from the final checkpoint,
-    so runs trained by an older train.py are scored by the same metrics as new ones, and what such runs lack
-    computed now: the human puzzles' accuracy, and the norm ratios of the initial PE (rebuilt from its seed)."""
-    s = rundir.read_json(os.path.join(run_dir, "summary.json"))
-    if s is None or s.get("diverged"):  # a diverged run's summary says where, and nothing more
-        return s
-    if not os.path.exists(os.path.join(run_dir, "ckpt.pt")):  # kept without checkpoints (results/): as it was written
-        return s
-    model, task, args = load_run(run_dir)
-    tables = pe_tables(model)
-    s = rundir.identity(vars(args), None if tables is None else list(tables.shape)) | s  # what an older run lacks
-    tokens = None
-    if "pe_tok_ratio" not in s:  # an older run: the ratios and tok_norm (once a row norm of W) need its data
-        tokens = training_tokens(tasks.get_task(args.task, args))
-        s |= norm_ratios(init_model(model.cfg, task.coords, args.seed), tokens)
-    s |= identifiability(model, task.coords, task.references, task.twins, tokens)
-    return with_human_accuracy(s, model, task, args)
+    """summary.json of a run that finished or diverged (None if unfinished), as train.py wrote it."""
+    return rundir.read_json(os.path.join(run_dir, "summary.json"))
 
 
 def at_epoch(run_dir, epoch):
@@ -363,11 +92,6 @@ def at_epoch(run_dir, epoch):
                                                                        "fitted": fit, "out_dir": run_dir}
 
 
-def pe_drift(init, tables):
-    """How far a PE's tables (T, N, d) moved from init: ||P - P0|| / ||P0|| (Frobenius), the mean over the tables."""
-    return float(np.mean([np.linalg.norm(p - p0) / np.linalg.norm(p0) for p, p0 in zip(tables, init)]))
-
-
 def reference(epoch):
     """The authors' logs at their logged epoch nearest `epoch` (every 200): {label: {"epoch", "pe", "sigma",
     split_acc: per-seed values}}, labelled as a run of their setup here is ('learned σ=0.2', 'sinnd')."""
@@ -383,35 +107,6 @@ def reference(epoch):
     return out
 
 
-# The flags a label leaves out even when a run changed them: sizes, run lengths and eval settings (tables show iters in
-# a column of their own), the data seed (another draw, like the seed), and a task's flags unless marked label=True (its
-# data choices: grid2d's data and holdout; the network's layout is the label's prefix). Every other flag is named.
-UNLABELLED = ("n_layer", "n_embd", "batch_size", "max_iters", "max_epochs", "eval_interval", "eval_epochs",
-              "stop_train_acc", "data_seed") + tuple(f.name for cls, _ in tasks.TASKS.values() for f in fields(cls)
-                                                     if not f.metadata.get("label"))
-
-
-SPELT_NONE = {f.name: f.metadata["none"] for f in fields(ModelConfig) if "none" in f.metadata}  # --embed-std torch
-
-
-def label(s, sigma=True):
-    """How a run is named in tables and legends: its layout (network), PE, σ for table PEs (unless sigma=False: the
-    series a σ sweep draws as one line), its preset and every choice it changed from what its task and preset give
-    (runs older than that record: the model settings that differ from our defaults), so runs of different models never
-    share a row."""
-    at = f" σ={s['init_std']:g}" if sigma and pe_lib.has_sigma(s["pe"]) else ""
-    tags = [s["preset"]] if s.get("preset") else []
-    if "changes" in s:
-        tags += [f"{k.replace('_', '-')} {SPELT_NONE.get(k) if v is None else v}" for k, v in s["changes"].items()
-                 if k not in UNLABELLED]
-    else:
-        table = s["pe"] in pe_lib.ADDITIVE and s["pe"] != "none"
-        tags += [tag for tag, on in (("all", s["pe_layers"] == "all" and table), ("last", s.get("readout") == "last"),
-                                     ("emb torch", "embed_std" in s and s["embed_std"] is None),
-                                     ("wd 0", s.get("weight_decay") == 0)) if on]
-    return (f"{s['layout']}: " if "layout" in s else "") + s["pe"] + at + (f" ({', '.join(tags)})" if tags else "")
-
-
 TABLE_COLUMNS = ("iters", "wall_s", "train_acc", "test_acc", "ood_acc", "human_acc", "human_acc_binary",
                  "human_acc_ternary", "human_acc_quaternary", "noise_acc", "test_acc_quaternary", "test_mse", "test_r2",
                  "ood_r2", "pe_tok_ratio", "pe_stream_ratio", "pe_rsa", "pe_sin_rsa", "pe_rsa_coupling", "pe_rsa_fc",
@@ -419,12 +114,9 @@ TABLE_COLUMNS = ("iters", "wall_s", "train_acc", "test_acc", "ood_acc", "human_a
                  "pe_drift", "tok_norm")
 
 
-def chance_of(run_dir, s):
+def chance_of(s):
     """chance_levels for tables of the shape of summary s's PE on the coordinates (and references) of its task."""
-    if "args" in s:  # the run's flags give its task: no checkpoint needed
-        task = tasks.get_task(s["task"], SimpleNamespace(**{"data_dir": None, **s["args"]}), with_data=False)
-    else:
-        task = load_run(run_dir)[1]
+    task = tasks.get_task(s["task"], SimpleNamespace(**{"data_dir": None, **s["args"]}), with_data=False)
     return chance_levels(tuple(s["pe_shape"]), task.coords, task.references, task.twins)
 
 
@@ -456,7 +148,7 @@ def summary_table(run_dirs, epochs=None, with_reference=False, columns=TABLE_COL
             groups.setdefault(name, []).append(s)
             where = (s.get("layout"), tuple(s["pe_shape"] or ()))  # chance depends on the coordinates and the shape
             if s["pe_shape"] and where not in chance:
-                chance[where] = chance_of(d, s)
+                chance[where] = chance_of(s)
     columns = [c for c in columns if any(c in r for runs in groups.values() for r in runs)]
 
     def cell(c, v):
@@ -686,7 +378,6 @@ def analyze_run(run_dir):
         plot_curves(metrics, os.path.join(run_dir, "curves.png"))
         out["curves"] = metrics
     if summary and task.classes and not summary.get("diverged"):
-        summary = with_human_accuracy(summary, model, task, args)
         scored = sorted(glob.glob(os.path.join(run_dir, "puzzles-*.json")))
         puzzles = {os.path.basename(p)[8:-5]: rundir.read_json(p) for p in scored}  # puzzles-NAME.json -> NAME
         out["classes"] = plot_classes(summary, task.classes, puzzles, os.path.join(run_dir, "classes.png"))
@@ -817,7 +508,7 @@ def training_figure(run_dirs, path):
             ax.plot([s["epoch"] for s in rows], [s.get(k, np.nan) for s in rows], color=colour, lw=1,
                     label=f"{label(rows[0])} seed {rows[0]['seed']}")
     first = at_epoch(run_dirs[0], 0)
-    chance = chance_of(run_dirs[0], first) if first["pe_shape"] else {}
+    chance = chance_of(first) if first["pe_shape"] else {}
     theirs = first.get("data") == "lstnn"
     logged = sorted({ref["epoch"] for e in range(0, int(max(epochs)) + 1, 200) for ref in reference(e).values()})
     for ax, k in zip(axes, TRAINING_PANELS):
@@ -963,13 +654,12 @@ def main(argv=None):
         for run in tqdm(runs, desc="runs", disable=len(runs) < 2):
             if os.path.exists(os.path.join(run, "ckpt.pt")):  # a run that diverged at once has nothing to draw
                 analyze_run(run)
-        done = [(run, s) for run in runs if (s := run_summary(run) if epoch is None else at_epoch(run, epoch))
-                and not s.get("diverged")]
-        summaries = [s for _, s in done]
+        summaries = [s for run in runs if (s := run_summary(run) if epoch is None else at_epoch(run, epoch))
+                     and not s.get("diverged")]
         if len(summaries) > 1:
-            shaped = [(run, s) for run, s in done if s["pe_shape"]]  # the band: the first table's shape
+            shaped = [s for s in summaries if s["pe_shape"]]  # the band: the first table's shape
             theirs = all(s.get("data") == "lstnn" for s in summaries)  # the authors' data: their curve beside ours
-            sweep_figures(summaries, out_dir, a.x, chance_of(*shaped[0]) if shaped else None,
+            sweep_figures(summaries, out_dir, a.x, chance_of(shaped[0]) if shaped else None,
                           reference(max(s["epoch"] for s in summaries)) if theirs else None)
             print(f"{len(runs)} runs analysed; sweep figures in {out_dir} "
                   f"({len(runs) - len(summaries)} unfinished or diverged runs left out)")

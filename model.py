@@ -29,8 +29,7 @@ class ModelConfig:
     """The model. A field with a help text is also train.py's flag of the same name (--n-layer for n_layer), checked
     against its choices and bounds (ge: >=, gt: >); the others come from the task."""
     n_tokens: int = 16
-    in_dim: int = 5  # continuous tokens: features per token, embedded by a linear map
-    vocab_size: int = 0  # > 0: discrete tokens (integer ids) through an embedding table instead
+    in_dim: int = 5  # features per token, embedded by a linear map
     n_out: int = 4  # classes (head="cls") or regression targets per token (head="token")
     head: str = "cls"  # cls: classify from the readout token; token: per-token regression
     masked: bool = False  # masked-token prediction: a learned embedding replaces the tokens a mask hides
@@ -43,9 +42,9 @@ class ModelConfig:
     pe_layers: str = field(default="input", metadata=dict(
         help="additive PEs: added once at the input, or at every block with its own table (the paper)",
         choices=("input", "all")))
-    n_layer: int = field(default=4, metadata=dict(help="transformer blocks", gt=0))
+    n_layer: int = field(default=4, metadata=dict(help="transformer blocks", gt=0, label=False))
     n_head: int = field(default=1, metadata=dict(help="attention heads", gt=0))
-    n_embd: int = field(default=160, metadata=dict(help="model width d", gt=0))
+    n_embd: int = field(default=160, metadata=dict(help="model width d", gt=0, label=False))
     norm: str = field(default="post", metadata=dict(help="LayerNorm after (the paper) or before each sublayer",
                                                     choices=("post", "pre")))
     dropout: float = field(default=0.0, metadata=dict(help="dropout on attention and MLP outputs", ge=0))
@@ -129,19 +128,17 @@ class Transformer(nn.Module):
         for f in fields(cfg):  # the choices a flag offers are the only values the model knows
             if "choices" in f.metadata and getattr(cfg, f.name) not in f.metadata["choices"]:
                 raise ValueError(f"{f.name} must be one of {f.metadata['choices']}, got {getattr(cfg, f.name)!r}")
-        if cfg.readout == "cls" and (cfg.vocab_size or cfg.head != "cls"):
-            raise ValueError("readout 'cls' appends a token to continuous inputs of a classifier")
+        if cfg.readout == "cls" and cfg.head != "cls":
+            raise ValueError("readout 'cls' appends a token to the inputs of a classifier")
         self.cfg = cfg
         n_tables = cfg.n_layer if cfg.pe_layers == "all" else 1
         extra = int(cfg.readout == "cls")  # the readout token has no coordinate: pe.build gives it its own row
         self.pe = pe_lib.build(cfg.pe, cfg.n_tokens, coords, cfg.n_embd, cfg.n_head, n_tables, cfg.init, cfg.init_std,
                                n_extra=extra)
-        self.embed = (nn.Embedding(cfg.vocab_size, cfg.n_embd) if cfg.vocab_size
-                      else nn.Linear(cfg.in_dim + extra, cfg.n_embd))
+        self.embed = nn.Linear(cfg.in_dim + extra, cfg.n_embd)
         if cfg.embed_std is not None:
             nn.init.normal_(self.embed.weight, std=cfg.embed_std)
-            if not cfg.vocab_size:
-                nn.init.zeros_(self.embed.bias)
+            nn.init.zeros_(self.embed.bias)
         if cfg.masked:
             self.mask_embd = nn.Parameter(torch.randn(cfg.n_embd) * 0.02)  # MAE's mask-token init
         self.pe_drop = nn.Dropout(cfg.pe_dropout) if cfg.pe_dropout else nn.Identity()  # p = 0: no RNG draw
@@ -150,7 +147,7 @@ class Transformer(nn.Module):
         self.head = nn.Linear(cfg.n_embd, cfg.n_out)
 
     def forward(self, x, readout=None, mask=None):
-        """x: (B, N, in_dim) floats or (B, N) ids. readout: (B,) token index per sample for head='cls' (unused
+        """x: (B, N, in_dim) floats. readout: (B,) token index per sample for head='cls' (unused
         when cfg.readout is 'last').
         mask: (B, N) bools, True where the token's content is hidden (needs cfg.masked).
         Returns (B, n_out) logits for 'cls', (B, N, n_out) for 'token'."""
@@ -264,38 +261,3 @@ def train_step(models, optimizers, batch, head, forward=forward_models, ctx=cont
     for opt in optimizers:
         opt.step()
     return out, losses.detach()
-
-
-def r2(pred, y):
-    """1 - SSE/SST over all entries, SST around the targets' mean: how masked prediction is scored."""
-    return (1 - ((pred - y) ** 2).sum() / ((y - y.mean()) ** 2).sum()).item()
-
-
-@torch.no_grad()
-def evaluate(models, task, device, forward=forward_models, batch_size=1024):
-    """Every split of a task, for each of K models (a dict each): loss and accuracy, with accuracy per class, of a
-    classifier; MSE and R^2 (1 - SSE/SST, SST around the targets' mean) over the hidden tokens, with the
-    split's fixed masks, of masked prediction."""
-    for model in models:
-        model.eval()
-    out = [{} for _ in models]
-    for name, s in task.splits.items():
-        chunks = []
-        for i in range(0, len(s["y"]), batch_size):  # every model sees the same samples
-            x, readout, mask = (s[k][i:i + batch_size].expand(len(models), -1, *s[k].shape[1:]).to(device)
-                                if k in s else None for k in ("x", "readout", "mask"))
-            chunks.append(forward(models, x, readout, mask).float().cpu())
-        for m, pred in zip(out, torch.cat(chunks, dim=1)):
-            if task.head == "token":
-                p, y = pred[s["mask"]], s["y"][s["mask"]]
-                m[f"{name}_mse"] = F.mse_loss(p, y).item()
-                m[f"{name}_r2"] = r2(p, y)
-                continue
-            correct = (pred.argmax(1) == s["y"]).float()
-            m[f"{name}_loss"] = F.cross_entropy(pred, s["y"]).item()
-            m[f"{name}_acc"] = correct.mean().item()
-            for k, cls in enumerate(task.classes):
-                m[f"{name}_acc_{cls}"] = correct[s["cls"] == k].mean().item()
-    for model in models:
-        model.train()
-    return out

@@ -248,16 +248,3 @@ def open_run(out_dir, flags, resume, force, compared):
     if not resume and any(os.path.exists(f) for f in (ckpt_path, metrics, summary_path)) and not force:
         raise ValueError(f"{out_dir} already holds a run; pass --resume to continue it or --force to overwrite it")
     return ckpt, summary
-
-
-def identity(flags, pe_shape, changes=None):
-    """What names a run in its run.json and summary.json, from its flags: task, PE, its sigma and seed, the model
-    settings under study, its preset, the flags it changed from what its task and preset give (its label in tables),
-    all its flags, and its PE's table shape."""
-    f = flags
-    return {"task": f["task"], "pe": f["pe"], "init": f.get("init", "normal"), "init_std": f["init_std"],
-            "pe_layers": f.get("pe_layers", "input"), "readout": f.get("readout", "query"),
-            "embed_std": f.get("embed_std", 0.02), "weight_decay": f["weight_decay"], "preset": f.get("preset"),
-            "seed": f["seed"], "data_seed": f["data_seed"], "data": f.get("data") if f["task"] == "grid2d" else None,
-            **({"layout": f["net_layout"]} if f["task"] == "network" else {}),  # one network task, many geometries
-            **({} if changes is None else {"changes": changes}), "args": flags, "pe_shape": pe_shape}

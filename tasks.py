@@ -261,20 +261,19 @@ def cached(params, make, data_dir):
 @dataclass
 class GridFlags:
     """grid2d's flags (train.py --grid-n, ...), as ModelConfig's: a field with a help text is a flag, checked against
-    its choices and bounds (ge: >=, gt: >), named in a run's label when changed if label=True (analyze.py); check()
+    its choices and bounds (ge: >=, gt: >), named in a run's label when changed unless label=False (config.py); check()
     refuses what the bounds cannot say."""
     DEFAULTS: ClassVar[dict] = {}  # the model and training flags' defaults where this task differs: none
     HEAD: ClassVar[str] = "cls"
     grid_n: int = field(default=4, metadata=dict(help="side of the Latin square (4, 5, 6)", ge=3))
-    n_per_class: int = field(default=4000, metadata=dict(help="puzzles generated per complexity class", gt=0))
+    n_per_class: int = field(default=4000, metadata=dict(help="puzzles generated per complexity class", gt=0,
+                                                         label=False))
     data: str = field(default="generated", metadata=dict(
-        help="the authors' 9,000 puzzles (lst/), or our generator's (--n-per-class, any --grid-n)", choices=GRID_DATA,
-        label=True))
+        help="the authors' 9,000 puzzles (lst/), or our generator's (--n-per-class, any --grid-n)", choices=GRID_DATA))
     holdout: bool = field(default=True, metadata=dict(
-        help="--data generated: hold one diagonal of (query position, class) out of training (the split ood)",
-        label=True))
+        help="--data generated: hold one diagonal of (query position, class) out of training (the split ood)"))
     noise_std: float = field(default=0.2, metadata=dict(
-        help="std of the Gaussian noise on the noise test's one-hot inputs", ge=0))
+        help="std of the Gaussian noise on the noise test's one-hot inputs", ge=0, label=False))
 
     def check(self):
         if self.data == "lstnn" and self.grid_n != 4:
@@ -438,10 +437,10 @@ class NetworkFlags:
     net_drive: float = field(default=0.0, metadata=dict(help="constant input I inside the tanh"))
     net_burn_in: int = field(default=100, metadata=dict(help="steps dropped before the window", ge=0))
     net_trials: int = field(default=10000, metadata=dict(
-        help="independent trials at --net-gain (90/10 train/test); ood has a tenth as many", ge=10))
+        help="independent trials at --net-gain (90/10 train/test); ood has a tenth as many", ge=10, label=False))
     net_window: int = field(default=16, metadata=dict(help="steps of activity per token", ge=1))
     net_mask_frac: float = field(default=0.25, metadata=dict(help="fraction of the nodes hidden per sample"))
-    net_ood_gain: float = field(default=2.0, metadata=dict(help="coupling gain of the ood split", ge=0))
+    net_ood_gain: float = field(default=2.0, metadata=dict(help="coupling gain of the ood split", ge=0, label=False))
 
     def check(self):
         self.net_shape = list(self.net_shape or NET_LAYOUTS[self.net_layout])
@@ -568,7 +567,7 @@ class BrainFlags:
     HEAD: ClassVar[str] = "token"
     brain_window: int = field(default=16, metadata=dict(help="TRs (0.72 s each) of BOLD per token"))
     brain_stride: int = field(default=1, metadata=dict(
-        help="TRs between the starts of consecutive training windows (eval windows do not overlap)", ge=1))
+        help="TRs between the starts of consecutive training windows (eval windows do not overlap)", ge=1, label=False))
     brain_mask_frac: float = field(default=0.25, metadata=dict(help="fraction of the regions hidden in each sample"))
 
     def check(self):  # the window against the runs' length: brain3d(), which reads them
@@ -603,12 +602,11 @@ TASKS = {"grid2d": (GridFlags, grid2d), "network": (NetworkFlags, network), "bra
 
 
 def task_flags(name, args):
-    """Task `name`'s flags from an argparse namespace (or anything with the same attributes), unchecked; a flag that
-    args lacks (a run older than it) takes its default."""
+    """Task `name`'s flags from an argparse namespace (or anything with the same attributes), unchecked."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose from {tuple(TASKS)}")
     cls = TASKS[name][0]
-    return cls(**{f.name: getattr(args, f.name, f.default) for f in fields(cls)})
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
 def get_task(name, args, with_data=True):

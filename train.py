@@ -8,8 +8,8 @@ runs at once (--seeds, --init-stds), each with its own init and data order, as o
     python train.py --pe learned --init-stds 0.02,0.2 --seeds 0,1,2 --out-dir 'sweep/learned-{init_std:g}-s{seed}'
     python train.py --preset paper-short --init-std 0.2    # the authors' model on their puzzles, to epoch 200
 
-Flags come from dataclass fields with a help text: each task's flags class (tasks.py), model.ModelConfig and
-TrainConfig below. Defaults: the field's, then the task's (its DEFAULTS), then a --preset's, then the flags given.
+Flags come from dataclass fields with a help text (config.py): each task's flags class (tasks.py), model.ModelConfig
+and config.TrainConfig. Defaults: the field's, then the task's (its DEFAULTS), then a --preset's, then the flags given.
 
 Each run's directory (rundir.py) gets run.json at its start, ckpt.pt at every eval, a metrics.jsonl line per eval and
 summary.json at its end; a lock file holds it while a process trains it (a second process is refused; --resume takes
@@ -23,61 +23,23 @@ metrics.jsonl, and its summary.json says "diverged"; the other runs go on), now 
 continues it to the same result); 130 interrupted (Ctrl-C; every checkpoint stays valid for --resume).
 """
 import argparse
-import functools
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from tqdm import tqdm
 
-import analyze
-import pe as pe_lib
+import config
+import metrics
 import rundir
 import tasks
-from model import (PAPER_MODEL, ModelConfig, adamw, check_device, evaluate, forward_models, init_model, settings,
-                   train_step)
+from model import ModelConfig, adamw, forward_models, init_model, settings, train_step
 
 
-@dataclass
-class TrainConfig:
-    """The training recipe; a field with a help text is a flag, as in ModelConfig."""
-    lr: float = field(default=3e-4, metadata=dict(help="AdamW peak learning rate", ge=0))
-    warmup_iters: int = field(default=0, metadata=dict(help="linear warm-up steps"))
-    min_lr_ratio: float = field(default=0.1, metadata=dict(
-        help="cosine decay over --max-iters to lr * this (1 = constant)", ge=0))
-    betas: list = field(default_factory=functools.partial(list, (0.9, 0.999)), metadata=dict(
-        help="AdamW beta1 beta2", type=float, nargs=2))
-    weight_decay: float = field(default=0.1, metadata=dict(
-        help="AdamW decay of the weight matrices (token embedding included)", ge=0))
-    pe_weight_decay: float = field(default=0.0, metadata=dict(
-        help="AdamW decay of the PE table (decay shrinks the norm under study)", ge=0))
-    batch_size: int = field(default=128, metadata=dict(help="samples per step", gt=0))
-    max_iters: int = field(default=2500, metadata=dict(help="training steps (the cap when --stop-train-acc is set)",
-                                                       gt=0))
-    max_epochs: int = field(default=None, metadata=dict(
-        help="training length in epochs of the training split (replaces --max-iters; an epoch is its full batches)",
-        gt=0))
-    stop_train_acc: float = field(default=None, metadata=dict(
-        help="stop at the first eval whose training accuracy reaches this (e.g. 0.999)"))
-    eval_interval: int = field(default=250, metadata=dict(help="steps between evals and checkpoints", gt=0))
-    eval_epochs: int = field(default=None, metadata=dict(help="epochs between evals (replaces --eval-interval)", gt=0))
-    seed: int = field(default=0, metadata=dict(help="seed of the model's init and the data order"))
-
-
-# The authors' run (model.PAPER_MODEL on their 9,000 puzzles): AdamW lr 1e-4 constant, batch 128, no weight decay,
-# 4,000 epochs of their training split (63 steps an epoch at batch 128), an eval every 25 epochs. paper-short: the
-# same run ended at epoch 200, the first point of their logs, by which the sigma effect is there (RESULTS.md).
-PAPER_RECIPE = dict(data="lstnn", lr=1e-4, warmup_iters=0, min_lr_ratio=1.0, batch_size=128, weight_decay=0.0,
-                    eval_epochs=25)
-PRESETS = {"paper": PAPER_MODEL | PAPER_RECIPE | dict(max_epochs=4000),
-           "paper-short": PAPER_MODEL | PAPER_RECIPE | dict(max_epochs=200)}
-CLASSIFIER_ONLY = ("readout", "stop_train_acc")  # flags a regression task refuses (and a preset's it ignores)
-RUNTIME = ("resume", "force", "device", "compile", "dtype", "vmap", "threads", "out_dir", "data_dir")  # not a run's
-# identity: how it is computed or where it goes
 STATE = ("iter", "elapsed", "pe_rsa_init", "fit_iter", "stopped")  # the loop state a checkpoint carries
 DIVERGED, WRITE_FAILED, INTERRUPTED = 3, 4, 130  # exit statuses
 
@@ -85,177 +47,6 @@ DIVERGED, WRITE_FAILED, INTERRUPTED = 3, 4, 130  # exit statuses
 def die(msg, status=2):
     print(f"train.py: error: {msg}", file=sys.stderr)
     sys.exit(status)
-
-
-# ----------------------------------------------------------------------------- flags
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit status 2 for every bad flag
-        die(message)
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help: the docstring as written, and each flag's default."""
-
-
-def flag_fields(task=None):
-    """The fields that are flags: every task's (or `task`'s), the model's and the recipe's."""
-    classes = [cls for name, (cls, _) in tasks.TASKS.items() if task in (None, name)] + [ModelConfig, TrainConfig]
-    return [f for cls in classes for f in fields(cls) if "help" in f.metadata]
-
-
-def field_default(f):
-    return f.default_factory() if f.default is MISSING else f.default
-
-
-def add_flags(group, cls):
-    """A flag per field of dataclass cls that has a help text: --name-with-dashes, typed, with the field's choices and
-    nargs. No argparse default: get_args fills each in; the help names the field's, each task's and each preset's."""
-    others = [(name, task_cls.DEFAULTS) for name, (task_cls, _) in tasks.TASKS.items()] + list(PRESETS.items())
-    for f in (f for f in fields(cls) if "help" in f.metadata):
-        meta = f.metadata
-        if f.type is bool:
-            kw = {"action": argparse.BooleanOptionalAction}
-        else:
-            kw = {"type": meta.get("type", f.type)} | {k: meta[k] for k in ("choices", "nargs") if k in meta}
-        shown = [("default", field_default(f))] + [(name, d[f.name]) for name, d in others if f.name in d]
-        text = "; ".join(f"{k}: {meta.get('none', v) if v is None else v}" for k, v in shown)
-        group.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, help=f"{meta['help']} ({text})",
-                           **kw)
-
-
-def parser():
-    p = Parser(description=__doc__, formatter_class=HelpFormatter)
-    g = p.add_argument_group("task")
-    g.add_argument("--task", default="grid2d", choices=tuple(tasks.TASKS), help="dataset")
-    g.add_argument("--data-seed", type=int, default=0, help="seed of the generated dataset and its splits")
-    g.add_argument("--data-dir", default="data", help="cache of generated datasets")
-    for name, (cls, _) in tasks.TASKS.items():
-        add_flags(p.add_argument_group(f"task {name}"), cls)
-    g = p.add_argument_group("model")
-    add_flags(g, ModelConfig)
-    g.add_argument("--init-stds", type=floats, default=None,
-                   help="learned/random: one run per sigma, trained at once, e.g. 0.02,0.2 (replaces --init-std)")
-    g = p.add_argument_group("training")
-    add_flags(g, TrainConfig)
-    g.add_argument("--seeds", type=ints, default=None,
-                   help="one run per seed, trained at once, e.g. 0,1,2 (replaces --seed; with --init-stds: every pair)")
-    g = p.add_argument_group("run")
-    g.add_argument("--preset", choices=sorted(PRESETS), help="a named recipe; flags given explicitly still override it")
-    g.add_argument("--out-dir", default=None,
-                   help="run directory, filled in with each run's flags ({seed}, {init_std}, ...), so several runs "
-                        "need those (default out/TASK-PE[-{init_std:g}]-s{seed}, TASK network-LAYOUT for network)")
-    g.add_argument("--resume", action="store_true",
-                   help="continue the run in --out-dir (start it if absent, skip it if finished or diverged)")
-    g.add_argument("--force", action="store_true", help="overwrite a run already in --out-dir")
-    g.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), or a torch device")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile (default: on for CUDA)")
-    g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                   help="autocast dtype (auto: bf16 on CUDA, fp32 elsewhere)")
-    g.add_argument("--vmap", action=argparse.BooleanOptionalAction, default=None,
-                   help="several runs: one vmap over the models' stacked weights, or a loop of plain calls "
-                        "(default: vmap on CUDA)")
-    g.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default; sweeps: 1 per process)")
-    return p
-
-
-def ints(text):
-    return [int(v) for v in text.split(",")]
-
-
-def floats(text):
-    return [float(v) for v in text.split(",")]
-
-
-def get_args(argv=None):
-    """The flags, with the task's and the preset's defaults filled in, checked: a bad one ends here with exit 2."""
-    args = parser().parse_args(argv)
-    task_cls = tasks.TASKS[args.task][0]
-    applies = {f.name for f in flag_fields(args.task)} - (set() if task_cls.HEAD == "cls" else set(CLASSIFIER_ONLY))
-    preset = {k: v for k, v in PRESETS.get(args.preset, {}).items() if k in applies}
-    given = set(vars(args))
-    for k, v in ({f.name: field_default(f) for f in flag_fields()} | task_cls.DEFAULTS | preset).items():
-        if k not in given:  # the field's default, the task's over it, a preset's over both; explicit flags win
-            setattr(args, k, v)
-    for steps, epochs in (("max_iters", "max_epochs"), ("eval_interval", "eval_epochs")):  # ... in steps too
-        if steps in given and epochs not in given:
-            setattr(args, epochs, None)
-    check(args)
-    if args.out_dir is None:  # a template: runs() fills in each run's sigma and seed
-        sigma = "-{init_std:g}" if pe_lib.has_sigma(args.pe) else ""
-        name = "network-{net_layout}" if args.task == "network" else "{task}"
-        args.out_dir = os.path.join("out", f"{name}-{{pe}}{sigma}-s{{seed}}")
-    return args
-
-
-def check(args):
-    """Refuse every flag that cannot make a run, before anything is written: the fields' bounds, then the rules across
-    flags, then the task's own check (which also fills in what its flags leave to it)."""
-    for name, value in vars(args).items():  # NaN or inf in any float flag, lists included
-        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
-            die(f"--{name.replace('_', '-')} must be a finite number, got {value}")
-    for f in flag_fields(args.task):
-        value, meta, name = getattr(args, f.name), f.metadata, f.name.replace("_", "-")
-        if value is None or isinstance(value, list):
-            continue
-        if "ge" in meta and value < meta["ge"]:
-            die(f"--{name} must be >= {meta['ge']}, got {value}")
-        if "gt" in meta and value <= meta["gt"]:
-            die(f"--{name} must be > {meta['gt']}, got {value}")
-        if "lt" in meta and value >= meta["lt"]:
-            die(f"--{name} must be < {meta['lt']}, got {value}")
-    if args.embed_std is not None and args.embed_std < 0:
-        die(f"--embed-std must be >= 0 or 'torch', got {args.embed_std}")
-    if not all(0 <= b < 1 for b in args.betas):
-        die(f"--betas must be in [0, 1), got {args.betas}")
-    if args.init_stds is not None and (min(args.init_stds) < 0 or not pe_lib.has_sigma(args.pe)):
-        die(f"--init-stds takes stds >= 0 of --pe learned or random, got {args.init_stds} for {args.pe}")
-    if tasks.TASKS[args.task][0].HEAD != "cls":
-        if args.readout != "query":
-            die(f"--readout {args.readout} needs a classification task; {args.task} predicts every masked token")
-        if args.stop_train_acc is not None:
-            die(f"--stop-train-acc needs a classification task; {args.task} is a regression")
-    try:
-        flags = tasks.task_flags(args.task, args)
-        flags.check()
-        check_device(args.device)
-    except ValueError as e:
-        die(str(e))
-    vars(args).update(asdict(flags))
-
-
-def runs(args):
-    """The runs args asks for: one per (init_std, seed) of --init-stds x --seeds (default: --init-std, --seed),
-    each the args that `--init-std STD --seed SEED` alone would give, with --out-dir filled in by its flags."""
-    out = []
-    for std in args.init_stds or [args.init_std]:
-        for seed in args.seeds or [args.seed]:
-            run = argparse.Namespace(**{**vars(args), "init_std": std, "seed": seed, "init_stds": None, "seeds": None})
-            try:
-                run.out_dir = args.out_dir.format(**vars(run))
-            except (KeyError, IndexError, ValueError) as e:
-                die(f"--out-dir {args.out_dir!r}: cannot fill in {e} (fields are flags, e.g. {{seed}}, {{init_std}})")
-            if why := rundir.unwritable(run.out_dir):
-                die(f"--out-dir {run.out_dir}: cannot be created or written ({why})")
-            out.append(run)
-    if len({r.out_dir for r in out}) < len(out):
-        die(f"--out-dir {args.out_dir!r} gives {len(out)} runs fewer directories; put {{seed}} and {{init_std}} in it")
-    return out
-
-
-def in_steps(all_args, n_train):
-    """--max-epochs and --eval-epochs as --max-iters and --eval-interval of this training split, in every run's args."""
-    for a in all_args:
-        if a.max_epochs is not None:
-            a.max_iters = a.max_epochs * tasks.epoch_steps(n_train, a.batch_size)
-        if a.eval_epochs is not None:
-            a.eval_interval = a.eval_epochs * tasks.epoch_steps(n_train, a.batch_size)
-
-
-def derived(args):
-    """The flags that --max-epochs / --eval-epochs set from the data, so a resumed run compares them as epochs."""
-    return (("max_iters",) if args.max_epochs is not None else ()) + (
-        ("eval_interval",) if args.eval_epochs is not None else ())
 
 
 def lr_at(it, args):
@@ -266,28 +57,12 @@ def lr_at(it, args):
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-# ----------------------------------------------------------------------------- what a run is
-def config(args):
-    """A run's flags without the runtime ones: what it is."""
-    return {k: v for k, v in vars(args).items() if k not in RUNTIME}
-
-
-def changes(args):
-    """The flags of a run that differ from what its task and preset alone give: what tells it apart in a table."""
-    base = vars(get_args(["--task", args.task] + (["--preset", args.preset] if args.preset else [])))
-    same = RUNTIME + derived(args) + ("task", "preset", "pe", "init_std", "init_stds", "seed", "seeds")
-    return {k: v for k, v in vars(args).items() if k not in same and base.get(k) != v}
-
-
 def build_model(args, task):
     """The run's model, built exactly as the run alone builds it: seeded by its seed, drawn with its sigma."""
     cfg = ModelConfig(n_tokens=len(task.coords), in_dim=task.in_dim, n_out=task.n_out, head=task.head,
                       masked=task.head == "token", **{f.name: getattr(args, f.name) for f in fields(ModelConfig)
                                                       if "help" in f.metadata})
-    try:
-        return init_model(cfg, task.coords, args.seed)
-    except ValueError as e:
-        die(str(e))
+    return init_model(cfg, task.coords, args.seed)
 
 
 # ----------------------------------------------------------------------------- one run
@@ -315,9 +90,9 @@ class Run:
         return f"{self.args.out_dir}: " if many else ""
 
     def identity(self):
-        """What the run is (rundir.identity), for its run.json and summary.json."""
-        shape = None if (t := analyze.pe_tables(self.model)) is None else list(t.shape)
-        return rundir.identity(config(self.args), shape, changes(self.args))
+        """What the run is (config.identity), for its run.json and summary.json."""
+        shape = None if (t := metrics.pe_tables(self.model)) is None else list(t.shape)
+        return config.identity(config.flags(self.args), shape, config.changes(self.args))
 
     def record(self):
         """run.json: what the run is and its PE's norm ratios at init, so that its metrics.jsonl can be tabled at any
@@ -328,11 +103,8 @@ class Run:
 def open_run(args):
     """The run in args.out_dir as its directory holds it (locked by the caller): to continue from a checkpoint, to
     start afresh, or done (finished or diverged: nothing to do)."""
-    compared = set(config(args)) - set(derived(args))
-    try:
-        ckpt, summary = rundir.open_run(args.out_dir, config(args), args.resume, args.force, compared)
-    except ValueError as e:
-        die(str(e))
+    compared = set(config.flags(args)) - set(config.derived(args))
+    ckpt, summary = rundir.open_run(args.out_dir, config.flags(args), args.resume, args.force, compared)
     run = Run(args, ckpt, summary)
     if ckpt is not None:
         run.saved = run.iter = ckpt["state"]["iter"]
@@ -350,8 +122,8 @@ def start(run, task, tokens, device):
     run.model.to(device)
     run.opt = adamw(run.model.param_groups(args.weight_decay, args.pe_weight_decay), device, lr=args.lr,
                     betas=tuple(args.betas))
-    ident0 = analyze.identifiability(run.model, task.coords, task.references, task.twins, tokens)
-    run.ratios, run.pe_rsa_init = analyze.norm_ratios(run.model, tokens), ident0["pe_rsa"]
+    ident0 = metrics.identifiability(run.model, task.coords, task.references, task.twins, tokens)
+    run.ratios, run.pe_rsa_init = metrics.norm_ratios(run.model, tokens), ident0["pe_rsa"]
     kept = []
     if run.ckpt is not None:
         run.model.load_state_dict(run.ckpt["model"])
@@ -363,7 +135,7 @@ def start(run, task, tokens, device):
         try:
             kept = rundir.read_json(os.path.join(args.out_dir, "metrics.jsonl"), lines=True)
         except ValueError as e:
-            die(f"--resume: {e}")
+            raise ValueError(f"--resume: {e}") from None
     kept = [m for m in kept if m["iter"] <= run.iter]  # not the evals made after the checkpoint
     rundir.write_metrics(args.out_dir, kept)
     rundir.drop_tables_after(args.out_dir, run.iter)
@@ -379,25 +151,18 @@ def log_evals(due, task, args, device, forward, ctx, tokens):
     if not due:
         return
     with ctx:
-        ms = evaluate([run.model for run in due], task, device, forward)
+        ms = metrics.evaluate([run.model for run in due], task, device, forward)
     for run, m in zip(due, ms):
         n_train = len(task.splits["train"]["y"])
         m.update({"iter": run.iter, "epoch": run.iter / tasks.epoch_steps(n_train, args.batch_size),
                   "lr": lr_at(run.iter, args), "elapsed": run.elapsed},
-                 **analyze.identifiability(run.model, task.coords, task.references, task.twins, tokens))
+                 **metrics.identifiability(run.model, task.coords, task.references, task.twins, tokens))
         rundir.append_metrics(run.args.out_dir, m)
-        if (tables := analyze.pe_tables(run.model)) is not None:
+        if (tables := metrics.pe_tables(run.model)) is not None:
             rundir.save_tables(run.args.out_dir, run.iter, tables)
-        if run.fit_iter is None and fitted(m, args, task):
+        if run.fit_iter is None and metrics.fitted(m, args, task):
             run.fit_iter = run.iter
         run.last = m
-
-
-def fitted(m, args, task):
-    """Whether an eval fits the training set (--stop-train-acc, else 0.999); None for a regression."""
-    if task.head != "cls":
-        return None
-    return m["train_acc"] >= (args.stop_train_acc if args.stop_train_acc is not None else 0.999)
 
 
 def save_checkpoint(run):
@@ -412,7 +177,8 @@ def finish(run, args, task, n_params):
     m = run.last
     run.elapsed = time.time() - run.t0
     run.summary = run.identity() | {
-        "iters": run.iter, "wall_s": round(run.elapsed, 1), "fitted": fitted(m, args, task), "fit_iter": run.fit_iter,
+        "iters": run.iter, "wall_s": round(run.elapsed, 1), "fitted": metrics.fitted(m, args, task),
+        "fit_iter": run.fit_iter,
         "epoch": m["epoch"], "n_params": n_params,
         **{k: v for k, v in m.items() if k.endswith(("_acc", "_mse", "_r2")) or "_acc_" in k},
         **{k: v for k, v in m.items() if k.startswith("pe_") or k == "tok_norm"}, **run.ratios,
@@ -439,19 +205,17 @@ def diverge(run, args, what, step):
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     """Train every run the flags ask for (one unless --seeds/--init-stds) in one loop; returns their summaries."""
-    all_args = runs(get_args(argv))  # a bad flag ends here, before anything is written
-    args = all_args[0]  # what the runs share: everything but seed, init_std and out_dir
     held, all_runs = [], []  # the run directories' locks, released however main ends
     try:
+        all_args = config.runs(config.get_args(argv, __doc__))  # a bad flag ends here, before anything is written
         for a in all_args:  # each directory locked, then read: what its run continues from, or that it is done
-            try:
-                held.append(rundir.lock(a.out_dir))
-            except ValueError as e:
-                die(str(e))
+            held.append(rundir.lock(a.out_dir))
             all_runs.append(open_run(a))
         active = [run for run in all_runs if run.summary is None]
         if active:
-            train(active, args)
+            train(active, all_args[0])  # what the runs share: everything but seed, init_std and out_dir
+    except ValueError as e:  # a bad flag, device, directory or file: one line
+        die(str(e))
     except KeyboardInterrupt:  # checkpoints are written atomically: each run continues from its latest
         for run in all_runs:
             if run.summary is None:
@@ -483,22 +247,19 @@ def train(active, args):
     # models, from the task's coordinates: a model the flags cannot build ends here, before any data are made
     try:
         shape = tasks.get_task(args.task, args, with_data=False)
-    except (FileNotFoundError, ValueError) as e:  # brain3d's data not installed
-        die(str(e))
+    except FileNotFoundError as e:  # brain3d's data not installed: a bad flag, not a full disk
+        raise ValueError(str(e)) from None
     for run in active:
         run.model = build_model(run.args, shape)
     # the task's data; epochs in steps of its training split
-    try:
-        task = tasks.get_task(args.task, args)
-    except ValueError as e:  # a dataset cache that cannot be written
-        die(str(e))
-    in_steps([args] + [run.args for run in active], len(task.splits["train"]["y"]))
+    task = tasks.get_task(args.task, args)  # a dataset cache that cannot be written: a ValueError
+    config.in_steps([args] + [run.args for run in active], len(task.splits["train"]["y"]))
     n_params = sum(p.numel() for p in active[0].model.parameters())
     print(f"{args.task}: {len(task.coords)} tokens; " + ", ".join(f"{k} {len(v['y'])}" for k, v in task.splits.items()))
     at_once = f"; {len(active)} runs at once ({'vmap' if use_vmap else 'loop'})" if many else ""
     print(f"model: {n_params / 1e6:.2f} M parameters, pe={args.pe} ({args.pe_layers}), device={device}, dtype={dtype}, "
           f"compile={use_compile}{at_once}")
-    tokens = analyze.training_tokens(task)  # the embedded tokens' norm is the unit of a PE's
+    tokens = metrics.training_tokens(task)  # the embedded tokens' norm is the unit of a PE's
     for run in active:
         print(run.name(many) + start(run, task, tokens, device))
     forward = forward_models if not use_vmap else vmapped
@@ -556,7 +317,7 @@ def train(active, args):
             scores = " ".join(f"{s} {m[f'{s}_{key}']:.4f}" for s in task.splits)
             tqdm.write(f"{run.name(many)}step {run.iter}: {scores}"
                        + f" pe_rsa {m['pe_rsa'] if m['pe_rsa'] is None else round(m['pe_rsa'], 3)}")
-            run.stopped = args.stop_train_acc is not None and fitted(m, args, task)
+            run.stopped = args.stop_train_acc is not None and metrics.fitted(m, args, task)
             save_checkpoint(run)
         # stop: a run leaves the batch when it reached max_iters, fitted or diverged
         for run in due:
