@@ -84,10 +84,7 @@ class Run:
     saved: int = None  # the step its latest checkpoint holds
     last: dict = None  # its latest eval
     t0: float = 0.0
-
-    def name(self, many):
-        """The prefix of a run's printed lines, when several runs share the output."""
-        return f"{self.args.out_dir}: " if many else ""
+    prefix: str = ""  # of its printed lines: its directory, when several runs share the output
 
     def identity(self):
         """What the run is (config.identity), for its run.json and summary.json."""
@@ -261,12 +258,12 @@ def train(active, args):
           f"compile={use_compile}{at_once}")
     tokens = metrics.training_tokens(task)  # the embedded tokens' norm is the unit of a PE's
     for run in active:
-        print(run.name(many) + start(run, task, tokens, device))
+        run.prefix = f"{run.args.out_dir}: " if many else ""
+        print(run.prefix + start(run, task, tokens, device))
     forward = forward_models if not use_vmap else vmapped
     # one static graph for the training step; evaluation runs eager, since each of its chunk sizes would need a graph
     # of its own (a vmap compiled with dynamic shapes fails in torch 2.13)
     step_forward = torch.compile(forward, dynamic=False) if use_compile else forward
-    key = "acc" if task.head == "cls" else "r2"  # the headline metric per split
     bar = tqdm(total=args.max_iters, initial=min(run.iter for run in active), dynamic_ncols=True,
                desc=os.path.basename(args.out_dir) if not many else f"{len(active)} runs",
                disable=not sys.stderr.isatty())  # in a log file, the eval lines below are the progress
@@ -279,52 +276,60 @@ def train(active, args):
         if run not in training:
             if run.last is None:
                 log_evals([run], task, args, device, forward, ctx, tokens)
-            tqdm.write(run.name(many) + finish(run, args, task, n_params))
-    while training:  # one step of every run still training: one forward and one backward for all
-        # lr: each run's schedule at its own step
-        for run in training:
-            for g in run.opt.param_groups:
-                g["lr"] = lr_at(run.iter, args)
-        # batch: each run's own data order, stacked into (K, B, ...)
-        batches = [tasks.training_batch(run.iter, task, args.batch_size, run.args.seed) for run in training]
-        batch = {k: torch.stack([b[k] for b in batches]).to(device) for k in batches[0]}
-        # step
-        out, losses = train_step([run.model for run in training], [run.opt for run in training], batch, task.head,
-                                 step_forward, ctx)
-        # a loss that is no longer finite ends its run here, before its broken weights are evaluated or saved
-        for run, loss in zip(training, losses.tolist()):
-            if not math.isfinite(loss):
-                tqdm.write(diverge(run, args, f"loss is {loss}", run.iter + 1), file=sys.stderr)
-        for run in training:
-            run.iter += 1
-        # progress
+            tqdm.write(run.prefix + finish(run, args, task, n_params))
+    while training:
+        out, batch, losses = step(training, task, args, device, step_forward, ctx)
         bar.update(1)
         if bar.n % 10 == 0 and not bar.disable:
             acc = {"acc": f"{(out.argmax(-1) == batch['y']).float().mean().item():.3f}"} if task.head == "cls" else {}
             bar.set_postfix(loss=f"{losses.mean().item():.4f}", **acc)
-        # eval + checkpoint (never of weights a non-finite gradient broke while the loss was still finite)
-        due = [run for run in training if run.summary is None and
-               (run.iter % args.eval_interval == 0 or run.iter == args.max_iters)]
-        for run in due:
-            if not all(p.isfinite().all() for p in run.model.parameters()):
-                tqdm.write(diverge(run, args, "the weights are no longer finite", run.iter), file=sys.stderr)
-        due = [run for run in due if run.summary is None]
-        for run in due:
-            run.elapsed = time.time() - run.t0
-        log_evals(due, task, args, device, forward, ctx, tokens)
-        for run in due:
-            m = run.last
-            scores = " ".join(f"{s} {m[f'{s}_{key}']:.4f}" for s in task.splits)
-            tqdm.write(f"{run.name(many)}step {run.iter}: {scores}"
-                       + f" pe_rsa {m['pe_rsa'] if m['pe_rsa'] is None else round(m['pe_rsa'], 3)}")
-            run.stopped = args.stop_train_acc is not None and metrics.fitted(m, args, task)
-            save_checkpoint(run)
-        # stop: a run leaves the batch when it reached max_iters, fitted or diverged
-        for run in due:
-            if run.stopped or run.iter >= args.max_iters:
-                tqdm.write(run.name(many) + finish(run, args, task, n_params))
-        training = [run for run in training if run.summary is None]
+        evals_due(training, task, args, device, forward, ctx, tokens, n_params)
+        training = [run for run in training if run.summary is None]  # a run leaves at max_iters, a fit or divergence
     bar.close()
+
+
+def step(training, task, args, device, forward, ctx):
+    """One optimiser step of every run still training, each at its own lr and on its own batch, as one forward and one
+    backward for all; a run whose loss is no longer finite ends here, before its broken weights are evaluated or
+    saved. Returns the outputs, the stacked batch and the losses."""
+    for run in training:
+        for g in run.opt.param_groups:
+            g["lr"] = lr_at(run.iter, args)
+    batches = [tasks.training_batch(run.iter, task, args.batch_size, run.args.seed) for run in training]
+    batch = {k: torch.stack([b[k] for b in batches]).to(device) for k in batches[0]}  # (K, B, ...)
+    out, losses = train_step([run.model for run in training], [run.opt for run in training], batch, task.head, forward,
+                             ctx)
+    for run, loss in zip(training, losses.tolist()):
+        if not math.isfinite(loss):
+            tqdm.write(diverge(run, args, f"loss is {loss}", run.iter + 1), file=sys.stderr)
+    for run in training:
+        run.iter += 1
+    return out, batch, losses
+
+
+def evals_due(training, task, args, device, forward, ctx, tokens, n_params):
+    """The evals due after a step (every eval_interval and at max_iters): evaluate those runs at once, log, print and
+    checkpoint each, and finish those that reached max_iters or fitted (never evaluating or saving weights a
+    non-finite gradient broke while the loss was still finite)."""
+    due = [run for run in training if run.summary is None and
+           (run.iter % args.eval_interval == 0 or run.iter == args.max_iters)]
+    for run in due:
+        if not all(p.isfinite().all() for p in run.model.parameters()):
+            tqdm.write(diverge(run, args, "the weights are no longer finite", run.iter), file=sys.stderr)
+    due = [run for run in due if run.summary is None]
+    for run in due:
+        run.elapsed = time.time() - run.t0
+    log_evals(due, task, args, device, forward, ctx, tokens)
+    key = "acc" if task.head == "cls" else "r2"  # the headline metric per split
+    for run in due:
+        m = run.last
+        scores = " ".join(f"{s} {m[f'{s}_{key}']:.4f}" for s in task.splits)
+        tqdm.write(f"{run.prefix}step {run.iter}: {scores}"
+                   + f" pe_rsa {m['pe_rsa'] if m['pe_rsa'] is None else round(m['pe_rsa'], 3)}")
+        run.stopped = args.stop_train_acc is not None and metrics.fitted(m, args, task)
+        save_checkpoint(run)
+        if run.stopped or run.iter >= args.max_iters:
+            tqdm.write(run.prefix + finish(run, args, task, n_params))
 
 
 def vmapped(models, x, readout=None, mask=None):
