@@ -5,8 +5,8 @@ A run directory: every file train.py writes there, and how train.py (--resume) a
     metrics.jsonl  one line per eval
     ckpt.pt        model, optimiser, flags, loop state and RNG state, rewritten at every eval
     summary.json   what the run is and its last eval, at its end (or where it diverged)
-    pe/STEP.npy    a PE with tables: its tables (T, N, d) at each eval's step, float32 (tens of KB; kept with the
-                   metrics, so a run's PE can be studied at every eval without its checkpoints)
+    pe/STEP.npy    a PE with tables: its tables (T, N, d) at each eval's step (a fixed one: at step 0), float32 (tens
+                   of KB; kept with the metrics, so a run's PE can be studied at every eval without its checkpoints)
     lock           while a process trains the run: that process's id, under an flock
 
 Every file but metrics.jsonl (appended line by line) is written atomically, through a temporary file and a rename, so

@@ -1179,6 +1179,8 @@ def test_a_run_saves_its_pe_tables_at_every_eval(tmp_path):
     assert np.array_equal(tables[6], last) and not np.array_equal(tables[6], tables[0])
     rundir.drop_tables_after(run, 2)  # as a run resumed from its step-2 checkpoint does
     assert sorted(rundir.read_tables(run)) == [0, 2]
+    run_train(tmp_path, "--pe", "sinnd", "--force")  # a fixed table: saved once
+    assert sorted(rundir.read_tables(run)) == [0]
 
 
 @pytest.mark.parametrize("layout", tasks.NET_LAYOUTS)

@@ -155,7 +155,8 @@ def log_evals(due, task, args, device, forward, ctx, tokens):
                   "lr": lr_at(run.iter, args), "elapsed": run.elapsed},
                  **metrics.identifiability(run.model, task.coords, task.references, task.twins, tokens))
         rundir.append_metrics(run.args.out_dir, m)
-        if (tables := metrics.pe_tables(run.model)) is not None:
+        tables = metrics.pe_tables(run.model)
+        if tables is not None and (run.iter == 0 or run.model.pe.weight.requires_grad):  # a fixed table: once
             rundir.save_tables(run.args.out_dir, run.iter, tables)
         if run.fit_iter is None and metrics.fitted(m, args, task):
             run.fit_iter = run.iter
