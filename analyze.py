@@ -31,8 +31,9 @@ import pe as pe_lib
 import rundir
 import tasks
 from config import label
-from metrics import (chance_levels, cosine_matrix, distance_matrix, linear_r2, pe_drift, pe_metrics, pe_tables,
-                     principal_coords, procrustes, sinusoid_reference, spearman, upper)
+from metrics import (chance_levels, cosine_matrix, distance_matrix, estimated_positions, linear_r2, pe_drift,
+                     pe_metrics, pe_tables, position_recovery, principal_coords, procrustes, sinusoid_reference,
+                     spearman, upper)
 from model import ModelConfig, Transformer
 
 REFERENCE_LOGS = os.path.join(tasks.LST_DIR, "lstnn_reference_logs.csv")  # the authors' logs: average rows
@@ -359,8 +360,23 @@ def plot_classes(summary, classes, puzzles, path):
     return bars
 
 
-def analyze_run(run_dir):
-    """Every figure of one run and analysis.json with every number plotted; returns that dict."""
+def write_positions(X, run_dir):
+    """A run's estimated token positions X (N, dims): positions.csv (token, x1, ...) and positions.png."""
+    rows = [["token"] + [f"x{i + 1}" for i in range(X.shape[1])]] + [[i, *map(float, x)] for i, x in enumerate(X)]
+    rundir.atomic_save("".join(",".join(map(str, r)) + "\n" for r in rows), os.path.join(run_dir, "positions.csv"))
+    plt = pyplot()
+    proj = {"projection": "3d"} if X.shape[1] == 3 else {}
+    fig, ax = plt.subplots(figsize=(4.6, 4.2), subplot_kw=proj)
+    ax.scatter(*plot_points(X if X.shape[1] > 1 else np.c_[X, np.zeros(len(X))]), s=18, c=np.arange(len(X)),
+               cmap="viridis", edgecolors="k", linewidths=0.3)
+    ax.set_title("token positions estimated from the PE (top principal coordinates of table 0)", fontsize=8)
+    save_figure(fig, os.path.join(run_dir, "positions.png"))
+    return X.tolist()
+
+
+def analyze_run(run_dir, dims=2):
+    """Every figure of one run and analysis.json with every number plotted; returns that dict. Positions unknown
+    (a series file without coords): the positions the PE suggests, in `dims` dimensions, instead of the layout."""
     model, task, args = load_run(run_dir)
     C = task.coords.numpy()
     summary = rundir.read_json(os.path.join(run_dir, "summary.json"))
@@ -370,6 +386,9 @@ def analyze_run(run_dir):
     if tables is not None:
         out["tables"] = [pe_metrics(t, C, task.references, task.twins) for t in tables]
         out["chance"] = chance_levels(tables.shape, C, task.references, task.twins)
+    if tables is not None and not C.shape[1]:  # positions unknown: what the PE says they are
+        out["positions"] = write_positions(estimated_positions(tables[0], dims), run_dir)
+    elif tables is not None:
         out["similarity"] = plot_similarity(tables, C, os.path.join(run_dir, "pe_similarity.png"))
         out["layout"] = plot_layout(tables, C, os.path.join(run_dir, "pe_layout.png"))
         if grid_shape(C):
@@ -586,6 +605,20 @@ def score_linear(runs):
         print(json.dumps({"run": run, "data_seed": args.data_seed} | scores))
 
 
+def score_positions(runs, path, dims):
+    """--positions: one line per run, how well the positions its PE (table 0) suggests match the coords of a series
+    file (the same channels, with their positions), against the chance of shuffled channels."""
+    true = tasks.read_series(path)[1].numpy()
+    if not true.shape[1]:
+        raise ValueError(f"--positions {path}: the file has no coords to score against")
+    for run in runs:
+        tables = pe_tables(load_run(run)[0])
+        if tables is None or len(tables[0]) != len(true):
+            raise ValueError(f"--positions: {run} has no PE table of {len(true)} tokens to estimate positions from")
+        scores = position_recovery(estimated_positions(tables[0], dims), true)
+        print(json.dumps({"run": run, "dims": dims} | {k: round(v, 4) for k, v in scores.items()}))
+
+
 def epochs_of(text):
     """--epoch: 'all', or a comma-separated list of epochs."""
     if text == "all":
@@ -619,6 +652,9 @@ def main(argv=None):
                       help="CSV of LST items (columns puzzles, solutions[, condition]) to score one run on")
     mode.add_argument("--linear", action="store_true",
                       help="print the linear predictor's R² on each masked run's task and splits")
+    mode.add_argument("--positions", metavar="FILE",
+                      help="score the positions each run's PE suggests (--dims of them) against the coords of FILE (a "
+                           "series file): R² after the best similarity transform, and with the channels shuffled")
     mode.add_argument("--training", action="store_true",
                       help="figure 8 (training.png in --out-dir): every run's metrics against epoch, at every eval")
     p.add_argument("--out-dir",
@@ -631,6 +667,8 @@ def main(argv=None):
     p.add_argument("--reference", action="store_true",
                    help="--table: the authors' rows (their logs, 15 seeds) beside ours at their nearest logged epoch")
     p.add_argument("--columns", type=columns_of, help="--table: these columns only, e.g. test_acc,human_acc")
+    p.add_argument("--dims", type=int, default=2, help="positions unknown (a series file without coords): the "
+                   "dimensions of the token positions estimated from the PE (positions.csv)")
     p.add_argument("--x", default="sigma", choices=("sigma", "ratio"),
                    help="sweep figure 5's x axis: the init std σ, or pe_tok_ratio (PE norm / token norm at init)")
     a = p.parse_args(argv)
@@ -651,9 +689,11 @@ def main(argv=None):
             return score_run(runs, a.puzzles)
         if a.linear:
             return score_linear(runs)
+        if a.positions:
+            return score_positions(runs, a.positions, a.dims)
         for run in tqdm(runs, desc="runs", disable=len(runs) < 2):
             if os.path.exists(os.path.join(run, "ckpt.pt")):  # a run that diverged at once has nothing to draw
-                analyze_run(run)
+                analyze_run(run, a.dims)
         summaries = [s for run in runs if (s := run_summary(run) if epoch is None else at_epoch(run, epoch))
                      and not s.get("diverged")]
         if len(summaries) > 1:

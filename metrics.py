@@ -201,10 +201,11 @@ def pe_metrics(P, C, references=None, twins=None):
     """Every metric of one PE table against the true coordinates, RSA against each named reference
     similarity matrix (a task's coupling, functional connectivity) and, where the task has left/right
     twins (brain layouts), the twin rank and the modularity of the PE's cosine similarities."""
-    out = {"rsa": rsa(P, C), "rsa_pearson": rsa(P, C, "pearson"),
-           "sin_rsa": rsa_matrix(P, sinusoid_reference(C, P.shape[1])), "layout_r2": layout_r2(P, C),
-           "neighbours": neighbour_recovery(P, C), "dim": participation_ratio(P),
-           "norm": float(np.linalg.norm(P, axis=1).mean())}
+    out = {"dim": participation_ratio(P), "norm": float(np.linalg.norm(P, axis=1).mean())}
+    if C.shape[1]:  # positions known (a series file without coords gives none)
+        out |= {"rsa": rsa(P, C), "rsa_pearson": rsa(P, C, "pearson"),
+                "sin_rsa": rsa_matrix(P, sinusoid_reference(C, P.shape[1])), "layout_r2": layout_r2(P, C),
+                "neighbours": neighbour_recovery(P, C)}
     out |= {f"rsa_{name}": rsa_matrix(P, S) for name, S in (references or {}).items()}
     if twins is not None and len(twins):
         S = cosine_matrix(P)
@@ -257,8 +258,8 @@ def identifiability(model, coords, references=None, twins=None, tokens=None):
     if tables is None or not np.isfinite(tables).all():  # no table, or a broken one: nothing to measure
         return {"pe_rsa": None, "pe_rsa_tables": None, "pe_norm": 0.0 if model.pe is None else None} | tok
     per_table = [pe_metrics(t, coords.numpy(), references, twins) for t in tables]
-    mean = {f"pe_{k}": float(np.mean([m[k] for m in per_table])) for k in per_table[0]}
-    return mean | {"pe_rsa_tables": [m["rsa"] for m in per_table]} | tok
+    mean = {"pe_rsa": None} | {f"pe_{k}": float(np.mean([m[k] for m in per_table])) for k in per_table[0]}
+    return mean | {"pe_rsa_tables": [m["rsa"] for m in per_table] if coords.shape[1] else None} | tok
 
 
 def chance_levels(shape, coords, references=None, twins=None, draws=100, seed=0):
@@ -303,6 +304,23 @@ def linear_r2(task):
         pred = mu[hid] + sample_blocks(S, hid, vis) @ solved
         out[f"{name}_r2"] = r2(pred, sample_rows(x, hid))
     return out
+
+
+def estimated_positions(P, dims):
+    """The tokens' positions as a PE table P (N, d) suggests them when the true ones are unknown: its rows'
+    top-`dims` principal coordinates (classical MDS), (N, dims)."""
+    return principal_coords(P, dims)
+
+
+def position_recovery(estimated, true, shuffles=100, seed=0):
+    """How well estimated positions (N, k) match the true ones (N, k'): R² after the best similarity transform
+    (procrustes), and its chance level: the same with the channels shuffled (mean and 95th percentile)."""
+    k = min(estimated.shape[1], true.shape[1])
+    estimated, true = np.asarray(estimated)[:, :k], np.asarray(true, dtype=np.float64)[:, :k]
+    rng = np.random.default_rng(seed)
+    chance = [procrustes(true, estimated[rng.permutation(len(true))])[1] for _ in range(shuffles)]
+    return {"r2": procrustes(true, estimated)[1], "chance_mean": float(np.mean(chance)),
+            "chance_p95": float(np.percentile(chance, 95))}
 
 
 def pe_drift(init, tables):

@@ -185,6 +185,9 @@ def build(kind, n_tokens, coords, n_embd, n_head, n_tables, init="normal", std=0
         raise ValueError(f"unknown pe {kind!r}; choose from {KINDS}")
     if kind in NEEDS_COORDS and coords is None:
         raise ValueError(f"pe {kind!r} needs token coordinates, which this task does not provide")
+    if coords is not None and coords.shape[1] == 0 and not (has_sigma(kind) or kind == "none"):  # positions unknown
+        raise ValueError(f"pe {kind!r} needs the tokens' positions, which these data do not give (no coords): "
+                         f"choose from {DRAWN + ('none',)}")
     if has_sigma(kind):
         init_table((1,), init, std)  # validates init and std before anything is built
     if n_embd % n_head:

@@ -49,14 +49,24 @@ Coordinates: the AAL2 region centres, centred and divided by their mean nearest-
 frequencies and ALiBi assume).
 references: {"fc": functional connectivity, the regions' correlation over the training subjects only};
 twins: each left region with its right twin, for the homotopy metric.
+
+series, a user's own recordings: R runs of N channels over time in one .npz file (README: writing one), read with
+pickling off. x (R, N, T), or x_0, x_1, ... (N, T_r) for runs of different lengths; optional coords (N, k), the
+channels' positions, used as given (without them the PEs that need positions refuse, and analyze.py estimates the
+positions from the learned PE); names (N,) (X_L / X_R pairs give twins); split (R,), each run's split, one of
+train, val, test, ood (default: the runs permuted by data_seed, one test, one val, the rest train). Masked-channel
+prediction on windows of the runs as brain3d's: training windows start every stride steps, evaluation windows do not
+overlap. references: {"fc": the channels' correlation over the training runs}.
 """
 import csv
 import glob
 import hashlib
 import importlib.util
+import io
 import json
 import math
 import os
+import zipfile
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
@@ -598,7 +608,148 @@ def brain3d(flags=None, data_seed=0, root=None, with_data=True):
     return task
 
 
-TASKS = {"grid2d": (GridFlags, grid2d), "network": (NetworkFlags, network), "brain3d": (BrainFlags, brain3d)}
+# ----------------------------------------------------------------------------- a user's recordings
+SERIES_SPLITS = ("train", "val", "test", "ood")
+
+
+@dataclass
+class SeriesFlags:
+    """series' flags (train.py --series FILE, ...), as GridFlags'."""
+    DEFAULTS: ClassVar[dict] = dict(n_embd=64, lr=1e-3, max_iters=1500)  # brain3d's recipe, at a width that splits
+    # over 1, 2 or 4 axes
+    HEAD: ClassVar[str] = "token"
+    series: str = field(default=None, metadata=dict(help="the recordings: an .npz (README: writing one)"))
+    series_window: int = field(default=16, metadata=dict(help="time steps per token", ge=1))
+    series_stride: int = field(default=1, metadata=dict(
+        help="time steps between the starts of consecutive training windows (eval windows do not overlap)", ge=1,
+        label=False))
+    series_mask_frac: float = field(default=0.25, metadata=dict(help="fraction of the channels hidden in each sample"))
+
+    def check(self):  # the file and the window against it: series(), which reads it
+        pass
+
+
+def series_arrays(path):
+    """Every array of an .npz, read with pickling off: a file that cannot be read, or needs unpickling, is a
+    ValueError naming it."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--series {path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except ValueError as e:  # an object array: loading it would run code
+        raise ValueError(f"--series {path}: an array needs unpickling, which a data file may not ({e})") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"--series {path}: not a readable .npz ({type(e).__name__}: {e})") from None
+
+
+def numeric(path, key, a, ndim):
+    """Array `key` as float32, or a ValueError: not real numbers, a wrong number of axes, or a value not finite."""
+    if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)) or a.ndim != ndim:
+        raise ValueError(f"--series {path}: {key} must be a {ndim}-D array of real numbers, got {a.dtype} {a.shape}")
+    if not np.isfinite(a).all():
+        raise ValueError(f"--series {path}: {key} holds values that are not finite (NaN or inf)")
+    return a.astype(np.float32)
+
+
+def run_keys(z):
+    """The arrays of a series file that hold its runs: x, or x_0, x_1, ... in order; None if neither."""
+    if "x" in z:
+        return ["x"]
+    keys = [k for k in z if k.startswith("x_") and k[2:].isdigit()]
+    return sorted(keys, key=lambda k: int(k[2:])) or None
+
+
+def read_series(path):
+    """(runs: [(N, T_r) tensors], coords (N, k) or (N, 0) when the file has none, names or None, split labels or None)
+    of a series file, checked: every problem a ValueError of one line naming the file."""
+    z = series_arrays(path)
+    keys = run_keys(z)
+    if keys is None:
+        raise ValueError(f"--series {path}: no recordings: an array x (runs, N, T) or x_0, x_1, ... (N, T) each")
+    runs = list(numeric(path, "x", z["x"], 3)) if keys == ["x"] else [numeric(path, k, z[k], 2) for k in keys]
+    n = runs[0].shape[0]
+    if any(r.shape[0] != n for r in runs):
+        raise ValueError(f"--series {path}: every run needs the same N channels, got {sorted({len(r) for r in runs})}")
+    coords = numeric(path, "coords", z["coords"], 2) if "coords" in z else np.zeros((n, 0), np.float32)
+    if len(coords) != n:
+        raise ValueError(f"--series {path}: coords has {len(coords)} rows for {n} channels")
+    names = [str(v) for v in z["names"]] if "names" in z else None
+    if names is not None and len(names) != n:
+        raise ValueError(f"--series {path}: names has {len(names)} entries for {n} channels")
+    split = [str(v) for v in z["split"]] if "split" in z else None
+    if split is not None and (len(split) != len(runs) or set(split) - set(SERIES_SPLITS)):
+        raise ValueError(f"--series {path}: split needs one of {', '.join(SERIES_SPLITS)} for each of the "
+                         f"{len(runs)} runs, got {split[:8]}")
+    return [torch.from_numpy(r) for r in runs], torch.from_numpy(coords), names, split
+
+
+def write_series(path, runs, coords=None, names=None, split=None):
+    """A series file: runs (R, N, T) or a list of (N, T_r) arrays, and the optional coords, names and split."""
+    many = isinstance(runs, list)  # runs of different lengths
+    arrays = {f"x_{i}": np.asarray(r) for i, r in enumerate(runs)} if many else {"x": np.asarray(runs)}
+    arrays |= {k: np.asarray(v) for k, v in (("coords", coords), ("names", names), ("split", split)) if v is not None}
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_save(buf.getvalue(), path)
+
+
+def series_split(n_runs, split, data_seed):
+    """Each run's split: the file's, or (as brain3d splits subjects) a permutation by data_seed: one test, one val."""
+    if split is not None:
+        return split
+    if n_runs < 3:
+        raise ValueError(f"{n_runs} run(s) cannot be split into train, val and test (3 at least; or give a split "
+                         "array)")
+    out = [None] * n_runs
+    for k, idx in brain_subjects(n_runs, data_seed).items():
+        for i in idx:
+            out[i] = k
+    return out
+
+
+def write_network_series(path, flags=None, data_seed=0, data_dir="data", with_coords=True):
+    """The network simulation (its trials as runs of one window each, their splits, and, with_coords, the nodes'
+    positions) as a series file, which --task series --series-window WINDOW trains on exactly as --task network."""
+    f = flags or NetworkFlags()
+    task = network(f, data_seed, data_dir)
+    runs = torch.cat([task.splits[k]["x"] for k in ("train", "test", "ood")])
+    split = [k for k in ("train", "test", "ood") for _ in range(len(task.splits[k]["x"]))]
+    write_series(path, runs.numpy(), task.coords.numpy() if with_coords else None, None, split)
+
+
+def series(flags=None, data_seed=0, data_dir=None, with_data=True):
+    """A user's recordings (flags.series, an .npz); with_data=False still reads the file (for the FC), but cuts no
+    windows. data_dir is unused: nothing is generated."""
+    f = flags or SeriesFlags()
+    if not f.series:
+        raise ValueError("--task series needs --series FILE.npz (README: writing one)")
+    runs, coords, names, split = read_series(f.series)
+    n, window, shortest = runs[0].shape[0], f.series_window, min(r.shape[1] for r in runs)
+    check_masked("series_mask_frac", f.series_mask_frac, n)
+    if window > shortest:
+        raise ValueError(f"--series-window {window} is longer than the shortest run ({shortest} time steps)")
+    try:
+        split = series_split(len(runs), split, data_seed)
+    except ValueError as e:
+        raise ValueError(f"--series {f.series}: {e}") from None
+    by_split = {k: [r for r, s in zip(runs, split) if s == k] for k in SERIES_SPLITS if k in split}
+    if "train" not in by_split or len(by_split) < 2:
+        raise ValueError(f"--series {f.series}: the split needs training runs and runs of another split, got "
+                         f"{sorted(by_split)}")
+    fc = torch.nan_to_num(torch.corrcoef(torch.cat(by_split["train"], 1).double()))  # a flat channel: no correlation
+    task = Task("series", coords, window, window, "token", references={"fc": fc}, mask_frac=f.series_mask_frac,
+                twins=twin_pairs(names or []))
+    if not with_data:
+        return task
+    gen = torch.Generator().manual_seed(data_seed)  # eval masks: fixed per split
+    task.splits = {k: masked_split(cut_windows(xs, window, f.series_stride if k == "train" else window),
+                                   f.series_mask_frac, gen) for k, xs in by_split.items()}
+    return task
+
+
+TASKS = {"grid2d": (GridFlags, grid2d), "network": (NetworkFlags, network), "brain3d": (BrainFlags, brain3d),
+         "series": (SeriesFlags, series)}
 
 
 def task_flags(name, args):

