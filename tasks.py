@@ -595,17 +595,8 @@ def brain3d(flags=None, data_seed=0, root=None, with_data=True):
     shortest = min(x.shape[1] for x in hcp + gw)
     if not 1 <= window <= shortest:
         raise ValueError(f"brain3d's window must be 1 to {shortest} TRs (the shortest run), got {window}")
-    runs = {k: [hcp[i] for i in v] for k, v in brain_subjects(len(hcp), data_seed).items()} | {"ood": gw}
-    fc = torch.corrcoef(torch.cat(runs["train"], 1).double())  # equal-length z-scored runs: the subjects' mean FC
-    task = Task("brain3d", coords, window, window, "token", references={"fc": fc}, mask_frac=mask_frac,
-                twins=twin_pairs(names))
-    if not with_data:
-        return task
-    gen = torch.Generator().manual_seed(data_seed)  # eval masks: fixed per split
-    # training windows start every `stride` TRs; evaluation windows do not overlap
-    task.splits = {k: masked_split(cut_windows(xs, window, stride if k == "train" else window), mask_frac, gen)
-                   for k, xs in runs.items()}
-    return task
+    split = series_split(len(hcp), None, data_seed) + ["ood"] * len(gw)
+    return windows_task("brain3d", hcp + gw, split, coords, names, window, stride, mask_frac, data_seed, with_data)
 
 
 # ----------------------------------------------------------------------------- a user's recordings
@@ -733,18 +724,26 @@ def series(flags=None, data_seed=0, data_dir=None, with_data=True):
         split = series_split(len(runs), split, data_seed)
     except ValueError as e:
         raise ValueError(f"--series {f.series}: {e}") from None
-    by_split = {k: [r for r, s in zip(runs, split) if s == k] for k in SERIES_SPLITS if k in split}
-    if "train" not in by_split or len(by_split) < 2:
+    if "train" not in split or not set(split) - {"train"}:
         raise ValueError(f"--series {f.series}: the split needs training runs and runs of another split, got "
-                         f"{sorted(by_split)}")
+                         f"{sorted(set(split))}")
+    return windows_task("series", runs, split, coords, names, window, f.series_stride, f.series_mask_frac, data_seed,
+                        with_data)
+
+
+def windows_task(name, runs, split, coords, names, window, stride, mask_frac, data_seed, with_data):
+    """Masked-token prediction on windows of runs (N, T_r), each run in its split (train, val, test, ood): brain3d's
+    and series'. Training windows start every `stride` steps, evaluation windows do not overlap; references: the FC,
+    the channels' correlation over the training runs; twins from the names' X_L / X_R pairs."""
+    by_split = {k: [r for r, s in zip(runs, split) if s == k] for k in SERIES_SPLITS if k in split}
     fc = torch.nan_to_num(torch.corrcoef(torch.cat(by_split["train"], 1).double()))  # a flat channel: no correlation
-    task = Task("series", coords, window, window, "token", references={"fc": fc}, mask_frac=f.series_mask_frac,
+    task = Task(name, coords, window, window, "token", references={"fc": fc}, mask_frac=mask_frac,
                 twins=twin_pairs(names or []))
     if not with_data:
         return task
     gen = torch.Generator().manual_seed(data_seed)  # eval masks: fixed per split
-    task.splits = {k: masked_split(cut_windows(xs, window, f.series_stride if k == "train" else window),
-                                   f.series_mask_frac, gen) for k, xs in by_split.items()}
+    task.splits = {k: masked_split(cut_windows(xs, window, stride if k == "train" else window), mask_frac, gen)
+                   for k, xs in by_split.items()}
     return task
 
 

