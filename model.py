@@ -157,9 +157,10 @@ class Transformer(nn.Module):
         h = self.embed(x)
         if mask is not None:  # replaced, not added to: nothing of a hidden token's content gets through
             h = torch.where(mask[..., None], self.mask_embd.to(h.dtype), h)
-        additive = isinstance(self.pe, pe_lib.AdditivePE)
-        rotary = self.pe if isinstance(self.pe, pe_lib.Rotary) else None
-        bias = self.pe() if isinstance(self.pe, (pe_lib.RelativeBias, pe_lib.ALiBi)) else None
+        kind = self.cfg.pe  # how it enters: added to the stream, rotating q and k, or biasing the scores
+        additive = kind in pe_lib.ADDITIVE and self.pe is not None  # "none" builds no module
+        rotary = self.pe if kind in pe_lib.ROTARY else None
+        bias = self.pe() if kind in pe_lib.BIAS else None
         for i, block in enumerate(self.blocks):
             if additive and i < self.pe.weight.shape[0]:  # the dropped stream is also the block's residual
                 h = self.pe_drop(h + self.pe(i))
