@@ -1,18 +1,15 @@
 """
-Look inside trained positional encodings: interpretability metrics, figures, sweeps.
+Look inside trained positional encodings: load runs, table them, draw them (the metrics themselves: metrics.py).
 
     python analyze.py RUN_DIR [RUN_DIR ...]          # per run: figures + analysis.json; across runs: sweep figures
     python analyze.py SWEEP_DIR                       # the same for every run inside SWEEP_DIR
     python analyze.py RUN_DIR --puzzles FILE.csv      # score RUN_DIR/ckpt.pt on human-style LST items
-    python analyze.py RUN_DIR [RUN_DIR ...] --table   # markdown table of summary.json, mean +- sd over seeds
+    python analyze.py RUN_DIR [RUN_DIR ...] --table   # markdown table of summary.json, mean +- sample sd over seeds
     python analyze.py results/lst-h200/* --table --epoch 100 --reference  # every run at epoch 100, the authors' too
+    python analyze.py RUNS --table --epoch all --per-run --columns human_acc,pe_sin_rsa  # every run at every eval
+    python analyze.py RUN_DIR [RUN_DIR ...] --training   # figure 8: every run's metrics against epoch
     python analyze.py RUN_DIR [RUN_DIR ...] --linear  # R² of a linear predictor on each masked run's splits
-
-Metrics compare a PE table P (N, d) with the tokens' true coordinates C (N, k). RSA correlates the PE's
-cosine similarities with a reference: pe_rsa with the negative true distances (our own measure), pe_sin_rsa
-with the cosine similarities of the fixed sinusoid on the same coordinates (the paper's comparison, "similarity
-to 2D cosine embeddings"). The geometric ones (layout, neighbours, dimensionality) use the Euclidean geometry of
-the centred rows. They are plain numpy and also what train.py logs.
+    python analyze.py RUN_DIR --positions FILE.npz    # positions the PE suggests against a series file's coords
 """
 import argparse
 import csv
