@@ -129,12 +129,12 @@ def summary_table(run_dirs, epochs=None, with_reference=False, columns=TABLE_COL
     per label (PE, σ and settings) and epoch: mean +- sample sd over the runs in it (seeds), and how many of them fitted
     the training set; per_run: a row per run (its seed named) instead; with the authors' rows at their logged epoch
     nearest to each, if asked."""
-    groups, chance, diverged, missing = {}, {}, [], 0
+    groups, chance, diverged, missing = {}, {}, [], []
     for d in run_dirs:
         for epoch in epochs or [None]:
             s = run_summary(d) if epoch is None else at_epoch(d, epoch)
             if s is None and epoch is not None:  # a run that has not reached the epoch yet
-                missing += 1
+                missing.append(f"{os.path.basename(os.path.normpath(d))} @ {epoch:g}")
                 continue
             if s is None:
                 raise ValueError(f"no summary.json in {d}: an unfinished run (--epoch E tables runs at its evals)")
@@ -186,8 +186,7 @@ def summary_table(run_dirs, epochs=None, with_reference=False, columns=TABLE_COL
     lines.append("\nCells: mean ± sample sd (ddof 1) over a row's runs (one run: its value); chance: mean ± sd "
                  "(95th percentile) of 100 random tables.")
     if missing:
-        at = ",".join(f"{e:g}" for e in epochs)
-        lines.append(f"{missing} run(s) logged no eval at epoch {at} and are left out there.")
+        lines.append(f"Left out, no eval logged there (not reached yet): {', '.join(missing)}.")
     return "\n".join(lines)
 
 

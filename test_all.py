@@ -2175,7 +2175,7 @@ def test_run_json_lets_analyze_table_a_run_at_an_epoch_without_checkpoints(epoch
         assert table_cell(table, EPOCHS_LABEL, "iters") == str(m["iter"])
     assert len({m["test_acc"] for m in evals}) > 1  # the epochs' cells tell them apart
     table = analyze.summary_table([str(run)], epochs=[1.5]).splitlines()
-    assert len(table) == 5 and table[-1] == "1 run(s) logged no eval at epoch 1.5 and are left out there."
+    assert len(table) == 5 and table[-1] == "Left out, no eval logged there (not reached yet): run @ 1.5."
     assert table[-3] == "" and table[-2].startswith("Cells: mean ± sample sd (ddof 1)")
 
 
