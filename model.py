@@ -27,7 +27,8 @@ def std_or_torch(text):
 @dataclass
 class ModelConfig:
     """The model. A field with a help text is also train.py's flag of the same name (--n-layer for n_layer), checked
-    against its choices and bounds (ge: >=, gt: >); the others come from the task."""
+    against its choices and bounds (ge: >=, gt: >, lt: <) and named in a run's label when changed unless label=False
+    (config.py); the others come from the task."""
     n_tokens: int = 16
     in_dim: int = 5  # features per token, embedded by a linear map
     n_out: int = 4  # classes (head="cls") or regression targets per token (head="token")
