@@ -1323,7 +1323,7 @@ def test_tiny_brain3d_run_reports_r2_on_held_out_subjects_and_the_brain_metrics(
     # anatomy, function and homotopy against σ
     assert sweep["keys"] == ["test_r2", "ood_r2", "pe_rsa", "pe_sin_rsa", "pe_rsa_fc", "pe_twin_rank"]
     sinnd = json.load(open(tmp_path / "sinnd" / "summary.json"))
-    assert sweep["groups"][analyze.label(sinnd)]["pe_twin_rank"] == [sinnd["pe_twin_rank"]]
+    assert sweep["groups"][config.label(sinnd)]["pe_twin_rank"] == [sinnd["pe_twin_rank"]]
     assert {"pe_layout.png", "pe_similarity.png"} <= set(os.listdir(tmp_path / "run"))  # the 3D layout figure
     capsys.readouterr()
     analyze.main([str(tmp_path / "run"), "--linear"])  # the linear bar on the same split and masks
@@ -2001,25 +2001,25 @@ def test_analyze_modes_are_exclusive_and_refused_together_in_one_line(tmp_path, 
 
 def test_labels_name_the_changed_label_flags_only():
     s = {"pe": "learned", "init_std": 0.2, "preset": "paper-short", "changes": {"readout": "cls", "max_iters": 5}}
-    assert analyze.label(s) == "learned σ=0.2 (paper-short, readout cls)"
-    assert analyze.label(s | {"changes": {}}) == "learned σ=0.2 (paper-short)"
+    assert config.label(s) == "learned σ=0.2 (paper-short, readout cls)"
+    assert config.label(s | {"changes": {}}) == "learned σ=0.2 (paper-short)"
     argv = ["--preset", "paper-short", "--readout", "cls", "--max-iters", "5", "--init-std", "0.2"]
     for seed in ("0", "1"):  # from the flags as train.py records them: the seed is no change
         changes = config.changes(config.get_args(argv + ["--seed", seed]))
         assert changes == {"readout": "cls", "max_iters": 5, "max_epochs": None}, changes
-        assert analyze.label({"pe": "learned", "init_std": 0.2, "preset": "paper-short", "changes": changes}) == \
-            analyze.label(s)
+        assert config.label({"pe": "learned", "init_std": 0.2, "preset": "paper-short", "changes": changes}) == \
+            config.label(s)
     net = config.changes(config.get_args(["--task", "network", "--net-layout", "lattice"]))
-    assert net == {} and analyze.label({"layout": "lattice", "pe": "learned", "init_std": 0.02, "preset": None,
+    assert net == {} and config.label({"layout": "lattice", "pe": "learned", "init_std": 0.02, "preset": None,
                                         "changes": net}) == "lattice: learned σ=0.02"  # the layout: the prefix
     shape = config.changes(config.get_args(["--task", "network", "--net-layout", "lattice", "--net-shape", "3", "3",
                                             "3"]))
     assert shape == {"net_shape": [3, 3, 3]}
     torch_embed = config.changes(config.get_args(["--embed-std", "torch", "--n-embd", "32", "--net-gain", "2"]))
-    assert analyze.label(s | {"preset": None, "changes": torch_embed}) == "learned σ=0.2 (embed-std torch)"  # as spelt;
+    assert config.label(s | {"preset": None, "changes": torch_embed}) == "learned σ=0.2 (embed-std torch)"  # as spelt;
     # n_embd a size, net_gain another task's flag: no change of a grid2d run
     noise = config.changes(config.get_args(["--holdout", "--no-holdout", "--grid-n", "5", "--noise-std", "0.3"]))
-    assert analyze.label(s | {"preset": None, "changes": noise}) == "learned σ=0.2 (holdout False, grid-n 5)"  # a task
+    assert config.label(s | {"preset": None, "changes": noise}) == "learned σ=0.2 (holdout False, grid-n 5)"  # a task
     # flag is named like a model flag, unless its field says label=False (noise_std: an eval setting)
 
 
@@ -2186,16 +2186,16 @@ def test_network_runs_keep_their_layout_prefix_by_epoch_and_without_a_checkpoint
     tiny = " (net-window 4, net-burn-in 10)"  # NET_TINY's changed task flags
     for layout in ("lattice", "ring"):
         run_train(tmp_path / layout, *NET_TINY, "--net-layout", layout, "--n-embd", "24")
-    assert [analyze.label(analyze.run_summary(r)) for r in runs] == ["lattice: learned σ=0.02" + tiny,
+    assert [config.label(analyze.run_summary(r)) for r in runs] == ["lattice: learned σ=0.02" + tiny,
                                                                           "ring: learned σ=0.02" + tiny]
     rows = [r for r in analyze.summary_table(runs).splitlines() if "learned" in r]
     assert [r.split(" | ")[:2] for r in rows] == [["| lattice: learned σ=0.02" + tiny, "1"],
                                                     ["| ring: learned σ=0.02" + tiny, "1"]]
     by_epoch = [r for r in analyze.summary_table(runs, epochs=[0]).splitlines() if "learned" in r]
     assert [r.split(" | ")[:2] for r in by_epoch] == [r.split(" | ")[:2] for r in rows], by_epoch
-    assert analyze.label(analyze.at_epoch(runs[0], 0)) == "lattice: learned σ=0.02" + tiny
+    assert config.label(analyze.at_epoch(runs[0], 0)) == "lattice: learned σ=0.02" + tiny
     os.remove(os.path.join(runs[0], "ckpt.pt"))
-    assert analyze.label(analyze.run_summary(runs[0])) == "lattice: learned σ=0.02" + tiny
+    assert config.label(analyze.run_summary(runs[0])) == "lattice: learned σ=0.02" + tiny
 
 
 def test_table_columns_flag_picks_columns_and_refuses_unknown_ones(epochs_run, capsys):
