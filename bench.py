@@ -25,6 +25,7 @@ which the kernel drops when memory is short.
 """
 import argparse
 import ctypes
+import dataclasses
 import os
 import functools
 import gc
@@ -40,6 +41,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import config
+import metrics
 import tasks
 from model import PAPER_MODEL, ModelConfig, Transformer, adamw, forward_models, init_model, settings, train_step
 
@@ -199,7 +201,7 @@ def data_bench(args, device):
     reset_peak_memory(device)
     t = time.perf_counter()
     task = tasks.get_task(targs.task, targs)
-    build_s = time.perf_counter() - t
+    build_s, built = time.perf_counter() - t, rss("RssAnon:") / 2 ** 20
     model = init_model(config.model_config(targs, task), task.coords, targs.seed).to(device)
     opt = adamw(model.param_groups(targs.weight_decay, targs.pe_weight_decay), device, lr=targs.lr,
                 betas=tuple(targs.betas))
@@ -207,9 +209,9 @@ def data_bench(args, device):
     train = task.splits["train"]
     size = sum(r.nbytes for r in train.runs) if isinstance(train, tasks.Windows) else None
     print(f"task: {targs.task}, {len(task.coords)} tokens, {tasks.n_samples(train):,} training samples"
-          + ("" if size is None else f" cut from {size / 2 ** 30:.2f} GiB of runs") + f"; built in {build_s:.1f} s")
+          + ("" if size is None else f" cut from {size / 2 ** 20:,.0f} MB of runs") + f"; built in {build_s:.1f} s")
     fixed = tasks.training_batch(0, task, targs.batch_size, targs.seed)
-    times, anon = {"own batches": [], "one fixed batch": []}, 0
+    times, anon = {"one fixed batch": [], "own batches": []}, {}  # anon: each setup's peak anonymous memory
     it = 0
     for r in range(args.repeats + 1):  # the first repeat warms up
         for name in times:
@@ -219,17 +221,24 @@ def data_bench(args, device):
                 batch = {k: v[None].to(device) for k, v in b.items()}
                 train_step([model], [opt], batch, task.head, forward_models, ctx)
                 sync(device)
-                anon, it = max(anon, rss("RssAnon:")), it + 1
+                anon[name], it = max(anon.get(name, 0), rss("RssAnon:") / 2 ** 20), it + 1
             if r:
                 times[name].append((time.perf_counter() - t) / args.steps)
     for name, ts in times.items():
         sec = statistics.median(ts)
-        print(f"{name:<16} {sec * 1e3:8.1f} ms/step {1 / sec:8.2f} steps/s")
+        print(f"{name:<16} {sec * 1e3:8.1f} ms/step {1 / sec:8.2f} steps/s; anonymous at most {anon[name]:.0f} MB")
+    held_out = dataclasses.replace(task, splits={k: v for k, v in task.splits.items() if k != "train"})
+    t = time.perf_counter()
+    metrics.evaluate([model], held_out, device)  # walked a chunk at a time, as train.py's evals
+    n_eval = sum(tasks.n_samples(v) for v in held_out.splits.values())
+    print(f"an eval of the held-out splits ({n_eval:,} samples): {time.perf_counter() - t:.1f} s; anonymous memory "
+          f"now {rss('RssAnon:') / 2 ** 20:.0f} MB")
     batch_mb = sum(v.nbytes for v in fixed.values()) / 2 ** 20
     model_mb = sum(p.nbytes for p in model.parameters()) * 4 / 2 ** 20  # weights, grads and AdamW's two moments
     print(f"memory (MB): at the start (torch imported) resident {start['VmRSS:']:.0f}, anonymous "
-          f"{start['RssAnon:']:.0f}, file-backed {start['RssFile:']:.0f}; peak resident {rss('VmHWM:') / 2 ** 20:.0f}"
-          f", anonymous at most {anon / 2 ** 20:.0f}; file-backed at the end {rss('RssFile:') / 2 ** 20:.0f}; one "
+          f"{start['RssAnon:']:.0f}, file-backed {start['RssFile:']:.0f}; after building the task anonymous "
+          f"{built:.0f}; peak resident {rss('VmHWM:') / 2 ** 20:.0f}; file-backed at the end "
+          f"{rss('RssFile:') / 2 ** 20:.0f}; one "
           f"batch {batch_mb:.1f}, the model with its gradients and AdamW's moments {model_mb:.1f}")
 
 

@@ -50,13 +50,15 @@ frequencies and ALiBi assume).
 references: {"fc": functional connectivity, the regions' correlation over the training subjects only};
 twins: each left region with its right twin, for the homotopy metric.
 
-series, a user's own recordings: R runs of N channels over time in one .npz file (README: writing one), read with
-pickling off. x (R, N, T), or x_0, x_1, ... (N, T_r) for runs of different lengths; optional coords (N, k), the
-channels' positions, used as given (without them the PEs that need positions refuse, and analyze.py estimates the
-positions from the learned PE); names (N,) (X_L / X_R pairs give twins); split (R,), each run's split, one of
-train, val, test, ood (default: the runs permuted by data_seed, one test, one val, the rest train). Masked-channel
-prediction on windows of the runs as brain3d's: training windows start every stride steps, evaluation windows do not
-overlap. references: {"fc": the channels' correlation over the training runs}.
+series, a user's own recordings: R runs of N channels over time in one .npz file (README: writing one), or a folder of
+one .npy file per array (memory-mapped: runs bigger than memory), read with pickling off. x (R, N, T), or x_0, x_1, ...
+(N, T_r) for runs of different lengths; optional coords (N, k), the channels' positions, used as given (without them
+the PEs that need positions refuse, and analyze.py estimates the positions from the learned PE); names (N,) (X_L / X_R
+pairs give twins); split (R,), each run's split, one of train, val, test, ood (default: the runs permuted by data_seed,
+one test, one val, the rest train). Masked-channel prediction on windows of the runs as brain3d's: training windows
+start every stride steps, evaluation windows do not overlap. references: {"fc": the channels' correlation over the
+training runs}. Every masked task's splits are Windows: its runs, with the windows cut from them when a batch or an
+evaluation chunk needs them.
 """
 import csv
 import glob
@@ -642,7 +644,8 @@ class SeriesFlags:
     DEFAULTS: ClassVar[dict] = dict(n_embd=64, lr=1e-3, max_iters=1500)  # brain3d's recipe, at a width that splits
     # over 1, 2 or 4 axes
     HEAD: ClassVar[str] = "token"
-    series: str = field(default=None, metadata=dict(help="the recordings: an .npz (README: writing one)"))
+    series: str = field(default=None, metadata=dict(
+        help="the recordings: an .npz, or a folder of .npy files (README: writing one)"))
     series_window: int = field(default=16, metadata=dict(help="time steps per token", ge=1))
     series_stride: int = field(default=1, metadata=dict(
         help="time steps between the starts of consecutive training windows (eval windows do not overlap)", ge=1,
