@@ -756,7 +756,7 @@ def series(flags=None, data_seed=0, data_dir=None, with_data=True):
     windows. data_dir is unused: nothing is generated."""
     f = flags or SeriesFlags()
     if not f.series:
-        raise ValueError("--task series needs --series FILE.npz (README: writing one)")
+        raise ValueError("--task series needs --series FILE.npz or FOLDER (README: writing one)")
     runs, coords, names, split = read_series(f.series)
     n, window, shortest = runs[0].shape[0], f.series_window, min(r.shape[1] for r in runs)
     check_masked("series_mask_frac", f.series_mask_frac, n)
