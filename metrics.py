@@ -306,8 +306,9 @@ def sample_blocks(S, a, b):
 @torch.no_grad()
 def linear_r2(task, batch_size=1024):
     """R² of the best linear guess of each masked task's hidden tokens from its visible ones at the same
-    time step (the Gaussian conditional mean under the training split's covariance), scored by r2 as in
-    train.py on every evaluation split's fixed masks: the bar a PE-free linear model that knows every token sets."""
+    time step (the Gaussian conditional mean under the training split's covariance), scored as evaluate scores a
+    model (masked_scores) on every evaluation split's fixed masks: the bar a PE-free linear model that knows every
+    token sets."""
     train = task.splits["train"]
     n, total = len(train) * train.window, 0.0
     for x, _ in train.chunks(batch_size):  # each token's mean over samples and time steps, then their covariance
