@@ -610,7 +610,7 @@ class BrainFlags:
     DEFAULTS: ClassVar[dict] = dict(n_embd=60, lr=1e-3, max_iters=1500)  # d = 60: the width nearest 64 that the 3D
     # sinusoid and axial rotary split over 3 axes; 1,500 steps keep the default run under 10 min on a 2-core CPU
     HEAD: ClassVar[str] = "token"
-    brain_window: int = field(default=16, metadata=dict(help="TRs (0.72 s each) of BOLD per token"))
+    brain_window: int = field(default=16, metadata=dict(help="TRs (0.72 s each) of BOLD per token", ge=1))
     brain_stride: int = field(default=1, metadata=dict(
         help="TRs between the starts of consecutive training windows (eval windows do not overlap)", ge=1, label=False))
     brain_mask_frac: float = field(default=0.25, metadata=dict(help="fraction of the regions hidden in each sample"))
@@ -627,9 +627,6 @@ def brain3d(flags=None, data_seed=0, root=None, with_data=True):
     window, stride, mask_frac = f.brain_window, f.brain_stride, f.brain_mask_frac
     names, coords = brain_atlas(root)
     hcp, gw = brain_runs("hcp", root), brain_runs("gw", root)
-    shortest = min(x.shape[1] for x in hcp + gw)
-    if not 1 <= window <= shortest:
-        raise ValueError(f"brain3d's window must be 1 to {shortest} TRs (the shortest run), got {window}")
     split = series_split(len(hcp), None, data_seed) + ["ood"] * len(gw)
     return windows_task("brain3d", hcp + gw, split, coords, names, window, stride, mask_frac, data_seed, with_data)
 
@@ -758,10 +755,7 @@ def series(flags=None, data_seed=0, data_dir=None, with_data=True):
     if not f.series:
         raise ValueError("--task series needs --series FILE.npz or FOLDER (README: writing one)")
     runs, coords, names, split = read_series(f.series)
-    n, window, shortest = runs[0].shape[0], f.series_window, min(r.shape[1] for r in runs)
-    check_masked("series_mask_frac", f.series_mask_frac, n)
-    if window > shortest:
-        raise ValueError(f"--series-window {window} is longer than the shortest run ({shortest} time steps)")
+    check_masked("series_mask_frac", f.series_mask_frac, runs[0].shape[0])
     try:
         split = series_split(len(runs), split, data_seed)
     except ValueError as e:
@@ -769,14 +763,17 @@ def series(flags=None, data_seed=0, data_dir=None, with_data=True):
     if "train" not in split or not set(split) - {"train"}:
         raise ValueError(f"--series {f.series}: the split needs training runs and runs of another split, got "
                          f"{sorted(set(split))}")
-    return windows_task("series", runs, split, coords, names, window, f.series_stride, f.series_mask_frac, data_seed,
-                        with_data)
+    return windows_task("series", runs, split, coords, names, f.series_window, f.series_stride, f.series_mask_frac,
+                        data_seed, with_data)
 
 
 def windows_task(name, runs, split, coords, names, window, stride, mask_frac, data_seed, with_data):
     """Masked-token prediction on windows of runs (N, T_r), each run in its split (train, val, test, ood): brain3d's
     and series'. Training windows start every `stride` steps, evaluation windows do not overlap; references: the FC,
     the channels' correlation over the training runs; twins from the names' X_L / X_R pairs."""
+    shortest = min(r.shape[1] for r in runs)
+    if window > shortest:
+        raise ValueError(f"{name}'s window ({window} time steps) is longer than its shortest run ({shortest})")
     by_split = {k: [r for r, s in zip(runs, split) if s == k] for k in SERIES_SPLITS if k in split}
     fc = correlation(by_split["train"])
     task = Task(name, coords, window, window, "token", references={"fc": fc}, mask_frac=mask_frac,
