@@ -15,6 +15,7 @@ import argparse
 import csv
 import glob
 import io
+import functools
 import json
 import os
 import sys
@@ -30,7 +31,7 @@ import tasks
 from config import label
 from metrics import (chance_levels, cosine_matrix, distance_matrix, estimated_positions, linear_r2, pe_drift,
                      pe_metrics, pe_tables, position_recovery, principal_coords, procrustes, sinusoid_reference,
-                     spearman, upper)
+                     spearman, update_rsa, upper)
 from model import ModelConfig, Transformer
 
 REFERENCE_LOGS = os.path.join(tasks.LST_DIR, "lstnn_reference_logs.csv")  # the authors' logs: average rows
@@ -84,7 +85,12 @@ def at_epoch(run_dir, epoch):
     m = lines[-1]
     fit = m["train_acc"] >= 0.999 if "train_acc" in m else None
     tables = rundir.read_tables(run_dir)
-    drift = {"pe_drift": pe_drift(tables[0], tables[m["iter"]])} if {0, m["iter"]} <= set(tables) else {}
+    drift = {}
+    if {0, m["iter"]} <= set(tables):
+        drift["pe_drift"] = pe_drift(tables[0], tables[m["iter"]])
+        coords = task_of(s).coords.numpy()
+        if m["iter"] and coords.shape[1]:  # at init nothing was added yet; a series file may have no positions
+            drift["pe_update_rsa"] = update_rsa(tables[0], tables[m["iter"]], coords)
     return s | drift | {k: v for k, v in m.items() if k.endswith(("_acc", "_mse", "_r2")) or "_acc_" in k or
                 k.startswith("pe_") or k in ("epoch", "tok_norm")} | {"iters": m["iter"], "wall_s": m["elapsed"],
                                                                        "fitted": fit, "out_dir": run_dir}
@@ -109,13 +115,25 @@ TABLE_COLUMNS = ("iters", "wall_s", "train_acc", "test_acc", "ood_acc", "human_a
                  "human_acc_ternary", "human_acc_quaternary", "noise_acc", "test_acc_quaternary", "test_mse", "test_r2",
                  "ood_r2", "pe_tok_ratio", "pe_stream_ratio", "pe_rsa", "pe_sin_rsa", "pe_rsa_coupling", "pe_rsa_fc",
                  "pe_rsa_delta", "pe_layout_r2", "pe_neighbours", "pe_dim", "pe_twin_rank", "pe_modularity", "pe_norm",
-                 "pe_drift", "tok_norm")
+                 "pe_drift", "pe_update_rsa", "tok_norm")
+
+
+@functools.lru_cache(maxsize=16)
+def task_from(name, args_json):
+    return tasks.get_task(name, SimpleNamespace(**{"data_dir": None, **json.loads(args_json)}), with_data=False)
+
+
+def task_of(s):
+    """The task (coordinates and references, no data) of summary s's run, built once per task and flags."""
+    return task_from(s["task"], json.dumps(s["args"], sort_keys=True))
 
 
 def chance_of(s):
-    """chance_levels for tables of the shape of summary s's PE on the coordinates (and references) of its task."""
-    task = tasks.get_task(s["task"], SimpleNamespace(**{"data_dir": None, **s["args"]}), with_data=False)
-    return chance_levels(tuple(s["pe_shape"]), task.coords, task.references, task.twins)
+    """chance_levels for tables of the shape of summary s's PE on the coordinates (and references) of its task; what
+    training added to a table (pe_update_rsa) has a random table's pe_rsa as its chance level too."""
+    task = task_of(s)
+    levels = chance_levels(tuple(s["pe_shape"]), task.coords, task.references, task.twins)
+    return levels | ({"pe_update_rsa": levels["pe_rsa"]} if "pe_rsa" in levels else {})
 
 
 def logged_epochs(run_dirs):
@@ -405,7 +423,8 @@ TITLES = {"test_acc": "iid test accuracy", "ood_acc": "OOD accuracy", "human_acc
           "pe_sin_rsa": "PE RSA with the 2D sinusoid", "test_r2": "test R²", "ood_r2": "OOD R²",
           "pe_rsa": "PE identifiability (RSA)", "pe_rsa_fc": "PE RSA with FC",
           "pe_twin_rank": "twin rank (1: homotopic, 47: chance)", "pe_layout_r2": "PE layout R²",
-          "pe_norm": "PE mean row norm", "pe_drift": "PE distance from init (relative)"}
+          "pe_norm": "PE mean row norm", "pe_drift": "PE distance from init (relative)",
+          "pe_update_rsa": "RSA of the PE's change from init"}
 SWEEP_EXTRAS = ("pe_rsa_fc", "pe_twin_rank")  # brain3d: function and homotopy beside anatomy
 SERIES_COLOURS = ("k", "tab:red", "tab:blue", "tab:green", "tab:purple", "tab:brown", "tab:olive")
 
@@ -503,7 +522,8 @@ def sweep_figures(summaries, out_dir, x="sigma", chance=None, authors=None):
     return sweep
 
 
-TRAINING_PANELS = ("human_acc", "test_acc", "pe_rsa", "pe_sin_rsa", "pe_layout_r2", "pe_norm", "pe_drift")
+TRAINING_PANELS = ("human_acc", "test_acc", "pe_rsa", "pe_sin_rsa", "pe_layout_r2", "pe_norm", "pe_drift",
+                   "pe_update_rsa")
 
 
 def training_figure(run_dirs, path):

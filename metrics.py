@@ -351,3 +351,9 @@ def position_recovery(estimated, true, shuffles=100, seed=0):
 def pe_drift(init, tables):
     """How far a PE's tables (T, N, d) moved from init: ||P - P0|| / ||P0|| (Frobenius), the mean over the tables."""
     return float(np.mean([np.linalg.norm(p - p0) / np.linalg.norm(p0) for p, p0 in zip(tables, init)]))
+
+
+def update_rsa(init, tables, coords):
+    """RSA with the true distances of what training added to each table, P - P0 (the mean over the tables): the
+    learned part's geometry, which pe_rsa cannot see under an init much larger than the update."""
+    return float(np.mean([rsa(p - p0, coords) for p, p0 in zip(tables, init)]))

@@ -1983,6 +1983,22 @@ def test_sinusoid_reference_is_the_cosine_similarity_of_the_written_out_sinusoid
     assert np.allclose(metrics.sinusoid_reference(points, 160), cos_sim(sinusoid_by_hand(points, 6 * 26)), atol=1e-5)
 
 
+def test_update_rsa_sees_a_geometric_update_that_a_large_init_hides():
+    """update_rsa is the RSA of P - P0, the mean over the tables: a grid-like update added to a table 30x its size is
+    found there, while the table's own RSA stays near chance; on a non-square grid, so the axes must stay straight."""
+    coords = tasks.grid_coords(3, 5).double()
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(2, 400, generator=gen, dtype=torch.float64) * 0.4
+    update = torch.cat([(coords @ w).cos(), (coords @ w).sin()], 1).numpy()  # similarity falls with distance
+    init = 30 * torch.randn(2, 15, 800, generator=gen, dtype=torch.float64).numpy()
+    tables = init + np.stack([update, 0.5 * update])
+    assert abs(np.mean([metrics.rsa(t, coords) for t in tables])) < 0.15  # the table: as random as its init
+    want = metrics.rsa(update, coords)
+    assert want > 0.9 and metrics.update_rsa(init, tables, coords) == pytest.approx(want, abs=1e-3)
+    noise = init + torch.randn(2, 15, 800, generator=gen, dtype=torch.float64).numpy()
+    assert abs(metrics.update_rsa(init, noise, coords)) < 0.2  # an update that learned nothing
+
+
 def test_procrustes_is_invariant_to_rotation_reflection_scale_and_shift():
     X = np.random.default_rng(0).normal(size=(20, 3))
     for seed in range(4):
@@ -2233,6 +2249,11 @@ def test_training_figure_and_the_pe_drift_from_the_tables_saved_at_each_eval(epo
     epochs = [m["epoch"] for m in rundir.read_json(str(run / "metrics.jsonl"), lines=True)]
     assert analyze.at_epoch(run, epochs[0])["pe_drift"] == 0
     assert analyze.at_epoch(run, epochs[-1])["pe_drift"] == pytest.approx(want) and want > 1e-3
+    # pe_update_rsa: the RSA of what training added, on the task's grid; none at init, where nothing was added
+    coords = tasks.grid_coords(4).numpy()
+    want = np.mean([metrics.rsa(p - p0, coords) for p, p0 in zip(tables[last], tables[0])])
+    assert "pe_update_rsa" not in analyze.at_epoch(run, epochs[0])
+    assert analyze.at_epoch(run, epochs[-1])["pe_update_rsa"] == pytest.approx(want)
 
 
 def test_table_by_every_logged_epoch_and_by_run(epochs_run, capsys):
