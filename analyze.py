@@ -532,7 +532,11 @@ def training_figure(run_dirs, path):
     from init (pe_drift, from the tables saved at each eval); runs on the authors' data beside the authors' mean +- sd
     over their 15 seeds at the same σ, at the epochs they logged."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(TRAINING_PANELS), figsize=(3.3 * len(TRAINING_PANELS), 3.2), layout="constrained")
+    rows = (len(TRAINING_PANELS) + 3) // 4  # four panels a row: a page's width
+    fig, axes = plt.subplots(rows, 4, figsize=(13.2, 3.2 * rows), layout="constrained", squeeze=False)
+    axes = axes.ravel()
+    for ax in axes[len(TRAINING_PANELS):]:
+        ax.set_visible(False)
     epochs = logged_epochs(run_dirs)
     colours, sigmas = {}, {}  # a colour per label, its σ
     for d in run_dirs:
@@ -556,12 +560,13 @@ def training_figure(run_dirs, path):
     if theirs:  # the authors' runs of the same σ, at the epochs they logged
         for name, colour in colours.items():
             for ax, k in zip(axes, TRAINING_PANELS[:2]):
-                pts = [(e, np.mean(g[k]), np.std(g[k], ddof=1)) for e in logged for g in reference(e).values()
-                       if g["pe"] == "learned" and g["sigma"] == sigmas[name] and k in g]
+                pts = [(e, np.mean(g[k]), np.std(g[k], ddof=1), len(g[k])) for e in logged
+                       for g in reference(e).values() if g["pe"] == "learned" and g["sigma"] == sigmas[name] and k in g]
                 if pts:
-                    xs, m, sd = map(np.array, zip(*pts))
+                    xs, m, sd, n = map(np.array, zip(*pts))
+                    seeds = f"{n.min()}" if n.min() == n.max() else f"{n.min()}–{n.max()}"
                     ax.errorbar(xs, m, sd, fmt="x:", color=colour, alpha=0.6, capsize=2, ms=4, lw=1,
-                                label=f"authors σ={sigmas[name]:g} (15 seeds)")
+                                label=f"authors σ={sigmas[name]:g} ({seeds} seeds)")
     handles = {lbl: h for ax in axes for h, lbl in zip(*ax.get_legend_handles_labels())}
     fig.legend(handles.values(), handles.keys(), fontsize=7, loc="outside right upper")
     save_figure(fig, path)
