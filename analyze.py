@@ -13,9 +13,9 @@ Look inside trained positional encodings: load runs, table them, draw them (the 
 """
 import argparse
 import csv
+import functools
 import glob
 import io
-import functools
 import json
 import os
 import sys
@@ -88,8 +88,8 @@ def at_epoch(run_dir, epoch):
     drift = {}
     if {0, m["iter"]} <= set(tables):
         drift["pe_drift"] = pe_drift(tables[0], tables[m["iter"]])
-        coords = task_of(s).coords.numpy()
-        if m["iter"] and coords.shape[1]:  # at init nothing was added yet; a series file may have no positions
+        # at init nothing was added yet; a series file may have no positions
+        if m["iter"] and (coords := task_of(s).coords.numpy()).shape[1]:
             drift["pe_update_rsa"] = update_rsa(tables[0], tables[m["iter"]], coords)
     return s | drift | {k: v for k, v in m.items() if k.endswith(("_acc", "_mse", "_r2")) or "_acc_" in k or
                 k.startswith("pe_") or k in ("epoch", "tok_norm")} | {"iters": m["iter"], "wall_s": m["elapsed"],
